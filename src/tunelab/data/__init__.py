@@ -1,0 +1,1 @@
+"""Data layer: dataset registry -> file readers -> format converters -> Conversation -> template encoding."""

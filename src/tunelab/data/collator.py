@@ -1,0 +1,104 @@
+"""Batching: pad to the longest sample of the batch, or pack several samples into one row.
+
+Padding (`PadCollator`): right padding with the tokenizer's pad id, labels padded with -100, an attention mask;
+lengths rounded up to a multiple of 8 on GPUs (tensor-core friendly shapes).
+
+Packing (`pack_samples` + `PackedCollator`): samples are placed whole into rows of at most cutoff_len tokens
+(first-fit on lengths sorted longest first, deterministic). Each row carries `position_ids` that restart at 0 for
+every sample and no attention mask: transformers builds a block-diagonal causal mask from restarting
+position_ids, so a token never attends to another sample (tests/test_collator.py checks logits against separate
+forward passes). Labels at sample boundaries need no masking: each sample's first token is a prompt token.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+IGNORE_INDEX = -100
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    if not multiple:
+        return n
+    return (n + multiple - 1) // multiple * multiple
+
+
+class PadCollator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), length), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_samples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of sample indices whose lengths sum to at most capacity (first-fit decreasing, deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = min(lengths[i], capacity)
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+class PackedSet:
+    """A dataset view whose items are packed rows: concatenated input_ids, labels and restarting position_ids."""
+
+    def __init__(self, data, capacity: int):
+        self.data = data
+        self.bins = pack_samples([len(x) for x in data.input_ids], capacity)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for j in self.bins[i]:
+            ids += self.data.input_ids[j]
+            labels += self.data.labels[j]
+            pos += list(range(len(self.data.input_ids[j])))
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+class PackedCollator:
+    """Pads packed rows (rarely needed: rows differ in length) and returns position_ids instead of a mask."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(features), length), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            pos[i, :n] = torch.tensor(f["position_ids"])
+            pos[i, n:] = torch.arange(length - n)  # padding forms its own "sample", never attended by real tokens
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}

@@ -1,0 +1,268 @@
+"""The one model loader: base model (local / HF hub / ModelScope) -> bitsandbytes quantization -> adapters -> kernels.
+
+Training, chat, evaluation, export and the server all load models through here:
+
+    model = load_model(cfg, resolved, for_training=True)      # PeftModel with trainable LoRA in fp32
+    model = load_model(cfg, resolved, for_training=False)     # inference: base + adapters, eval mode
+
+Choices (named in the README): trainable parameters are kept in fp32 while frozen base weights stay in the
+compute dtype; we do NOT call peft's `prepare_model_for_kbit_training`, which upcasts every non-quantized weight
+(embeddings, output head, norms) to fp32 and costs ~4 GB on a 7B model; bitsandbytes quant storage = compute dtype
+(so FSDP can shard it later); gradient checkpointing is non-reentrant.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tunelab.config.parse import Config
+from tunelab.config.resolve import Resolved
+from tunelab.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model_path(name_or_path: str, *, cache_dir: str | None, revision: str, use_modelscope: bool) -> str:
+    """A local folder as is; a ModelScope id downloaded first when asked; otherwise the hub id for transformers."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.sep in name_or_path and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise ModelError(f"model folder '{name_or_path}' does not exist; check model_name_or_path.")
+    if use_modelscope:
+        try:
+            from modelscope import snapshot_download  # type: ignore
+        except ImportError:
+            raise ModelError("USE_MODELSCOPE_HUB / use_modelscope_hub is set but modelscope is not installed: pip install 'tunelab[modelscope]'.") from None
+        try:
+            return snapshot_download(name_or_path, revision=None if revision == "main" else revision, cache_dir=cache_dir)
+        except Exception as exc:  # network, unknown id
+            raise ModelError(f"could not download '{name_or_path}' from ModelScope: {exc}") from None
+    return name_or_path
+
+
+def quantization_config(cfg: Config, compute_dtype: str):
+    """A BitsAndBytesConfig for quantization_bit 4/8, or None."""
+    if not cfg.quantization_bit:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("quantization_bit needs bitsandbytes: pip install 'bitsandbytes>=0.49'.")
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(compute_dtype)
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization_type,
+        bnb_4bit_use_double_quant=cfg.double_quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def device_map_for(device: str) -> Any:
+    return {"": 0} if device == "cuda" else ({"": "npu:0"} if device == "npu" else device)
+
+
+def load_base_model(
+    cfg: Config,
+    resolved: Resolved,
+    *,
+    dtype: str | None = None,
+    quantize: bool = True,
+    device: str | None = None,
+):
+    """from_pretrained with the config's quantization, dtype, attention and hub settings; errors as sentences."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not cfg.model_name_or_path:
+        raise ModelError("model_name_or_path is not set: give a local model folder or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).")
+    path = resolve_model_path(
+        cfg.model_name_or_path, cache_dir=cfg.cache_dir, revision=cfg.model_revision, use_modelscope=resolved.use_modelscope
+    )
+    dtype = dtype or resolved.compute_dtype
+    device = device or resolved.device
+    common = dict(trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, revision=cfg.model_revision, token=cfg.hf_hub_token)
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the model config of '{cfg.model_name_or_path}': {str(exc).splitlines()[0]} "
+            "Check model_name_or_path (a folder with config.json, or a hub id reachable from this machine)."
+        ) from None
+    if cfg.rope_scaling:
+        config.rope_scaling = {"type": cfg.rope_scaling, "factor": 2.0}
+    kwargs: dict[str, Any] = dict(
+        config=config,
+        dtype=torch_dtype(dtype),
+        attn_implementation=resolved.attn_implementation,
+        low_cpu_mem_usage=cfg.low_cpu_mem_usage,
+        **common,
+    )
+    qconf = quantization_config(cfg, dtype) if quantize else None
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = device_map_for(device)
+    elif device != "cpu":
+        kwargs["device_map"] = device_map_for(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model weights from '{cfg.model_name_or_path}': {str(exc).splitlines()[0]}") from None
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or config.pad_token_id
+    return model
+
+
+def lora_target_modules(model, lora_target: str) -> list[str] | str:
+    """`all` -> every nn.Linear (incl. bitsandbytes layers) except the output head; else the comma list."""
+    if lora_target.strip() != "all":
+        return [t.strip() for t in lora_target.split(",") if t.strip()]
+    import torch
+
+    output = model.get_output_embeddings()
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if module is output or "lm_head" in name:
+            continue
+        if isinstance(module, torch.nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
+            names.add(name.split(".")[-1])
+    if not names:
+        raise ModelError("lora_target: all found no linear layers in this model; list the module names (e.g. q_proj,v_proj).")
+    return sorted(names)
+
+
+def _check_targets_exist(model, targets: list[str] | str) -> None:
+    if isinstance(targets, str):
+        return
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        import difflib
+
+        close = difflib.get_close_matches(missing[0], sorted(present), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ModelError(f"lora_target '{missing[0]}' is not a module of this model.{hint} Use lora_target: all, or names such as q_proj,v_proj.")
+
+
+def attach_lora(model, cfg: Config, resolved: Resolved, *, is_trainable: bool):
+    """New LoRA adapter, or continue from adapter_name_or_path (comma list: all but the last are merged)."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+    adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
+    adapters = [resolve_adapter_path(a) for a in adapters]
+    if adapters:
+        # Training continues the last adapter unless create_new_adapter; the ones before it are merged first.
+        new_on_top = is_trainable and cfg.create_new_adapter
+        to_merge, last = (adapters, None) if new_on_top else (adapters[:-1], adapters[-1])
+        if cfg.quantization_bit and to_merge:
+            raise ModelError("several adapters (or create_new_adapter) with a quantized base cannot be merged; merge them with `tunelab export` first.")
+        for path in to_merge:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        if last is not None:
+            try:
+                return PeftModel.from_pretrained(model, last, is_trainable=is_trainable)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ModelError(f"adapter '{last}' does not fit this base model: {str(exc).splitlines()[0][:300]}") from None
+    if not is_trainable:
+        return model
+    targets = lora_target_modules(model, cfg.lora_target)
+    _check_targets_exist(model, targets)
+    extra = [t.strip() for t in (cfg.additional_target or "").split(",") if t.strip()] or None
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_rank,
+        lora_alpha=resolved.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=extra,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+    return get_peft_model(model, lora)
+
+
+def resolve_adapter_path(path: str) -> str:
+    """An adapter folder as is; a run folder means its final adapter (or its latest checkpoint if none)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return path
+    if os.path.isdir(path):
+        from tunelab.train.checkpoints import latest_checkpoint
+
+        ckpt = latest_checkpoint(path)
+        if ckpt and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
+            return ckpt
+        raise ModelError(f"adapter folder '{path}' has no adapter_config.json (and no checkpoint holding one).")
+    if os.path.sep in path or path.startswith("."):
+        raise ModelError(f"adapter '{path}' does not exist; check adapter_name_or_path.")
+    return path  # a hub id: PEFT downloads it
+
+
+def setup_freeze(model, cfg: Config) -> None:
+    """finetuning_type freeze: train the last (or first) n decoder layers' chosen modules."""
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    if not num_layers:
+        raise ModelError("finetuning_type freeze needs a model with num_hidden_layers in its config.")
+    n = cfg.freeze_trainable_layers
+    ids = range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+    modules = [m.strip() for m in cfg.freeze_trainable_modules.split(",")]
+    extra = [m.strip() for m in (cfg.freeze_extra_modules or "").split(",") if m.strip()]
+    layer_tags = {f".{i}." for i in ids}
+    for name, p in model.named_parameters():
+        in_layer = any(tag in name for tag in layer_tags) and (modules == ["all"] or any(f".{m}." in name for m in modules))
+        p.requires_grad_(in_layer or any(e in name for e in extra))
+
+
+def prepare_for_training(model, cfg: Config, resolved: Resolved):
+    """Freeze / LoRA / full set-up, gradient checkpointing, fp32 trainable parameters."""
+    import torch
+
+    if cfg.finetuning_type == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if resolved.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+        model = attach_lora(model, cfg, resolved, is_trainable=True)
+    elif cfg.finetuning_type == "freeze":
+        setup_freeze(model, cfg)
+        if resolved.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+    else:  # full
+        if resolved.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ModelError("no parameter is trainable with this configuration (check lora_target / freeze_trainable_modules).")
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+
+
+def load_model(cfg: Config, resolved: Resolved, *, for_training: bool):
+    """The whole chain for training or inference (base -> quantization -> adapters -> kernels)."""
+    from tunelab.model.kernels import apply_kernels
+
+    model = load_base_model(cfg, resolved)
+    apply_kernels(model, cfg, resolved)
+    if for_training:
+        return prepare_for_training(model, cfg, resolved)
+    if cfg.adapter_name_or_path:
+        model = attach_lora(model, cfg, resolved, is_trainable=False)
+    model.eval()
+    return model

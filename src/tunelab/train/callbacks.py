@@ -1,0 +1,150 @@
+"""Trainer callbacks: trainer_log.jsonl + the live progress line, and the gradient health check.
+
+trainer_log.jsonl has one JSON object per logging step (and per evaluation) with LLaMA-Factory's keys
+(current_steps, total_steps, loss, eval_loss, lr, epoch, percentage, elapsed_time, remaining_time) plus
+tokens_per_second and gpu_memory_gib. On resume, records past the resumed step are dropped so the log reads
+as one run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+from transformers import TrainerCallback
+
+from tunelab.utils.io import append_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def _fmt_time(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def gpu_memory_gib() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return None
+
+
+class LogCallback(TrainerCallback):
+    """Writes trainer_log.jsonl and prints progress (a line per log; an in-place line per step on a terminal)."""
+
+    def __init__(self, output_dir: str, stream=None):
+        self.path = os.path.join(output_dir, "trainer_log.jsonl")
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.time()
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+        self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen
+        if state.global_step > 0 and os.path.isfile(self.path):  # resumed: keep the log of steps up to here
+            kept = []
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("current_steps", 0) <= state.global_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(kept)
+            os.replace(tmp, self.path)
+        elif state.global_step == 0 and os.path.isfile(self.path):
+            os.remove(self.path)
+
+    def _rates(self, state) -> tuple[float, float, float]:
+        elapsed = time.time() - self.start
+        steps = max(state.global_step - self.start_step, 0)
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        remaining = (state.max_steps - state.global_step) * elapsed / steps if steps else 0.0
+        return elapsed, remaining, tokens / elapsed if elapsed > 0 else 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs and "eval_loss" not in logs:
+            return
+        elapsed, remaining, tps = self._rates(state)
+        record = {
+            "current_steps": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": logs.get("loss"),
+            "eval_loss": logs.get("eval_loss"),
+            "lr": logs.get("learning_rate"),
+            "epoch": round(state.epoch or 0.0, 4),
+            "percentage": round(100 * state.global_step / max(state.max_steps, 1), 2),
+            "elapsed_time": _fmt_time(elapsed),
+            "remaining_time": _fmt_time(remaining),
+            "tokens_per_second": round(tps, 1),
+            "gpu_memory_gib": gpu_memory_gib(),
+        }
+        if "grad_norm" in logs:
+            record["grad_norm"] = logs["grad_norm"]
+        record = {k: v for k, v in record.items() if v is not None}
+        if state.is_world_process_zero:
+            append_jsonl(self.path, record)
+            self._print(record)
+
+    def _print(self, r: dict) -> None:
+        parts = [f"step {r['current_steps']}/{r['total_steps']} ({r['percentage']:.0f}%)"]
+        if "loss" in r:
+            parts.append(f"loss {r['loss']:.4f}")
+        if "eval_loss" in r:
+            parts.append(f"eval_loss {r['eval_loss']:.4f}")
+        if "lr" in r:
+            parts.append(f"lr {r['lr']:.2e}")
+        parts.append(f"{r['tokens_per_second']:.0f} tok/s")
+        if "gpu_memory_gib" in r:
+            parts.append(f"mem {r['gpu_memory_gib']:.1f} GiB")
+        parts.append(f"{r['elapsed_time']} elapsed, {r['remaining_time']} left")
+        end = "\n"
+        prefix = "\r\033[K" if self.tty else ""
+        print(prefix + "[tunelab] " + " | ".join(parts), end=end, file=self.stream, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.tty and state.is_world_process_zero:
+            elapsed, remaining, tps = self._rates(state)
+            print(f"\r\033[K[tunelab] step {state.global_step}/{state.max_steps} | {tps:.0f} tok/s | "
+                  f"{_fmt_time(elapsed)} elapsed, {_fmt_time(remaining)} left", end="", file=self.stream, flush=True)
+
+
+class GradientHealthCallback(TrainerCallback):
+    """Warns when every trainable gradient is exactly zero in each of the first `steps` optimizer steps.
+
+    That never happens in a working LoRA run (lora_B gets a gradient from the first step), so it points to a
+    silent misconfiguration: all labels masked, frozen adapters, a detached loss.
+    """
+
+    def __init__(self, steps: int = 3):
+        self.steps = steps
+        self.zero_steps = 0
+        self.checked = 0
+        self.warned = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.checked >= self.steps or model is None:
+            return
+        self.checked += 1
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        if all(g is None or not bool(g.abs().sum() > 0) for g in grads):
+            self.zero_steps += 1
+        if self.checked == self.steps and self.zero_steps == self.steps and not self.warned:
+            self.warned = True
+            logger.warning(
+                "the gradients of all trainable parameters were exactly zero in each of the first %d steps: training "
+                "is not changing the model. Check that samples have trained tokens (labels), lora_target and "
+                "finetuning_type.", self.steps,
+            )

@@ -1,0 +1,64 @@
+"""Loss curves from trainer_log.jsonl: training_loss.png (raw + smoothed) and training_eval_loss.png."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard-style exponential moving average with bias correction (first point equals the raw value)."""
+    out, last, n = [], 0.0, 0
+    for v in values:
+        n += 1
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight**n))
+    return out
+
+
+def read_log(path: str) -> list[dict]:
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a kill: ignore it
+    return records
+
+
+def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss"), smoothing: float = 0.9) -> list[str]:
+    """Write one PNG per key present in the log; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(os.path.join(output_dir, "trainer_log.jsonl"))
+    written = []
+    for key in keys:
+        points = [(r["current_steps"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        ax.plot(steps, values, color="#1f77b4", alpha=0.35 if key == "loss" else 1.0, label="original", marker=None if key == "loss" else "o")
+        if key == "loss" and len(values) > 1:
+            ax.plot(steps, smooth(list(values), smoothing), color="#1f77b4", label="smoothed")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} of {os.path.basename(os.path.abspath(output_dir))}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        name = "training_loss.png" if key == "loss" else f"training_{key}.png"
+        path = os.path.join(output_dir, name)
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png")
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)
+        written.append(path)
+    return written

@@ -1,0 +1,251 @@
+"""`tunelab train`: config -> data -> model -> trainer -> outputs, read top to bottom in `run_train`.
+
+    from tunelab.config import load_config
+    from tunelab.train.workflow import run_train
+    run_train(load_config("examples/quickstart.yaml"))
+
+What a run leaves in output_dir: adapter_model.safetensors + adapter_config.json (PEFT format), the tokenizer
+with its chat template, checkpoint-N/ folders (resumable), trainer_log.jsonl, train_results.json /
+eval_results.json / all_results.json, training_loss.png and training_eval_loss.png (plot_loss), and
+tunelab_config.yaml (every key with defaults filled in, plus what tunelab derived from the hardware).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+from tunelab.config.parse import Config
+from tunelab.config.resolve import Resolved, resolve, save_resolved
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.train.checkpoints import incomplete_checkpoints, latest_checkpoint, list_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+def decide_resume(cfg: Config, output_dir: str) -> str | None:
+    """Which checkpoint to continue from: explicit path, `true` = latest, or the latest found in output_dir."""
+    if cfg.overwrite_output_dir:
+        return None
+    rfc = cfg.resume_from_checkpoint
+    if isinstance(rfc, str):
+        if not os.path.isdir(rfc):
+            raise ConfigError(f"resume_from_checkpoint '{rfc}' does not exist.")
+        return rfc
+    latest = latest_checkpoint(output_dir)
+    if rfc is True and latest is None:
+        raise ConfigError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint to resume from.")
+    if rfc is False:
+        return None
+    broken = incomplete_checkpoints(output_dir)
+    if broken:
+        logger.warning("ignoring incomplete checkpoint(s) %s (a save was interrupted)", ", ".join(os.path.basename(b) for b in broken))
+    if latest:
+        logger.info("continuing from %s (output_dir holds checkpoints; set overwrite_output_dir: true to start over)", latest)
+    return latest
+
+
+def prepare_output_dir(cfg: Config, output_dir: str) -> None:
+    if cfg.overwrite_output_dir and os.path.isdir(output_dir):
+        for _, path in list_checkpoints(output_dir, complete_only=False):
+            shutil.rmtree(path)
+        for name in ("trainer_log.jsonl",):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
+    """TrainingArguments from the config; keys this transformers version lacks are left out."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    eval_strategy = cfg.eval_strategy if has_eval else "no"
+    load_best = cfg.load_best_model_at_end and has_eval
+    save_steps = cfg.save_steps
+    if load_best and eval_strategy == "steps" and save_steps % resolved.eval_steps:
+        raise ConfigError(
+            f"load_best_model_at_end needs save_steps ({save_steps}) to be a multiple of eval_steps ({resolved.eval_steps}), "
+            "so that every evaluated step has a checkpoint to pick."
+        )
+    kwargs: dict[str, Any] = dict(
+        output_dir=resolved.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=_optimizer(cfg, resolved),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        fp16=resolved.fp16,
+        bf16=resolved.bf16,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=False,
+        save_strategy=cfg.save_strategy,
+        save_steps=save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_only_model=cfg.save_only_model,
+        eval_strategy=eval_strategy,
+        eval_steps=resolved.eval_steps,
+        load_best_model_at_end=load_best,
+        metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better=False if cfg.metric_for_best_model.endswith("loss") else None,
+        report_to=resolved.report_to or "none",
+        run_name=cfg.swanlab_run_name if (cfg.use_swanlab and cfg.swanlab_run_name) else cfg.run_name,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=cfg.dataloader_pin_memory and resolved.device == "cuda",
+        ddp_timeout=cfg.ddp_timeout,
+        gradient_checkpointing=False,  # enabled on the model by the loader (non-reentrant), before PEFT wraps it
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        use_cpu=resolved.device == "cpu",
+        prediction_loss_only=True,
+        label_names=["labels"],
+        logging_nan_inf_filter=False,
+        save_safetensors=True,
+    )
+    if cfg.group_by_length:
+        kwargs["train_sampling_strategy"] = "group_by_length"
+        kwargs["group_by_length"] = True
+    accepted = inspect.signature(TrainingArguments).parameters
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _optimizer(cfg: Config, resolved: Resolved) -> str:
+    if cfg.optim in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_bnb_8bit") and resolved.device != "cuda":
+        logger.warning("optim=%s needs a CUDA GPU (bitsandbytes paged/8-bit optimizer); using adamw_torch on %s.", cfg.optim, resolved.device)
+        return "adamw_torch"
+    if cfg.optim == "adamw_torch_fused" and resolved.device == "cpu":
+        return "adamw_torch"
+    return cfg.optim
+
+
+def check_trackers(resolved: Resolved) -> None:
+    import importlib.util
+
+    for tracker in resolved.report_to:
+        if importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"report_to includes {tracker}, but the {tracker} package is not installed: pip install {tracker} (or pip install 'tunelab[tracking]').")
+
+
+def setup_swanlab(cfg: Config) -> None:
+    """SwanLab reads its settings from the environment through the Trainer integration."""
+    if cfg.swanlab_project:
+        os.environ.setdefault("SWANLAB_PROJ_NAME", cfg.swanlab_project)
+    if cfg.swanlab_workspace:
+        os.environ.setdefault("SWANLAB_WORKSPACE", cfg.swanlab_workspace)
+    if cfg.swanlab_api_key:
+        os.environ.setdefault("SWANLAB_API_KEY", cfg.swanlab_api_key)
+    os.environ.setdefault("SWANLAB_MODE", cfg.swanlab_mode)
+
+
+def save_final(trainer, tokenizer, output_dir: str) -> None:
+    trainer.save_model(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """The whole SFT run. Returns the final metrics (also written to all_results.json)."""
+    from tunelab.data.collator import PackedCollator, PackedSet, PadCollator
+    from tunelab.data.processing import build_datasets
+    from tunelab.data.template import get_template, template_mismatch_warning
+    from tunelab.model.kernels import select_loss
+    from tunelab.model.loader import load_model
+    from tunelab.model.tokenizer import load_tokenizer
+    from tunelab.train.callbacks import GradientHealthCallback, LogCallback
+    from tunelab.train.plots import plot_loss
+    from tunelab.train.trainer import TunelabTrainer
+    from tunelab.utils.io import atomic_write_json
+
+    if not cfg.do_train:
+        raise ConfigError("do_train is false: nothing to do. For evaluation use `tunelab eval`.")
+    if not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is not set: give a local model folder or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).")
+    resolved = resolve(cfg)
+    for warning in resolved.warnings:
+        logger.warning(warning)
+    check_trackers(resolved)
+    if "swanlab" in resolved.report_to:
+        setup_swanlab(cfg)
+    output_dir = resolved.output_dir
+
+    # 1. tokenizer, template, data (before the model: data errors surface in seconds, not after a 20 s load)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, revision=cfg.model_revision)
+    template = get_template(cfg.template, tokenizer, enable_thinking=cfg.enable_thinking)
+    mismatch = template_mismatch_warning(template, tokenizer)
+    if mismatch:
+        logger.warning(mismatch)
+    data = build_datasets(cfg, tokenizer, template)
+    logger.info("data: %d training samples (%d tokens, %d trained), %d evaluation samples",
+                data.stats["train_samples"], data.stats["train_tokens"], data.stats["train_trained_tokens"], data.stats["eval_samples"])
+
+    # 2. output folder and resume decision, then the model
+    resume = decide_resume(cfg, output_dir)
+    prepare_output_dir(cfg, output_dir)
+    model = load_model(cfg, resolved, for_training=True)
+    loss_impl = select_loss(model)
+    logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
+
+    # 3. trainer
+    pad_multiple = 8 if resolved.device == "cuda" else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.packing:
+        train_set, collator = PackedSet(data.train, cfg.cutoff_len), PackedCollator(pad_id, pad_multiple)
+        logger.info("packing: %d samples into %d rows of up to %d tokens", len(data.train), len(train_set), cfg.cutoff_len)
+    else:
+        train_set, collator = data.train, PadCollator(pad_id, pad_multiple)
+    args = training_arguments(cfg, resolved, has_eval=data.eval is not None)
+    trainer = TunelabTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=data.eval,
+        data_collator=collator if not cfg.packing else _EvalAwareCollator(collator, PadCollator(pad_id, pad_multiple)),
+        processing_class=tokenizer,
+        callbacks=[LogCallback(output_dir), GradientHealthCallback()],
+        loss_impl=loss_impl,
+        nan_check=cfg.nan_check,
+    )
+    save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
+
+    # 4. train, save, report
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, tokenizer, output_dir)
+    metrics = dict(result.metrics)
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    trainer.save_metrics("train", metrics)
+    if data.eval is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    atomic_write_json(os.path.join(output_dir, "all_results.json"), metrics)
+    if cfg.plot_loss:
+        plot_loss(output_dir, smoothing=cfg.plot_smoothing)
+    logger.info("done: adapter and logs in %s", output_dir)
+    return metrics
+
+
+class _EvalAwareCollator:
+    """Packed rows carry position_ids; evaluation batches are plain samples: pick the collator by the features."""
+
+    def __init__(self, packed, padded):
+        self.packed, self.padded = packed, padded
+
+    def __call__(self, features):
+        return self.packed(features) if "position_ids" in features[0] else self.padded(features)
+
+
+__all__ = ["run_train", "decide_resume", "TunelabError"]

@@ -1,0 +1,1 @@
+"""Small shared helpers with no tunelab dependencies (atomic file writes, logging set-up)."""

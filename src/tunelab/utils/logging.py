@@ -1,0 +1,23 @@
+"""Logging set-up for the CLI: plain `tunelab: message` lines on stderr, one logger per module elsewhere."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("tunelab")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[tunelab] %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    # Library chatter that users cannot act on goes quiet; real warnings from transformers stay.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
