@@ -78,13 +78,14 @@ def _build_fn():
             # hidden [N, H] (labelled rows only), weight [V, H], targets [N]
             n = hidden.shape[0]
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_needs_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if weight_needs_grad else None
+            total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
             step = _chunk_rows(weight.shape[0])
             for start in range(0, n, step):
                 h = hidden[start : start + step]
                 t = targets[start : start + step]
-                logits = (h @ weight.t()).float()
+                logits = h @ weight.t()
+                logits = logits if logits.dtype == torch.float64 else logits.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 # d(loss)/d(logits) = softmax - onehot, computed in place over the chunk
@@ -93,7 +94,7 @@ def _build_fn():
                 probs = probs.to(h.dtype)
                 grad_hidden[start : start + step] = probs @ weight
                 if grad_weight is not None:
-                    grad_weight += (probs.t() @ h).float()
+                    grad_weight += (probs.t() @ h).to(grad_weight.dtype)
             scale = 1.0 / divisor
             ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
             ctx.scale = scale

@@ -218,6 +218,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
         loss_impl=loss_impl,
         nan_check=cfg.nan_check,
     )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our LogCallback prints the progress lines
     save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
 
     # 4. train, save, report
@@ -226,8 +229,14 @@ def run_train(cfg: Config) -> dict[str, Any]:
     metrics = dict(result.metrics)
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     trainer.save_metrics("train", metrics)
-    if data.eval is not None:
+    evaluated_last = any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in trainer.state.log_history)
+    if data.eval is not None and not evaluated_last:
         eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    elif data.eval is not None:
+        last_eval = [r for r in trainer.state.log_history if "eval_loss" in r][-1]
+        eval_metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()

@@ -1,0 +1,275 @@
+"""`tunelab bench`: training speed and memory of tunelab's path beside the plain stack, in one process, on one GPU.
+
+    tunelab bench --arch qwen2.5-7b --model-dir /tmp/q7b --shapes 4x1024,1x1024 --variants plain,tunelab
+
+Method (the same as the peers' figures in the README): a random-init model of the published architecture is
+saved as safetensors and loaded with from_pretrained (4-bit NF4 + double quantization, bf16 compute); LoRA r=8,
+alpha=16, dropout 0 on every linear layer; gradient checkpointing (non-reentrant); fused AdamW; full-length
+random token sequences with labels = inputs; 13 optimizer steps, the median of the last 10; peak =
+torch.cuda.max_memory_allocated over the steps. Speed and memory do not depend on the weights' values.
+
+Variants:
+  plain    transformers + PEFT + bitsandbytes, model(**batch).loss, a hand-written loop (what the peers measured)
+  tunelab  tunelab's loader (tunelab.model.loader) and TunelabTrainer (the code `tunelab train` runs)
+  tunelab+liger  the same with enable_liger_kernel (Liger's RMSNorm/RoPE/SwiGLU)
+  alpaca   appended to a variant name (plain:alpaca, tunelab:alpaca): the alpaca-like length profile (batch padded
+           to its longest sample, prompt tokens masked); reports real (non-pad) tokens per second.
+Results are printed as a table and written as JSON (--out).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+ARCHS: dict[str, dict[str, Any]] = {
+    # published configs (speed and memory depend on the shapes only)
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=151936, tie_word_embeddings=False),
+}
+
+
+def build_random_model(arch: str, out_dir: str) -> str:
+    """Save a random-init Qwen2 model of the architecture (bf16 safetensors); reuse it if already there."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    config = Qwen2Config(**ARCHS[arch], torch_dtype="bfloat16")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out_dir
+
+
+def alpaca_like_lengths(n: int, cutoff_len: int, seed: int = 0):
+    """Prompt/response token lengths of an Alpaca-GPT4-shaped set (lognormal medians 40 and 180, +20 template tokens)."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    prompt = np.clip(np.rint(rng.lognormal(np.log(40), 0.7, n)), 8, 512).astype(int) + 20
+    response = np.clip(np.rint(rng.lognormal(np.log(180), 0.8, n)), 4, 2048).astype(int)
+    response = np.minimum(response, np.maximum(cutoff_len - prompt, 1))
+    return prompt.tolist(), response.tolist()
+
+
+def synthetic_samples(kind: str, batch: int, seq: int, steps: int, vocab: int, seed: int = 0) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed + 1))
+    n = batch * steps
+    if kind == "full":
+        out = []
+        for _ in range(n):
+            ids = rng.integers(1000, min(vocab, 150000), seq).tolist()
+            out.append({"input_ids": ids, "labels": list(ids)})
+        return out
+    prompt, response = alpaca_like_lengths(n, seq, seed)
+    out = []
+    for p, r in zip(prompt, response):
+        ids = rng.integers(1000, min(vocab, 150000), p + r).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    return out
+
+
+def _bench_config(model_dir: str, variant: str):
+    from tunelab.config import load_config
+
+    return load_config({
+        "model_name_or_path": model_dir, "quantization_bit": 4, "quantization_type": "nf4", "double_quantization": True,
+        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all", "bf16": True,
+        "optim": "adamw_torch_fused", "learning_rate": 1e-4, "enable_liger_kernel": "liger" in variant,
+        "output_dir": "/tmp/tunelab-bench-out", "report_to": "none", "save_strategy": "no", "logging_steps": 1000,
+    })
+
+
+def plain_model(model_dir: str):
+    """The plain stack's model: from_pretrained(4-bit NF4, double quant, bf16) + PEFT LoRA r=8 on all linear layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0},
+                                                 attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -> list[float]:
+    """Forward, backward, clip, fused AdamW step; each step timed between CUDA synchronisations."""
+    import torch
+
+    from tunelab.data.collator import PadCollator
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    collate = PadCollator(pad_token_id=0)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(0, len(samples), batch):
+        b = {k: v.cuda() for k, v in collate(samples[i : i + batch]).items()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model, b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del opt
+    return times
+
+
+def run_plain(model_dir: str, samples: list[dict], batch: int, autocast: bool = False) -> list[float]:
+    """The plain stack in a hand-written loop: model(**batch).loss."""
+    model = plain_model(model_dir)
+    times = hand_loop(model, samples, batch, lambda m, b: m(**b).loss, autocast)
+    del model
+    return times
+
+
+def run_tunelab_loop(model_dir: str, samples: list[dict], batch: int, variant: str) -> list[float]:
+    """tunelab's loader and loss in the same hand-written loop as the plain stack (isolates the Trainer's cost)."""
+    from tunelab.config.resolve import resolve
+    from tunelab.model.kernels import forward_hidden, fused_linear_cross_entropy
+    from tunelab.model.loader import load_model
+
+    cfg = _bench_config(model_dir, variant)
+    model = load_model(cfg, resolve(cfg), for_training=True)
+
+    def loss_fn(m, b):
+        hidden, weight = forward_hidden(m, b)
+        return fused_linear_cross_entropy(hidden, weight, b["labels"])
+
+    times = hand_loop(model, samples, batch, loss_fn, autocast=True)
+    del model
+    return times
+
+
+def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -> list[float]:
+    """tunelab's path: its loader and TunelabTrainer (the code `tunelab train` runs), timed per optimizer step."""
+    import torch
+    from transformers import TrainerCallback
+
+    from tunelab.config.resolve import resolve
+    from tunelab.data.collator import PadCollator
+    from tunelab.data.processing import EncodedSet
+    from tunelab.model.kernels import select_loss
+    from tunelab.model.loader import load_model
+    from tunelab.train.trainer import TunelabTrainer
+    from tunelab.train.workflow import training_arguments
+
+    cfg = _bench_config(model_dir, variant).replace(max_steps=len(samples) // batch, per_device_train_batch_size=batch)
+    resolved = resolve(cfg)
+    stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
+    model = plain_model(model_dir) if stock else load_model(cfg, resolved, for_training=True)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_train_begin(self, args, state, control, **kw):
+            torch.cuda.reset_peak_memory_stats()
+
+    data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
+    args = training_arguments(cfg, resolved, has_eval=False)
+    args.train_sampling_strategy = "sequential"
+    if stock:
+        from transformers import Trainer
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, 8), callbacks=[Timer()])
+    else:
+        loss_impl = "plain" if "plainloss" in variant else select_loss(model)
+        trainer = TunelabTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, 8),
+                                 callbacks=[Timer()], loss_impl=loss_impl)
+    trainer.train()
+    del trainer, model
+    return times
+
+
+def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int = 13) -> dict[str, Any]:
+    import torch
+
+    name, _, profile = variant.partition(":")
+    kind = "alpaca" if profile == "alpaca" else "full"
+    samples = synthetic_samples(kind, batch, seq, steps, vocab=150000)
+    if name.startswith("plain-trainer"):
+        times = run_tunelab(model_dir, samples, batch, name)
+    elif name.startswith("plain"):
+        times = run_plain(model_dir, samples, batch, autocast="autocast" in name)
+    elif name.startswith("tunelab-loop"):
+        times = run_tunelab_loop(model_dir, samples, batch, name)
+    else:
+        times = run_tunelab(model_dir, samples, batch, name)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    gc.collect()
+    torch.cuda.empty_cache()
+    tail = times[3:] if len(times) > 3 else times
+    step = statistics.median(tail)
+    real_tokens = [sum(len(s["input_ids"]) for s in samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    tokens_per_step = statistics.median(real_tokens[3:] if len(real_tokens) > 3 else real_tokens)
+    return {"variant": variant, "batch": batch, "seq": seq, "steps": len(times), "median_step_s": round(step, 4),
+            "tokens_per_s": round(tokens_per_step / step, 1) if kind == "full" else round(sum(real_tokens[3:]) / sum(tail), 1),
+            "peak_gib": round(peak, 2), "profile": kind}
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tunelab bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="qwen2.5-7b", choices=sorted(ARCHS))
+    p.add_argument("--model-dir", default=None, help="where the random-init model is saved (default /tmp/tunelab-bench-<arch>)")
+    p.add_argument("--shapes", default="4x1024", help="comma list of BATCHxSEQ")
+    p.add_argument("--variants", default="plain,tunelab")
+    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    import torch
+
+    from tunelab.errors import TunelabError
+
+    if not torch.cuda.is_available():
+        raise TunelabError("tunelab bench measures GPU training speed and needs a CUDA GPU; none is visible here.")
+    model_dir = build_random_model(args.arch, args.model_dir or f"/tmp/tunelab-bench-{args.arch}")
+    results = []
+    for shape in args.shapes.split(","):
+        batch, seq = (int(x) for x in shape.lower().split("x"))
+        for variant in args.variants.split(","):
+            r = run_variant(variant.strip(), model_dir, batch, seq, args.steps)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'variant':<22}{'shape':>10}{'tokens/s':>12}{'peak GiB':>10}{'step s':>9}")
+    for r in results:
+        print(f"{r['variant']:<22}{str(r['batch']) + 'x' + str(r['seq']):>10}{r['tokens_per_s']:>12,.0f}{r['peak_gib']:>10.2f}{r['median_step_s']:>9.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}, fh, indent=2)
+    return 0
