@@ -93,7 +93,7 @@ def _bench_config(model_dir: str, variant: str):
     return load_config({
         "model_name_or_path": model_dir, "quantization_bit": 4, "quantization_type": "nf4", "double_quantization": True,
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all", "bf16": True,
-        "optim": "adamw_torch_fused", "learning_rate": 1e-4, "enable_liger_kernel": "liger" in variant,
+        "optim": "adamw_torch_fused", "learning_rate": 1e-4, "enable_liger_kernel": False if "noliger" in variant else (True if "+liger" in variant else None),
         "output_dir": "/tmp/tunelab-bench-out", "report_to": "none", "save_strategy": "no", "logging_steps": 1000,
     })
 
@@ -127,7 +127,7 @@ def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -
     times = []
     torch.cuda.reset_peak_memory_stats()
     for i in range(0, len(samples), batch):
-        b = {k: v.cuda() for k, v in collate(samples[i : i + batch]).items()}
+        b = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(samples[i : i + batch]).items()}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -145,7 +145,10 @@ def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -
 def run_plain(model_dir: str, samples: list[dict], batch: int, autocast: bool = False) -> list[float]:
     """The plain stack in a hand-written loop: model(**batch).loss."""
     model = plain_model(model_dir)
-    times = hand_loop(model, samples, batch, lambda m, b: m(**b).loss, autocast)
+    def loss_fn(m, b):
+        return m(**{k: v for k, v in b.items() if k not in ("loss_rows", "num_tokens")}).loss
+
+    times = hand_loop(model, samples, batch, loss_fn, autocast)
     del model
     return times
 
@@ -161,7 +164,7 @@ def run_tunelab_loop(model_dir: str, samples: list[dict], batch: int, variant: s
 
     def loss_fn(m, b):
         hidden, weight = forward_hidden(m, b)
-        return fused_linear_cross_entropy(hidden, weight, b["labels"])
+        return fused_linear_cross_entropy(hidden, weight, b["labels"], loss_rows=b.get("loss_rows"))
 
     times = hand_loop(model, samples, batch, loss_fn, autocast=True)
     del model
@@ -187,14 +190,27 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -
     model = plain_model(model_dir) if stock else load_model(cfg, resolved, for_training=True)
     times: list[float] = []
 
+    profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
+
     class Timer(TrainerCallback):
+        prof = None
+
         def on_step_begin(self, args, state, control, **kw):
             torch.cuda.synchronize()
+            if profile_dir and state.global_step == 5:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+                with open(os.path.join(profile_dir, variant.replace(":", "_").replace("+", "_") + ".txt"), "w") as fh:
+                    fh.write(table)
+                self.prof = None
 
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.reset_peak_memory_stats()
@@ -211,6 +227,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -
         trainer = TunelabTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, 8),
                                  callbacks=[Timer()], loss_impl=loss_impl)
     trainer.train()
+    if hasattr(trainer, "check_pending_losses"):
+        trainer.check_pending_losses()
     del trainer, model
     return times
 

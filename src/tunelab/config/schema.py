@@ -38,7 +38,9 @@ class ModelArgs:
         "auto", "Attention implementation: auto (SDPA where available), sdpa, fa2 (flash-attn package), eager, disabled (= eager)."
     )
     use_fast_tokenizer: bool = opt(True, "Use the fast (Rust) tokenizer.")
-    enable_liger_kernel: bool = opt(False, "Patch the model with Liger Kernel's fused RMSNorm/RoPE/SwiGLU/cross-entropy (pip install tunelab[liger]).")
+    enable_liger_kernel: Optional[bool] = opt(
+        None, "Liger Kernel's RMSNorm/RoPE/SwiGLU: null = on for CUDA GPUs when liger-kernel is installed, true = required, false = off."
+    )
     use_unsloth: bool = opt(False, "Accepted for LLaMA-Factory compatibility; tunelab uses its own kernel selection, so this only prints a note.")
     low_cpu_mem_usage: bool = opt(True, "Load weights without a full extra copy in RAM.")
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = opt("auto", "Weights dtype for chat/eval/export inference.")
@@ -169,6 +171,7 @@ class GenerationArgs:
     repetition_penalty: float = opt(1.0, "Penalty > 1 discourages repeating tokens.")
     length_penalty: float = opt(1.0, "Beam search length penalty.")
     system: Optional[str] = opt(None, "System prompt for chat (overrides the template's default).")
+    decode_backend: Literal["hf"] = opt("hf", "Decode loop of the inference engine: hf (transformers generate, dynamic KV cache).")
 
 
 @dataclass
@@ -183,6 +186,10 @@ class ExportArgs:
     checkpoint: Optional[str] = opt(None, "Which checkpoint of a run: best (lowest eval_loss), last, or a name like checkpoint-500.")
     export_ollama: bool = opt(False, "Also write an Ollama Modelfile.")
     overwrite: bool = opt(False, "Replace a non-empty export_dir.")
+    export_tolerance: Optional[float] = opt(
+        None, "Largest max-abs logit difference allowed between the merged model and base + adapter (default: 1e-3 x logit scale in float32, 3e-2 x in 16-bit)."
+    )
+    export_verify: bool = opt(True, "After merging, compare the merged model's logits with base + adapter (fails beyond export_tolerance).")
 
 
 @dataclass

@@ -16,6 +16,21 @@ from typing import Any, Sequence
 IGNORE_INDEX = -100
 
 
+def loss_fields(labels, attention_mask=None) -> dict:
+    """Side fields computed on the CPU so the training step never has to ask the GPU (each question is a sync):
+
+    loss_rows: flat indices into the [batch x (length-1)] shifted positions whose next-token label is trained,
+        used by the fused loss to run the output head on those rows only;
+    num_tokens: real (non-pad) tokens in the batch, a plain int, for the tokens-per-second figures.
+    """
+    import torch
+
+    shifted = labels[:, 1:].reshape(-1)
+    rows = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=False).flatten()
+    n = int(attention_mask.sum()) if attention_mask is not None else int(labels.numel())
+    return {"loss_rows": rows, "num_tokens": n}
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     if not multiple:
         return n
@@ -39,7 +54,7 @@ class PadCollator:
             ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **loss_fields(labels, mask)}
 
 
 def pack_samples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -101,4 +116,6 @@ class PackedCollator:
             labels[i, :n] = torch.tensor(f["labels"])
             pos[i, :n] = torch.tensor(f["position_ids"])
             pos[i, n:] = torch.arange(length - n)  # padding forms its own "sample", never attended by real tokens
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        out = {"input_ids": ids, "labels": labels, "position_ids": pos, **loss_fields(labels)}
+        out["num_tokens"] = sum(len(f["input_ids"]) for f in features)
+        return out

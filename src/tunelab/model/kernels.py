@@ -26,22 +26,39 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def apply_kernels(model, cfg, resolved) -> list[str]:
-    """Patch module kernels in place; returns the names of what was applied (recorded in the run's config)."""
-    applied: list[str] = []
-    if cfg.enable_liger_kernel:
-        if resolved.device != "cuda":
-            logger.warning("enable_liger_kernel needs a CUDA GPU; using the plain kernels on %s.", resolved.device)
-            return applied
-        try:
-            from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        except ImportError:
-            from tunelab.errors import ConfigError
+def _liger_available() -> bool:
+    import importlib.util
 
-            raise ConfigError("enable_liger_kernel needs Liger Kernel: pip install 'tunelab[liger]'.") from None
-        # tunelab's own fused loss replaces Liger's fused cross-entropy (same idea, computed on labelled rows only).
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, cross_entropy=False)
-        applied.append("liger(rope,rms_norm,swiglu)")
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_kernels(model, cfg, resolved) -> list[str]:
+    """Patch module kernels in place; returns the names of what was applied (recorded in the run's config).
+
+    enable_liger_kernel null (the default) means: use Liger where it applies (a CUDA GPU with liger-kernel
+    installed) and the plain modules elsewhere; true makes a missing Liger an error; false turns it off.
+    """
+    from tunelab.errors import ConfigError
+
+    applied: list[str] = []
+    wanted = cfg.enable_liger_kernel
+    if wanted is False:
+        return applied
+    if resolved.device != "cuda":
+        if wanted:
+            logger.warning("enable_liger_kernel needs a CUDA GPU; using the plain kernels on %s.", resolved.device)
+        return applied
+    if not _liger_available():
+        if wanted:
+            raise ConfigError("enable_liger_kernel: true needs Liger Kernel: pip install 'tunelab[liger]'.")
+        logger.info("liger-kernel is not installed: plain RMSNorm/RoPE/SwiGLU (pip install 'tunelab[liger]' for the fast path)")
+        return applied
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    # tunelab's own fused loss replaces Liger's fused cross-entropy (same idea, computed on trained rows only).
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False, cross_entropy=False)
+    applied.append("liger(rope,rms_norm,swiglu)")
+    logger.info("kernels: Liger RMSNorm, RoPE and SwiGLU")
     return applied
 
 
@@ -77,8 +94,12 @@ def _build_fn():
         def forward(ctx, hidden, weight, targets, divisor, weight_needs_grad):
             # hidden [N, H] (labelled rows only), weight [V, H], targets [N]
             n = hidden.shape[0]
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if weight_needs_grad else None
+            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad (evaluation)
+            grad_hidden = torch.empty_like(hidden) if need_grad else torch.empty(0)
+            grad_weight = (
+                torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+                if weight_needs_grad and need_grad else None
+            )
             total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
             step = _chunk_rows(weight.shape[0])
             for start in range(0, n, step):
@@ -88,6 +109,8 @@ def _build_fn():
                 logits = logits if logits.dtype == torch.float64 else logits.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not need_grad:
+                    continue
                 # d(loss)/d(logits) = softmax - onehot, computed in place over the chunk
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
@@ -95,7 +118,7 @@ def _build_fn():
                 grad_hidden[start : start + step] = probs @ weight
                 if grad_weight is not None:
                     grad_weight += (probs.t() @ h).to(grad_weight.dtype)
-            scale = 1.0 / divisor
+            scale = 1.0 / divisor  # a float, or a 0-d tensor on the device (no synchronisation)
             ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
             ctx.scale = scale
             ctx.weight_needs_grad = weight_needs_grad
@@ -112,27 +135,31 @@ def _build_fn():
     return FusedLinearCrossEntropy
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None):
+def fused_linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, loss_rows=None):
     """Mean (or sum / num_items_in_batch) next-token cross-entropy of `hidden @ weight.T` against `labels`.
 
     hidden [B, T, H] (final-norm output), labels [B, T] unshifted (as HF models take them; -100 = ignored).
+    loss_rows: the flat indices of the trained shifted positions (tunelab's collators compute them on the CPU);
+    without them they are found here, which costs one GPU->CPU synchronisation.
     """
     import torch
 
     if _FusedLinearCE.fn is None:
         _FusedLinearCE.fn = _build_fn()
-    shift_labels = labels[:, 1:]
-    h = hidden[:, :-1, :]
-    mask = shift_labels != IGNORE_INDEX
-    rows = h[mask]
-    targets = shift_labels[mask]
-    count = targets.numel()
-    if num_items_in_batch is not None:
-        divisor = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-    else:
-        divisor = float(max(count, 1))
-    if count == 0:
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    if loss_rows is None:
+        loss_rows = torch.nonzero(shift_labels != IGNORE_INDEX, as_tuple=False).flatten()
+    if loss_rows.numel() == 0:
         return hidden.sum() * 0.0
+    rows = h.index_select(0, loss_rows)
+    targets = shift_labels.index_select(0, loss_rows)
+    if num_items_in_batch is None:
+        divisor = float(loss_rows.numel())
+    elif torch.is_tensor(num_items_in_batch):
+        divisor = num_items_in_batch.to(device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))  # no sync
+    else:
+        divisor = float(num_items_in_batch)
     return _FusedLinearCE.fn.apply(rows, weight, targets, divisor, weight.requires_grad)
 
 
@@ -140,7 +167,7 @@ def forward_hidden(model, inputs: dict):
     """Run the decoder (everything but the output head) and return (hidden states, head weight)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
-    kwargs = {k: v for k, v in inputs.items() if k not in ("labels",)}
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "loss_rows", "num_tokens")}
     kwargs["use_cache"] = False
     out = decoder(**kwargs)
     return out.last_hidden_state, base.get_output_embeddings().weight

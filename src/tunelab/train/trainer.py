@@ -5,6 +5,9 @@ What differs from the stock Trainer, and why:
   tensor), the model's own loss otherwise. Same value, same normalisation (num_items_in_batch).
 * a NaN or infinite loss raises TrainingError with the step number; the checkpoints already written are the
   last good ones and nothing after them is saved (the stock Trainer silently replaces it by an average).
+  The check never stalls the GPU: each step's loss is copied to pinned host memory without blocking and read
+  once its CUDA event has completed (at the latest before a checkpoint is written and at the end).
+* tokens are counted from the collator's CPU-side `num_tokens`, not with the stock per-step `.item()` (a sync).
 * every checkpoint ends with a marker file, written after all its files (tunelab.train.checkpoints), and old
   checkpoints are rotated only after that, so a kill during a save never leaves no resumable checkpoint.
 * adapters are saved in safetensors with PEFT's own save_pretrained (loadable by PeftModel.from_pretrained).
@@ -28,13 +31,20 @@ class TunelabTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_impl = loss_impl
         self.nan_check = nan_check
+        self._pending_losses: list = []  # (step, host tensor, cuda event or None)
         if loss_impl == "fused":
             self.model_accepts_loss_kwargs = True  # our loss divides by num_items_in_batch itself
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        loss_rows = inputs.pop("loss_rows", None)
+        inputs.pop("num_tokens", None)
         if self.loss_impl == "fused" and not return_outputs and "labels" in inputs:
-            hidden, weight = forward_hidden(model, inputs)
-            return fused_linear_cross_entropy(hidden, weight, inputs["labels"], num_items_in_batch)
+            # Accelerate puts autocast around the top-level model.forward only; we call the decoder directly, so
+            # mixed precision must be entered here (without it the LoRA matmuls would run in fp32).
+            with self.accelerator.autocast():
+                hidden, weight = forward_hidden(model, inputs)
+                return fused_linear_cross_entropy(hidden, weight, inputs["labels"], num_items_in_batch, loss_rows=loss_rows)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -42,23 +52,56 @@ class TunelabTrainer(Trainer):
             import torch
 
             inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), self.compute_loss_context_manager():
+            with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
                 hidden, weight = forward_hidden(model, inputs)
-                loss = fused_linear_cross_entropy(hidden, weight, inputs["labels"])
+                loss = fused_linear_cross_entropy(hidden, weight, inputs["labels"], loss_rows=inputs.get("loss_rows"))
             return loss.detach(), None, None
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        num_tokens = inputs.get("num_tokens")
+        if isinstance(num_tokens, int):
+            self.state.num_input_tokens_seen += num_tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.nan_check and not math.isfinite(float(loss.detach())):
-            step = self.state.global_step + 1
-            raise TrainingError(
-                f"the loss became {float(loss)} at step {step}: training stopped. The last good checkpoint is kept in "
-                f"{self.args.output_dir}. Lower learning_rate, use bf16 instead of fp16, or check the data of this step."
-            )
+        if self.nan_check:
+            self._queue_loss_check(loss.detach())
         return loss
 
+    def _queue_loss_check(self, loss) -> None:
+        import torch
+
+        step = self.state.global_step + 1
+        if loss.device.type == "cuda":
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(loss.float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_losses.append((step, host, event))
+        else:
+            self._pending_losses.append((step, loss.float(), None))
+        self._check_losses(wait=False)
+
+    def _check_losses(self, wait: bool) -> None:
+        while self._pending_losses:
+            step, value, event = self._pending_losses[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending_losses.pop(0)
+            if not math.isfinite(float(value)):
+                self._pending_losses.clear()
+                raise TrainingError(
+                    f"the loss became {float(value)} at step {step}: training stopped. The last good checkpoint is kept in "
+                    f"{self.args.output_dir}. Lower learning_rate, use bf16 instead of fp16, or check the data of this step."
+                )
+
+    def check_pending_losses(self) -> None:
+        """Raise TrainingError if any step's loss (still in flight) was not finite; waits for them."""
+        self._check_losses(wait=True)
+
     def _save_checkpoint(self, model, trial):
+        self._check_losses(wait=True)  # never write a checkpoint of weights a NaN step has touched
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
         try:

@@ -108,7 +108,7 @@ def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
         ddp_timeout=cfg.ddp_timeout,
         gradient_checkpointing=False,  # enabled on the model by the loader (non-reentrant), before PEFT wraps it
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen=False,  # counted on the CPU by TunelabTrainer (no per-step sync)
         disable_tqdm=True,
         use_cpu=resolved.device == "cpu",
         prediction_loss_only=True,
@@ -225,6 +225,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     # 4. train, save, report
     result = trainer.train(resume_from_checkpoint=resume)
+    trainer.check_pending_losses()  # a NaN in the last steps must not reach the saved adapter
     save_final(trainer, tokenizer, output_dir)
     metrics = dict(result.metrics)
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
