@@ -171,7 +171,7 @@ def run_tunelab_loop(model_dir: str, samples: list[dict], batch: int, variant: s
     return times
 
 
-def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -> list[float]:
+def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, pack_to: int | None = None) -> list[float]:
     """tunelab's path: its loader and TunelabTrainer (the code `tunelab train` runs), timed per optimizer step."""
     import torch
     from transformers import TrainerCallback
@@ -184,7 +184,12 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.train.workflow import training_arguments
 
-    cfg = _bench_config(model_dir, variant).replace(max_steps=len(samples) // batch, per_device_train_batch_size=batch)
+    from tunelab.data.collator import PackedCollator, PackedSet
+
+    data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
+    train_set = PackedSet(data, pack_to) if pack_to else data
+    collator = PackedCollator(0, 8) if pack_to else PadCollator(0, 8)
+    cfg = _bench_config(model_dir, variant).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch)
     resolved = resolve(cfg)
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
     model = plain_model(model_dir) if stock else load_model(cfg, resolved, for_training=True)
@@ -215,17 +220,20 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.reset_peak_memory_stats()
 
-    data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     args = training_arguments(cfg, resolved, has_eval=False)
     args.train_sampling_strategy = "sequential"
     if stock:
         from transformers import Trainer
 
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, 8), callbacks=[Timer()])
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[Timer()])
     else:
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
-        trainer = TunelabTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, 8),
+        trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    print(json.dumps({"variant": variant, "checkpointing": getattr(base, "is_gradient_checkpointing", None),
+                      "liger_rmsnorm": type(base.model.norm).__name__, "loss": getattr(trainer, "loss_impl", "model"),
+                      "args_checkpointing": getattr(args, "gradient_checkpointing", None)}), flush=True)
     trainer.train()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
@@ -234,11 +242,15 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str) -
 
 
 def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int = 13) -> dict[str, Any]:
+    """One measurement. `profile` after a colon: alpaca (padded batches) or alpaca-packed (samples packed into rows)."""
     import torch
 
     name, _, profile = variant.partition(":")
-    kind = "alpaca" if profile == "alpaca" else "full"
-    samples = synthetic_samples(kind, batch, seq, steps, vocab=150000)
+    kind = "alpaca" if profile.startswith("alpaca") else "full"
+    packed = profile == "alpaca-packed"
+    # packing puts ~3.4 alpaca-like samples in a 1024-token row: draw enough samples for `steps` full batches
+    n_steps = steps * max(1, int(seq / 250)) if packed else steps
+    samples = synthetic_samples(kind, batch, seq, n_steps, vocab=150000)
     if name.startswith("plain-trainer"):
         times = run_tunelab(model_dir, samples, batch, name)
     elif name.startswith("plain"):
@@ -246,17 +258,42 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     elif name.startswith("tunelab-loop"):
         times = run_tunelab_loop(model_dir, samples, batch, name)
     else:
-        times = run_tunelab(model_dir, samples, batch, name)
+        times = run_tunelab(model_dir, samples, batch, name, pack_to=seq if packed else None)
     peak = torch.cuda.max_memory_allocated() / 2**30
     gc.collect()
     torch.cuda.empty_cache()
     tail = times[3:] if len(times) > 3 else times
     step = statistics.median(tail)
-    real_tokens = [sum(len(s["input_ids"]) for s in samples[i : i + batch]) for i in range(0, len(samples), batch)]
-    tokens_per_step = statistics.median(real_tokens[3:] if len(real_tokens) > 3 else real_tokens)
+    if kind == "full":
+        tokens_per_s = round(batch * seq / step, 1)
+    else:  # real (non-pad) tokens of the timed steps after warm-up, over their time
+        if packed:
+            from tunelab.data.collator import PackedSet
+            from tunelab.data.processing import EncodedSet
+
+            rows = PackedSet(EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples]), seq)
+            lengths = [len(rows[i]["input_ids"]) for i in range(len(rows))]
+        else:
+            lengths = [len(s["input_ids"]) for s in samples]
+        real_tokens = [sum(lengths[i : i + batch]) for i in range(0, len(lengths), batch)][: len(times)]
+        tokens_per_s = round(sum(real_tokens[3:]) / sum(tail), 1)
     return {"variant": variant, "batch": batch, "seq": seq, "steps": len(times), "median_step_s": round(step, 4),
-            "tokens_per_s": round(tokens_per_step / step, 1) if kind == "full" else round(sum(real_tokens[3:]) / sum(tail), 1),
-            "peak_gib": round(peak, 2), "profile": kind}
+            "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2), "profile": profile or "full"}
+
+
+def _run_isolated(variant: str, model_dir: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+    """Each measurement in its own process: a fresh CUDA context and allocator, and no monkey-patching (Liger
+    patches transformers' classes process-wide) leaking from one variant into the next."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tunelab.bench", "--single", variant, "--model-dir", model_dir,
+           "--shapes", f"{batch}x{seq}", "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith('{"variant"') and '"tokens_per_s"' in line:
+            return json.loads(line)
+    raise RuntimeError(f"bench of {variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
 def main(argv: list[str]) -> int:
@@ -266,8 +303,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--arch", default="qwen2.5-7b", choices=sorted(ARCHS))
     p.add_argument("--model-dir", default=None, help="where the random-init model is saved (default /tmp/tunelab-bench-<arch>)")
     p.add_argument("--shapes", default="4x1024", help="comma list of BATCHxSEQ")
-    p.add_argument("--variants", default="plain,tunelab")
+    p.add_argument("--variants", default="plain-autocast,tunelab")
     p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--repeat", type=int, default=1, help="measure the variant list this many times, alternating")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one measurement in this process
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     import torch
@@ -276,18 +315,32 @@ def main(argv: list[str]) -> int:
 
     if not torch.cuda.is_available():
         raise TunelabError("tunelab bench measures GPU training speed and needs a CUDA GPU; none is visible here.")
-    model_dir = build_random_model(args.arch, args.model_dir or f"/tmp/tunelab-bench-{args.arch}")
+    model_dir = args.model_dir or f"/tmp/tunelab-bench-{args.arch}"
+    if args.single:
+        batch, seq = (int(x) for x in args.shapes.lower().split("x"))
+        print(json.dumps(run_variant(args.single, model_dir, batch, seq, args.steps)), flush=True)
+        return 0
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-c", f"from tunelab.bench import build_random_model; build_random_model({args.arch!r}, {model_dir!r})"], check=True)
     results = []
     for shape in args.shapes.split(","):
         batch, seq = (int(x) for x in shape.lower().split("x"))
-        for variant in args.variants.split(","):
-            r = run_variant(variant.strip(), model_dir, batch, seq, args.steps)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    print(f"\n{'variant':<22}{'shape':>10}{'tokens/s':>12}{'peak GiB':>10}{'step s':>9}")
+        for _ in range(args.repeat):
+            for variant in args.variants.split(","):
+                r = _run_isolated(variant.strip(), model_dir, batch, seq, args.steps)
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\n{'variant':<24}{'shape':>10}{'tokens/s':>12}{'peak GiB':>10}{'step s':>9}")
     for r in results:
-        print(f"{r['variant']:<22}{str(r['batch']) + 'x' + str(r['seq']):>10}{r['tokens_per_s']:>12,.0f}{r['peak_gib']:>10.2f}{r['median_step_s']:>9.3f}")
+        print(f"{r['variant']:<24}{str(r['batch']) + 'x' + str(r['seq']):>10}{r['tokens_per_s']:>12,.0f}{r['peak_gib']:>10.2f}{r['median_step_s']:>9.3f}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}, fh, indent=2)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(__import__("sys").argv[1:]))

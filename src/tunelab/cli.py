@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tunelab {name}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse inside a subcommand: keep main() returning a code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,9 @@ def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=cfg.dataloader_pin_memory and resolved.device == "cuda",
         ddp_timeout=cfg.ddp_timeout,
-        gradient_checkpointing=False,  # enabled on the model by the loader (non-reentrant), before PEFT wraps it
+        # gradient checkpointing is enabled on the model by the loader (non-reentrant), before PEFT wraps it; the
+        # Trainer must not enable it again (newer transformers call the switch activation_checkpointing)
+        activation_checkpointing=False,
         remove_unused_columns=False,
         include_num_input_tokens_seen=False,  # counted on the CPU by TunelabTrainer (no per-step sync)
         disable_tqdm=True,
@@ -120,6 +122,8 @@ def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
         kwargs["train_sampling_strategy"] = "group_by_length"
         kwargs["group_by_length"] = True
     accepted = inspect.signature(TrainingArguments).parameters
+    if "activation_checkpointing" not in accepted:
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
 
 

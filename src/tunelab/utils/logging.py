@@ -20,4 +20,7 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    # deprecation notices addressed to library developers, not to users of a finished command
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\..*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
