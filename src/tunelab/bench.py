@@ -278,7 +278,8 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
         real_tokens = [sum(lengths[i : i + batch]) for i in range(0, len(lengths), batch)][: len(times)]
         tokens_per_s = round(sum(real_tokens[3:]) / sum(tail), 1)
     return {"variant": variant, "batch": batch, "seq": seq, "steps": len(times), "median_step_s": round(step, 4),
-            "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2), "profile": profile or "full"}
+            "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2), "profile": profile or "full",
+            "step_times": [round(t, 4) for t in times]}
 
 
 def _run_isolated(variant: str, model_dir: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
