@@ -1,0 +1,171 @@
+"""`tunelab chat` on a tiny Qwen2 model with a LoRA adapter trained by the real trainer (CPU, offline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunelab.data.conversation import Conversation
+
+
+def _tiny_run(tmp_path_factory, name: str, **overrides) -> tuple[str, str]:
+    """(tiny model folder, run folder): built once per pytest session and shared by the tunelab test files."""
+    from tunelab.config import load_config
+    from tunelab.data.demo import write_demo_dataset
+    from tunelab.model.tiny import build_tiny_model
+    from tunelab.train.workflow import run_train
+
+    root = tmp_path_factory.getbasetemp() / "tunelab_tiny_runs"
+    model = build_tiny_model(str(root / "tiny-qwen2"))
+    data = root / "data"
+    if not (data / "dataset_info.json").exists():
+        write_demo_dataset(str(data))
+    run = root / name
+    if not (run / "adapter_config.json").exists():
+        cfg = dict(
+            model_name_or_path=model, template="qwen", dataset="demo", dataset_dir=str(data), cutoff_len=64,
+            max_samples=16, output_dir=str(run), overwrite_output_dir=True, logging_steps=2, save_steps=4, max_steps=8,
+            learning_rate=5e-3, per_device_train_batch_size=2, report_to="none", seed=0,
+        )
+        cfg.update(overrides)
+        run_train(load_config(cfg))
+    return model, str(run)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory, "lora16")
+
+
+@pytest.fixture(scope="session")
+def args(lora_run):
+    model, run = lora_run
+    return [f"model_name_or_path={model}", f"adapter_name_or_path={run}", "--do_sample", "false", "max_new_tokens=10"]
+
+
+@pytest.fixture(scope="session")
+def engine(lora_run):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    model, run = lora_run
+    return Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "max_new_tokens": 10}))
+
+
+def _conv(*turns: str) -> Conversation:
+    roles = ["user", "assistant"]
+    return Conversation(messages=[{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)])
+
+
+def _plain_generate(engine, conv) -> str:
+    """What plain model.generate gives for the same prompt ids (greedy, stop on the template's stop tokens)."""
+    import torch
+
+    ids = engine.encode(conv)
+    out = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10, eos_token_id=engine.template.stop_token_ids)
+    new = out[0, len(ids):].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in engine.template.stop_token_ids), len(new))]
+    return engine.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_split_options_keeps_config_arguments():
+    from tunelab.commands.chat import ChatOptions, split_options
+
+    opts, rest = split_options(["cfg.yaml", "--prompt", "Hi there", "top_k=5", "--compare-base", "--max_new_tokens", "4", "--batch-size=3"])
+    assert opts == ChatOptions(prompt="Hi there", batch_size=3, compare_base=True)
+    assert rest == ["cfg.yaml", "top_k=5", "--max_new_tokens", "4"]
+
+
+def test_option_errors():
+    from tunelab.commands.chat import split_options
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--prompt and --prompts are both given: choose one\.$"):
+        split_options(["--prompt", "a", "--prompts", "b.txt"])
+    with pytest.raises(ConfigError, match=r"^--batch-size must be at least 1, got 0\.$"):
+        split_options(["--batch-size", "0"])
+
+
+def test_prompt_prints_only_the_answer(args, engine, capsys):
+    from tunelab.commands import chat
+
+    assert chat.main([*args, "--prompt", "What is the capital of France?"]) == 0
+    out = capsys.readouterr().out
+    assert out == _plain_generate(engine, _conv("What is the capital of France?")) + "\n"
+
+
+def test_prompts_file_writes_jsonl(args, engine, tmp_path):
+    from tunelab.commands import chat
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(
+        json.dumps({"id": 7, "prompt": "Hello!"}) + "\n"
+        + json.dumps({"instruction": "Translate to French:", "input": "good morning"}) + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}) + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "answers.jsonl"
+    assert chat.main([*args, "--prompts", str(src), "--out", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    convs = [_conv("Hello!"), _conv("Translate to French:\ngood morning"), Conversation(messages=[{"role": "user", "content": "Hi"}], system="Be brief.")]
+    expected = [_plain_generate(engine, c) for c in convs]
+    assert rows == [
+        {"id": 7, "prompt": "Hello!", "answer": expected[0]},
+        {"prompt": "Translate to French:\ngood morning", "answer": expected[1]},
+        {"prompt": "Hi", "answer": expected[2]},
+    ]
+
+
+def test_compare_base_narrow_and_wide(args, engine, capsys, monkeypatch):
+    from tunelab.commands import chat
+
+    conv = _conv("Hello!")
+    tuned = engine.generate([conv])[0]
+    with engine.adapter_disabled():
+        base = engine.generate([conv])[0]
+    assert base != tuned
+    monkeypatch.setenv("COLUMNS", "60")
+    assert chat.main([*args, "--prompt", "Hello!", "--compare-base"]) == 0
+    assert capsys.readouterr().out == f"Base: {base}\nFine-tuned: {tuned}\n"
+    monkeypatch.setenv("COLUMNS", "140")
+    assert chat.main([*args, "--prompt", "Hello!", "--compare-base"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    width = (140 - 3) // 2
+    assert lines[0] == "base".ljust(width) + " | fine-tuned"
+    assert lines[1] == "-" * width + " | " + "-" * width
+    left = " ".join(line.split(" | ")[0].strip() for line in lines[2:])
+    right = " ".join(line.split(" | ", 1)[1].strip() for line in lines[2:] if " | " in line)
+    assert left.split() == base.split() and right.split() == tuned.split()
+
+
+def test_compare_base_needs_an_adapter(lora_run):
+    from tunelab.commands import chat
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--compare-base compares the base model with a fine-tuned one: set adapter_name_or_path\.$"):
+        chat.main([f"model_name_or_path={lora_run[0]}", "--prompt", "Hi", "--compare-base"])
+
+
+def test_interactive_chat_through_a_pipe(args, engine, tmp_path):
+    """question, question (sees the first exchange), clear, question (sees nothing before), exit, ignored line."""
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text("\n".join(a.replace("=", ": ", 1) for a in args if "=" in a) + "\n", encoding="utf-8")
+    env = {**os.environ, "COLUMNS": "80", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "chat", str(cfg), "--do_sample", "false", "--show-prompt"],
+        input="Hello!\nTell me more.\nclear\nWho are you?\nexit\nnever read\n",
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    a1 = _plain_generate(engine, _conv("Hello!"))
+    a2 = _plain_generate(engine, _conv("Hello!", a1, "Tell me more."))
+    a3 = _plain_generate(engine, _conv("Who are you?"))
+    assert proc.stdout == f"Assistant: {a1}\nAssistant: {a2}\nAssistant: {a3}\n"
+    prompts = [line for line in proc.stderr.splitlines() if line.startswith("[prompt")]
+    assert len(prompts) == 3
+    assert "Hello!<|im_end|>\\n<|im_start|>assistant\\n" + a1.replace("\n", "\\n") + "<|im_end|>\\n<|im_start|>user\\nTell me more." in prompts[1]
+    assert "Hello!" not in prompts[2] and "Who are you?" in prompts[2]
+    assert "(history cleared)" in proc.stderr

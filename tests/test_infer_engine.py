@@ -1,0 +1,175 @@
+"""The inference engine on a tiny Qwen2 model with a LoRA adapter trained by the real trainer (CPU, offline)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tunelab.data.conversation import Conversation
+
+QUESTIONS = ["Hello!", "What is the capital of France? Please answer in one short sentence.", "Hi"]
+
+
+def _tiny_run(tmp_path_factory, name: str, **overrides) -> tuple[str, str]:
+    """(tiny model folder, run folder): built once per pytest session and shared by the tunelab test files."""
+    from tunelab.config import load_config
+    from tunelab.data.demo import write_demo_dataset
+    from tunelab.model.tiny import build_tiny_model
+    from tunelab.train.workflow import run_train
+
+    root = tmp_path_factory.getbasetemp() / "tunelab_tiny_runs"
+    model = build_tiny_model(str(root / "tiny-qwen2"))
+    data = root / "data"
+    if not (data / "dataset_info.json").exists():
+        write_demo_dataset(str(data))
+    run = root / name
+    if not (run / "adapter_config.json").exists():
+        cfg = dict(
+            model_name_or_path=model, template="qwen", dataset="demo", dataset_dir=str(data), cutoff_len=64,
+            max_samples=16, output_dir=str(run), overwrite_output_dir=True, logging_steps=2, save_steps=4, max_steps=8,
+            learning_rate=5e-3, per_device_train_batch_size=2, report_to="none", seed=0,
+        )
+        cfg.update(overrides)
+        run_train(load_config(cfg))
+    return model, str(run)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    return _tiny_run(tmp_path_factory, "lora16")
+
+
+@pytest.fixture(scope="session")
+def engine(lora_run):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    model, run = lora_run
+    return Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "max_new_tokens": 12}))
+
+
+def _conv(text: str) -> Conversation:
+    return Conversation(messages=[{"role": "user", "content": text}])
+
+
+def test_engine_loads_adapter_and_template(engine, lora_run):
+    assert engine.adapters == [lora_run[1]]
+    assert engine.has_adapter
+    assert engine.template.name == "qwen"  # from the run's tunelab_config.yaml
+    assert engine.template.stop_token_ids == [151645, 151643]
+    assert str(engine.device) == "cpu"
+    assert engine.settings.do_sample is False and engine.settings.max_new_tokens == 12
+
+
+def test_generate_equals_plain_model_generate(engine):
+    import torch
+
+    conv = _conv(QUESTIONS[1])
+    ids = engine.encode(conv)
+    assert ids == engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTIONS[1]}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    out = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, eos_token_id=engine.template.stop_token_ids)
+    new = out[0, len(ids):].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in engine.template.stop_token_ids), len(new))]
+    expected = engine.tokenizer.decode(new, skip_special_tokens=True)
+    assert engine.generate([conv]) == [expected]
+    assert engine.generate([conv]) == [expected]  # greedy: deterministic
+
+
+def test_batched_generate_equals_one_by_one(engine):
+    convs = [_conv(q) for q in QUESTIONS]
+    singles = [engine.generate([c])[0] for c in convs]
+    assert engine.generate(convs) == singles
+    engine.max_batch_size = 2  # sorted by length, two batches, results back in order
+    try:
+        assert engine.generate(convs) == singles
+    finally:
+        engine.max_batch_size = 8
+
+
+def test_stream_pieces_join_to_the_generated_text(engine):
+    conv = _conv(QUESTIONS[0])
+    pieces = list(engine.stream(conv))
+    assert len(pieces) >= 2
+    assert "".join(pieces) == engine.generate([conv])[0]
+
+
+def test_stream_closed_early_stops_the_decode_thread(engine):
+    import threading
+
+    stream = engine.stream(_conv(QUESTIONS[0]), max_new_tokens=500, stop_token_ids=())
+    next(stream)
+    stream.close()
+    assert not any(t.name == "tunelab-decode" for t in threading.enumerate())
+
+
+def test_generate_ids_stop_tokens_and_lengths(engine):
+    prompt = engine.encode(_conv(QUESTIONS[2]))
+    [ids] = engine.generate_ids([prompt], stop_token_ids=(), min_new_tokens=7, max_new_tokens=7)
+    assert len(ids) == 7
+    [ids] = engine.generate_ids([prompt], max_new_tokens=30)
+    assert not set(ids) & set(engine.template.stop_token_ids)
+
+
+def test_unknown_generation_setting_is_an_error(engine):
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown generation setting 'temprature'"):
+        engine.generate([_conv("Hi")], temprature=0.3)
+
+
+def test_adapter_disabled_answers_like_the_base_model(engine, lora_run):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    convs = [_conv(q) for q in QUESTIONS[:2]]
+    base = Engine.from_config(load_config({"model_name_or_path": lora_run[0], "template": "qwen", "do_sample": False, "max_new_tokens": 12}))
+    assert not base.has_adapter
+    expected = base.generate(convs)
+    base.unload()
+    assert base.model is None
+    with engine.adapter_disabled():
+        assert engine.generate(convs) == expected
+    assert engine.generate(convs) != expected  # the adapter is back on (and changes the answers)
+
+
+def test_chat_session_history(engine):
+    from tunelab.infer import ChatSession
+
+    session = ChatSession(system="Be brief.")
+    first = session.conversation("Hello!")
+    reply = engine.generate([first])[0]
+    session.add("Hello!", reply)
+    second = engine.render(session.conversation("And again?"))
+    assert second.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n")
+    assert f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\nAnd again?<|im_end|>" in second
+    session.clear()
+    assert session.messages == []
+    assert "Hello!" not in engine.render(session.conversation("New topic"))
+
+
+def test_quantized_engine_is_deterministic(lora_run):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    model, run = lora_run
+    eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "quantization_bit": 4, "do_sample": False, "max_new_tokens": 8}))
+    assert type(eng.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    first = eng.generate([_conv(q) for q in QUESTIONS])
+    assert eng.generate([_conv(q) for q in QUESTIONS]) == first
+    eng.unload()
+
+
+def test_missing_adapter_folder_is_a_clear_error(lora_run, tmp_path):
+    from tunelab.config import load_config
+    from tunelab.errors import ModelError
+    from tunelab.infer import Engine
+
+    missing = os.path.join(tmp_path, "nope")
+    with pytest.raises(ModelError) as err:
+        Engine.from_config(load_config({"model_name_or_path": lora_run[0], "adapter_name_or_path": missing}))
+    assert str(err.value) == (
+        f"adapter folder '{missing}' does not exist: expected a folder with adapter_config.json and "
+        "adapter_model.safetensors (a training output_dir or one of its checkpoint-N folders)."
+    )
