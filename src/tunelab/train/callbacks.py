@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import sys
 import time

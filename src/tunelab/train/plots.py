@@ -1,9 +1,10 @@
 """Loss curves from trainer_log.jsonl: training_loss.png (raw + smoothed) and training_eval_loss.png."""
 from __future__ import annotations
 
-import json
 import math
 import os
+
+from tunelab.utils.io import read_jsonl as read_log
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -14,21 +15,6 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
         last = last * weight + (1 - weight) * v
         out.append(last / (1 - weight**n))
     return out
-
-
-def read_log(path: str) -> list[dict]:
-    records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut by a kill: ignore it
-    return records
 
 
 def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss"), smoothing: float = 0.9) -> list[str]:

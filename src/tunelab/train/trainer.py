@@ -8,7 +8,7 @@ What differs from the stock Trainer, and why:
   The check never stalls the GPU: each step's loss is copied to pinned host memory without blocking and read
   once its CUDA event has completed (at the latest before a checkpoint is written and at the end).
 * tokens are counted from the collator's CPU-side `num_tokens`, not with the stock per-step `.item()` (a sync).
-* every checkpoint ends with a marker file, written after all its files (tunelab.train.checkpoints), and old
+* every checkpoint ends with a marker file, written after all its files (tunelab.utils.checkpoints), and old
   checkpoints are rotated only after that, so a kill during a save never leaves no resumable checkpoint.
 * adapters are saved in safetensors with PEFT's own save_pretrained (loadable by PeftModel.from_pretrained).
 """
@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from tunelab.errors import TrainingError
 from tunelab.model.kernels import forward_hidden, fused_linear_cross_entropy
-from tunelab.train.checkpoints import mark_complete
+from tunelab.utils.checkpoints import mark_complete
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class TunelabTrainer(Trainer):
     def _rotate(self, run_dir: str, limit: int) -> None:
         import shutil
 
-        from tunelab.train.checkpoints import list_checkpoints
+        from tunelab.utils.checkpoints import list_checkpoints
 
         ckpts = [p for _, p in list_checkpoints(run_dir, complete_only=False)]
         best = self.state.best_model_checkpoint

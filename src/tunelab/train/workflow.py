@@ -19,7 +19,7 @@ from typing import Any
 from tunelab.config.parse import Config
 from tunelab.config.resolve import Resolved, resolve, save_resolved
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train.checkpoints import incomplete_checkpoints, latest_checkpoint, list_checkpoints
+from tunelab.utils.checkpoints import incomplete_checkpoints, latest_checkpoint, list_checkpoints
 
 logger = logging.getLogger(__name__)
 

@@ -32,3 +32,19 @@ def append_jsonl(path: str, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         fh.flush()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a missing file gives [] and a line cut by a kill is skipped."""
+    records: list[dict[str, Any]] = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    return records
