@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("TUNELAB_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
-        _print_help()
+        try:
+            _print_help()
+        except BrokenPipeError:
+            pass
         return 0
     if argv[0] in ("-V", "--version", "version"):
         from tunelab import __version__
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tunelab {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tunelab ... | head`: the reader left; not an error of ours
+        import os as _os
+
+        _os.dup2(_os.open(_os.devnull, _os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SystemExit as exc:  # argparse inside a subcommand: keep main() returning a code
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
