@@ -10,3 +10,4 @@ def qwen_tokenizer():
     from tunelab.model.tokenizer import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
+
