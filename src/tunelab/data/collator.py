@@ -6,8 +6,8 @@ lengths rounded up to a multiple of 8 on GPUs (tensor-core friendly shapes).
 Packing (`pack_samples` + `PackedCollator`): samples are placed whole into rows of at most cutoff_len tokens
 (first-fit on lengths sorted longest first, deterministic). Each row carries `position_ids` that restart at 0 for
 every sample and no attention mask: transformers builds a block-diagonal causal mask from restarting
-position_ids, so a token never attends to another sample (tests/test_collator.py checks logits against separate
-forward passes). Labels at sample boundaries need no masking: each sample's first token is a prompt token.
+position_ids, so a token never attends to another sample (tests check logits against separate forward passes, on
+the CPU and on a GPU). Each sample's first label is masked, so no sample is trained to follow the one before it.
 """
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ class PackedSet:
         pos: list[int] = []
         for j in self.bins[i]:
             ids += self.data.input_ids[j]
-            labels += self.data.labels[j]
+            # a sample's first token is never a target: in the shifted loss it would be predicted from the previous
+            # sample's last token (only reachable with train_on_prompt, where the first token carries a label)
+            labels += [IGNORE_INDEX] + self.data.labels[j][1:]
             pos += list(range(len(self.data.input_ids[j])))
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
 

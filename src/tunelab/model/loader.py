@@ -225,6 +225,13 @@ def prepare_for_training(model, cfg: Config, resolved: Resolved):
     """Freeze / LoRA / full set-up, gradient checkpointing, fp32 trainable parameters."""
     import torch
 
+    for module in model.modules():
+        # bitsandbytes' CPU 4-bit layer repacks its weights for an AVX512-bf16 kernel on the first eval-mode forward
+        # and converts them back (lossily) when saving: during training that would change the frozen base under the
+        # adapter at every evaluation. Training keeps the portable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
     if cfg.finetuning_type == "lora":
         for p in model.parameters():
             p.requires_grad_(False)

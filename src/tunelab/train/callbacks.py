@@ -114,6 +114,9 @@ class LogCallback(TrainerCallback):
         print(prefix + "[tunelab] " + " | ".join(parts), end=end, file=self.stream, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        # the last step is always logged, even when max_steps is not a multiple of logging_steps
+        if state.global_step >= state.max_steps and state.logging_steps and state.global_step % state.logging_steps:
+            control.should_log = True
         if self.tty and state.is_world_process_zero:
             elapsed, remaining, tps = self._rates(state)
             print(f"\r\033[K[tunelab] step {state.global_step}/{state.max_steps} | {tps:.0f} tok/s | "

@@ -92,8 +92,10 @@ class TunelabTrainer(Trainer):
             if not math.isfinite(float(value)):
                 self._pending_losses.clear()
                 raise TrainingError(
-                    f"the loss became {float(value)} at step {step}: training stopped. The last good checkpoint is kept in "
-                    f"{self.args.output_dir}. Lower learning_rate, use bf16 instead of fp16, or check the data of this step."
+                    f"the loss became {float(value)} at step {step}: training stopped, and nothing after step {step - 1} "
+                    f"was saved. The checkpoints in {self.args.output_dir} are kept; the latest may already hold the "
+                    "diverging weights, so resume from an earlier one (resume_from_checkpoint: <its folder>) with a "
+                    "lower learning_rate, or use bf16 instead of fp16, or check the data of this step."
                 )
 
     def check_pending_losses(self) -> None:

@@ -12,6 +12,7 @@ tunelab_config.yaml (every key with defaults filled in, plus what tunelab derive
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from typing import Any
@@ -155,6 +156,52 @@ def setup_swanlab(cfg: Config) -> None:
     os.environ.setdefault("SWANLAB_MODE", cfg.swanlab_mode)
 
 
+def planned_steps(cfg: Config, num_samples: int) -> int:
+    """Optimizer steps the run will make (the Trainer's own arithmetic for epochs, unless max_steps is set)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
+    per_epoch = max(batches // cfg.gradient_accumulation_steps + int(batches % cfg.gradient_accumulation_steps > 0), 1)
+    return math.ceil(cfg.num_train_epochs * per_epoch)
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+            return int(json.load(fh)["global_step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def finish_from_checkpoint(cfg: Config, checkpoint: str, tokenizer, output_dir: str) -> dict[str, Any]:
+    """The run already reached its last step: do not train again (that would add a step); complete its outputs."""
+    import json
+
+    from tunelab.train.plots import plot_loss
+    from tunelab.utils.io import atomic_write_json, read_jsonl
+
+    logger.info("%s already holds the last step (%s): nothing to train; set overwrite_output_dir: true to start over",
+                output_dir, os.path.basename(checkpoint))
+    results = os.path.join(output_dir, "all_results.json")
+    if os.path.isfile(results) and any(n.endswith(".safetensors") for n in os.listdir(output_dir)):
+        with open(results, encoding="utf-8") as fh:
+            return json.load(fh)
+    # killed between the last checkpoint and the final save: the last checkpoint is the final model
+    for name in os.listdir(checkpoint):
+        if name.endswith((".safetensors", ".json")) and not name.startswith(("trainer_state", "optimizer", "scheduler", "rng_state")):
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(output_dir, name))
+    tokenizer.save_pretrained(output_dir)
+    losses = [r["loss"] for r in read_jsonl(os.path.join(output_dir, "trainer_log.jsonl")) if "loss" in r]
+    metrics = {"global_step": checkpoint_step(checkpoint), "train_loss": sum(losses) / len(losses) if losses else None}
+    atomic_write_json(os.path.join(output_dir, "train_results.json"), metrics)
+    atomic_write_json(results, metrics)
+    if cfg.plot_loss:
+        plot_loss(output_dir, smoothing=cfg.plot_smoothing)
+    return metrics
+
+
 def save_final(trainer, tokenizer, output_dir: str) -> None:
     trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -171,6 +218,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from tunelab.train.callbacks import GradientHealthCallback, LogCallback
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
+    from transformers import set_seed
+
     from tunelab.utils.io import atomic_write_json
 
     if not cfg.do_train:
@@ -198,6 +247,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     # 2. output folder and resume decision, then the model
     resume = decide_resume(cfg, output_dir)
     prepare_output_dir(cfg, output_dir)
+    if resume and checkpoint_step(resume) >= planned_steps(cfg, len(data.train)):
+        return finish_from_checkpoint(cfg, resume, tokenizer, output_dir)
+    set_seed(cfg.seed)  # the adapter's initialisation is random too: the seed must cover it
     model = load_model(cfg, resolved, for_training=True)
     loss_impl = select_loss(model)
     logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
