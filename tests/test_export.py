@@ -180,7 +180,7 @@ def _fake_run(tmp_path, adapter_src: str, steps=(2, 4, 6), losses=None) -> str:
 
 
 def test_checkpoint_best_last_and_named(lora_run, tmp_path):
-    from tunelab.infer.adapters import pick_checkpoint
+    from tunelab.model.adapters import pick_checkpoint
 
     run = _fake_run(tmp_path, lora_run[1], losses=[(2, 3.1), (4, 2.5), (6, 2.7)])
     assert pick_checkpoint(run, "best") == os.path.join(run, "checkpoint-4")
@@ -191,7 +191,7 @@ def test_checkpoint_best_last_and_named(lora_run, tmp_path):
 
 def test_checkpoint_errors(lora_run, tmp_path):
     from tunelab.errors import ConfigError, ModelError
-    from tunelab.infer.adapters import pick_checkpoint
+    from tunelab.model.adapters import pick_checkpoint
 
     run = _fake_run(tmp_path, lora_run[1], steps=(2, 6), losses=[(2, 3.1), (4, 2.5), (6, None)])
     with pytest.raises(ModelError) as err:

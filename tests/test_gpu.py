@@ -58,7 +58,7 @@ def test_packed_rows_attend_within_each_sample_on_gpu(tmp_path):
     """With SDPA on the GPU, a packed row's logits equal each sample's own forward pass (no cross-sample attention)."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.data.collator import PackedCollator, PackedSet
+    from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import EncodedSet
     from tunelab.model.tiny import build_tiny_model
 
@@ -69,7 +69,7 @@ def test_packed_rows_attend_within_each_sample_on_gpu(tmp_path):
     data = EncodedSet(samples, [list(s) for s in samples])
     packed = PackedSet(data, capacity=128)
     assert len(packed) == 1
-    batch = PackedCollator(pad_token_id=0)([packed[0]])
+    batch = Collator(pad_token_id=0)([packed[0]])
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers skips its packed-sequence mask
         row = model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits[0]

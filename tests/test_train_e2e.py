@@ -287,7 +287,7 @@ def test_continue_training_from_an_adapter(tiny_model, toy_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.data.collator import PadCollator
+    from tunelab.data.collator import Collator
 
     first = str(tmp_path / "first")
     tunelab.run(base_config(tiny_model, toy_dir, first, max_steps=3, save_steps=3))
@@ -298,7 +298,7 @@ def test_continue_training_from_an_adapter(tiny_model, toy_dir, tmp_path):
     assert [r["current_steps"] for r in log] == [1]
 
     encoded, tok = _encoded_toy(tiny_model, toy_dir, "toy")
-    batch = PadCollator(tok.pad_token_id)([{"input_ids": i, "labels": lab} for i, lab in encoded])
+    batch = Collator(tok.pad_token_id)([{"input_ids": i, "labels": lab} for i, lab in encoded])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), first).eval()
     with torch.no_grad():
         want = model(**batch).loss.item()
@@ -354,11 +354,11 @@ def _samples(qwen_tokenizer, train_on_prompt: bool):
 
 
 def _packed_batch(samples, capacity, pad_id):
-    from tunelab.data.collator import PackedCollator, PackedSet
+    from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import EncodedSet
 
     packed = PackedSet(EncodedSet([s[0] for s in samples], [s[1] for s in samples]), capacity)
-    return packed, PackedCollator(pad_id)([packed[i] for i in range(len(packed))])
+    return packed, Collator(pad_id)([packed[i] for i in range(len(packed))])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -118,12 +118,12 @@ def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -
     """Forward, backward, clip, fused AdamW step; each step timed between CUDA synchronisations."""
     import torch
 
-    from tunelab.data.collator import PadCollator
+    from tunelab.data.collator import Collator
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    collate = PadCollator(pad_token_id=0)
+    collate = Collator(pad_token_id=0)
     times = []
     torch.cuda.reset_peak_memory_stats()
     for i in range(0, len(samples), batch):
@@ -177,18 +177,18 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, p
     from transformers import TrainerCallback
 
     from tunelab.config.resolve import resolve
-    from tunelab.data.collator import PadCollator
+    from tunelab.data.collator import Collator
     from tunelab.data.processing import EncodedSet
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.train.workflow import training_arguments
 
-    from tunelab.data.collator import PackedCollator, PackedSet
+    from tunelab.data.collator import PackedSet
 
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
-    collator = PackedCollator(0, 8) if pack_to else PadCollator(0, 8)
+    collator = Collator(0, 8)
     cfg = _bench_config(model_dir, variant).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch)
     resolved = resolve(cfg)
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer

@@ -306,7 +306,11 @@ def validate(cfg: Config) -> None:
         not (cfg.load_best_model_at_end and cfg.eval_strategy == "no"),
         "load_best_model_at_end needs evaluation: set eval_strategy: steps (with eval_steps) and val_size or eval_dataset.",
     )
-    _check(not (cfg.streaming and cfg.max_steps <= 0), "streaming needs max_steps: a streamed dataset has no known length.")
+    _check(
+        not cfg.streaming,
+        "streaming: true is not supported by tunelab train yet: datasets are read (lazily, record by record) and "
+        "tokenized into memory, then cached. Remove streaming, or use max_samples for a quick run on a huge set.",
+    )
     _check(
         cfg.deepspeed is None,
         "deepspeed is not supported yet: tunelab trains on one GPU for now. Remove the deepspeed key.",

@@ -89,7 +89,7 @@ class DataArgs:
     train_on_prompt: bool = opt(False, "Also train on prompt tokens.")
     mask_history: bool = opt(False, "Train on the last assistant turn only.")
     skip_invalid: bool = opt(False, "Skip invalid records (and report how many) instead of stopping.")
-    streaming: bool = opt(False, "Stream the dataset instead of loading it into memory (needs max_steps).")
+    streaming: bool = opt(False, "Accepted for LLaMA-Factory compatibility; true is refused for now (not implemented).")
     buffer_size: int = opt(16384, "Shuffle buffer size when streaming.")
     tokenized_path: Optional[str] = opt(None, "Folder to save / load the tokenized dataset.")
     tool_format: Optional[str] = opt(None, "Accepted for LLaMA-Factory compatibility; tools are rendered by the chat template.")

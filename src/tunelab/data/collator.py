@@ -1,9 +1,9 @@
 """Batching: pad to the longest sample of the batch, or pack several samples into one row.
 
-Padding (`PadCollator`): right padding with the tokenizer's pad id, labels padded with -100, an attention mask;
+Padding (`Collator` on plain samples): right padding with the tokenizer's pad id, labels padded with -100, an attention mask;
 lengths rounded up to a multiple of 8 on GPUs (tensor-core friendly shapes).
 
-Packing (`pack_samples` + `PackedCollator`): samples are placed whole into rows of at most cutoff_len tokens
+Packing (`pack_samples` + `PackedSet`, then `Collator` on its rows): samples are placed whole into rows of at most cutoff_len tokens
 (first-fit on lengths sorted longest first, deterministic). Each row carries `position_ids` that restart at 0 for
 every sample and no attention mask: transformers builds a block-diagonal causal mask from restarting
 position_ids, so a token never attends to another sample (tests check logits against separate forward passes, on
@@ -37,7 +37,13 @@ def _round_up(n: int, multiple: int | None) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-class PadCollator:
+class Collator:
+    """Batches plain samples (padding + attention mask) and packed rows (padding + restarting position_ids).
+
+    One collator for both, chosen per batch by the features: the packed training set yields rows with position_ids,
+    and the evaluation set of the same run yields plain samples.
+    """
+
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -45,16 +51,25 @@ class PadCollator:
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        packed = "position_ids" in features[0]
         length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), length), dtype=torch.long)
+        extra = torch.zeros((len(features), length), dtype=torch.long)  # attention mask, or position ids
         for i, f in enumerate(features):
             n = len(f["input_ids"])
             ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **loss_fields(labels, mask)}
+            if packed:
+                extra[i, :n] = torch.tensor(f["position_ids"], dtype=torch.long)
+                extra[i, n:] = torch.arange(length - n)  # padding forms its own "sample", never attended by real tokens
+            else:
+                extra[i, :n] = 1
+        if packed:
+            out = {"input_ids": ids, "labels": labels, "position_ids": extra, **loss_fields(labels)}
+            out["num_tokens"] = sum(len(f["input_ids"]) for f in features)
+            return out
+        return {"input_ids": ids, "attention_mask": extra, "labels": labels, **loss_fields(labels, extra)}
 
 
 def pack_samples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -96,28 +111,3 @@ class PackedSet:
             labels += [IGNORE_INDEX] + self.data.labels[j][1:]
             pos += list(range(len(self.data.input_ids[j])))
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
-
-
-class PackedCollator:
-    """Pads packed rows (rarely needed: rows differ in length) and returns position_ids instead of a mask."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
-        ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-        pos = torch.zeros((len(features), length), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            pos[i, :n] = torch.tensor(f["position_ids"])
-            pos[i, n:] = torch.arange(length - n)  # padding forms its own "sample", never attended by real tokens
-        out = {"input_ids": ids, "labels": labels, "position_ids": pos, **loss_fields(labels)}
-        out["num_tokens"] = sum(len(f["input_ids"]) for f in features)
-        return out

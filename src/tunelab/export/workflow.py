@@ -59,7 +59,7 @@ def run_export(cfg: Config) -> ExportResult:
     from tunelab.export.lora import LoraAdapter
     from tunelab.export.merge import BaseCheckpoint, merge_weights
     from tunelab.export.quant import QuantRounding, quantized_weight_names
-    from tunelab.infer.adapters import training_settings
+    from tunelab.model.adapters import training_settings
     from tunelab.infer.engine import resolve_adapters
 
     # 1. inputs, checked before anything heavy

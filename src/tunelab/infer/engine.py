@@ -213,7 +213,7 @@ class Engine:
         """Load tokenizer, template, base model (4/8/16-bit) and adapters as the config says, for inference."""
         from tunelab.config.resolve import resolve
         from tunelab.data.template import get_template, template_mismatch_warning
-        from tunelab.infer.adapters import training_settings
+        from tunelab.model.adapters import training_settings
         from tunelab.model.loader import attach_lora, load_base_model
         from tunelab.model.tokenizer import load_tokenizer
 
@@ -394,7 +394,7 @@ class Engine:
 # ------------------------------------------------------------------------------------------------- helpers
 def resolve_adapters(cfg: Config) -> list[str]:
     """Local adapter folders from adapter_name_or_path (comma list); `checkpoint` picks within the last one's run."""
-    from tunelab.infer.adapters import adapter_dir
+    from tunelab.model.adapters import adapter_dir
 
     names = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     out = [adapter_dir(name, cfg.checkpoint if i == len(names) - 1 else None) for i, name in enumerate(names)]

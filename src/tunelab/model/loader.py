@@ -191,19 +191,12 @@ def attach_lora(model, cfg: Config, resolved: Resolved, *, is_trainable: bool):
 
 
 def resolve_adapter_path(path: str) -> str:
-    """An adapter folder as is; a run folder means its final adapter (or its latest checkpoint if none)."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return path
-    if os.path.isdir(path):
-        from tunelab.utils.checkpoints import latest_checkpoint
+    """A local adapter folder, a run folder (its final adapter) or a hub id ("user/adapter", downloaded by PEFT)."""
+    from tunelab.model.adapters import adapter_dir
 
-        ckpt = latest_checkpoint(path)
-        if ckpt and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
-            return ckpt
-        raise ModelError(f"adapter folder '{path}' has no adapter_config.json (and no checkpoint holding one).")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ModelError(f"adapter '{path}' does not exist; check adapter_name_or_path.")
-    return path  # a hub id ("user/adapter"): PEFT downloads it
+    if not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1:
+        return path
+    return adapter_dir(path)
 
 
 def setup_freeze(model, cfg: Config) -> None:

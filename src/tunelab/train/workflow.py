@@ -209,7 +209,7 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
 
 def run_train(cfg: Config) -> dict[str, Any]:
     """The whole SFT run. Returns the final metrics (also written to all_results.json)."""
-    from tunelab.data.collator import PackedCollator, PackedSet, PadCollator
+    from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import build_datasets
     from tunelab.data.template import get_template, template_mismatch_warning
     from tunelab.model.kernels import select_loss
@@ -258,17 +258,17 @@ def run_train(cfg: Config) -> dict[str, Any]:
     pad_multiple = 8 if resolved.device == "cuda" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing:
-        train_set, collator = PackedSet(data.train, cfg.cutoff_len), PackedCollator(pad_id, pad_multiple)
+        train_set = PackedSet(data.train, cfg.cutoff_len)
         logger.info("packing: %d samples into %d rows of up to %d tokens", len(data.train), len(train_set), cfg.cutoff_len)
     else:
-        train_set, collator = data.train, PadCollator(pad_id, pad_multiple)
+        train_set = data.train
     args = training_arguments(cfg, resolved, has_eval=data.eval is not None)
     trainer = TunelabTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=data.eval,
-        data_collator=collator if not cfg.packing else _EvalAwareCollator(collator, PadCollator(pad_id, pad_multiple)),
+        data_collator=Collator(pad_id, pad_multiple),
         processing_class=tokenizer,
         callbacks=[LogCallback(output_dir), GradientHealthCallback()],
         loss_impl=loss_impl,
@@ -302,16 +302,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
         plot_loss(output_dir, smoothing=cfg.plot_smoothing)
     logger.info("done: adapter and logs in %s", output_dir)
     return metrics
-
-
-class _EvalAwareCollator:
-    """Packed rows carry position_ids; evaluation batches are plain samples: pick the collator by the features."""
-
-    def __init__(self, packed, padded):
-        self.packed, self.padded = packed, padded
-
-    def __call__(self, features):
-        return self.packed(features) if "position_ids" in features[0] else self.padded(features)
 
 
 __all__ = ["run_train", "decide_resume", "TunelabError"]

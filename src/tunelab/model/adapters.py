@@ -30,15 +30,9 @@ def is_adapter_dir(path: str) -> bool:
 
 def adapter_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the checkpoint-N folders of a run that hold an adapter, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = []
-    for name in os.listdir(run_dir):
-        m = _CKPT.match(name)
-        path = os.path.join(run_dir, name)
-        if m and os.path.isdir(path) and is_adapter_dir(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    from tunelab.utils.checkpoints import list_checkpoints
+
+    return [(step, path) for step, path in list_checkpoints(run_dir, complete_only=False) if is_adapter_dir(path)]
 
 
 def run_dir_of(path: str) -> str:

@@ -1,0 +1,35 @@
+"""The collator's exact tensors (padding, masks, CPU-side loss rows and token counts) and packing's bins and labels."""
+from __future__ import annotations
+
+import torch
+
+from tunelab.data.collator import Collator, PackedSet, pack_samples
+from tunelab.data.processing import EncodedSet
+
+
+def test_padding_mask_loss_rows_and_token_count():
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=4)([
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8, 9], "labels": [-100, -100]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [-100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    # shifted targets: row 0 positions 0,1 predict 6,7 -> flat indices 0,1 of the [2 x 3] shifted grid
+    assert batch["loss_rows"].tolist() == [0, 1]
+    assert batch["num_tokens"] == 5
+
+
+def test_pack_samples_first_fit_decreasing():
+    assert pack_samples([5, 3, 4, 2, 6], capacity=8) == [[4, 3], [0, 1], [2]]
+
+
+def test_packed_rows_mask_each_samples_first_label_and_restart_positions():
+    data = EncodedSet([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]])  # train_on_prompt: every label set
+    packed = PackedSet(data, capacity=8)
+    row = packed[0]
+    assert row == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]}
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=8)([row])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert "attention_mask" not in batch and batch["num_tokens"] == 5
+    assert torch.equal(batch["loss_rows"], torch.tensor([0, 1, 3]))
