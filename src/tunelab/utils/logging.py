@@ -7,11 +7,24 @@ import sys
 import warnings
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the moment of each record (not the object seen at set-up), so a
+    notebook, a test harness or a caller that swaps stderr never gets a write to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("tunelab")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[tunelab] %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
