@@ -17,16 +17,11 @@ def main(argv: list[str]) -> int:
         from tunelab.eval.compare import main as compare_main
 
         return compare_main(argv[1:])
-    if any(a in ("-h", "--help") for a in argv):
-        from tunelab.config.help import format_help
+    from tunelab.commands import command_config
 
-        print(format_help("eval", USAGE, SECTIONS))
+    cfg = command_config(argv, "eval", USAGE, SECTIONS)
+    if cfg is None:
         return 0
-    from tunelab.config import load_config
-    from tunelab.utils.logging import setup_logging
-
-    cfg = load_config(argv)  # validated before anything heavy is imported
-    setup_logging()
     from tunelab.eval import run_eval
 
     run_eval(cfg)

@@ -13,16 +13,11 @@ SECTIONS = ("model", "quantization", "export")
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        from tunelab.config.help import format_help
+    from tunelab.commands import command_config
 
-        print(format_help("export", USAGE, SECTIONS))
+    cfg = command_config(argv, "export", USAGE, SECTIONS)
+    if cfg is None:
         return 0
-    from tunelab.config import load_config
-    from tunelab.utils.logging import setup_logging
-
-    cfg = load_config(argv)  # validated before anything heavy is imported
-    setup_logging()
     from tunelab.export import run_export
 
     result = run_export(cfg)
