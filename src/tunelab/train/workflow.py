@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.config.parse import Config
 from tunelab.config.resolve import Resolved, resolve, save_resolved
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError
 from tunelab.utils.checkpoints import incomplete_checkpoints, latest_checkpoint, list_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -302,6 +302,3 @@ def run_train(cfg: Config) -> dict[str, Any]:
         plot_loss(output_dir, smoothing=cfg.plot_smoothing)
     logger.info("done: adapter and logs in %s", output_dir)
     return metrics
-
-
-__all__ = ["run_train", "decide_resume", "TunelabError"]
