@@ -132,7 +132,7 @@ def decode_rows(model, label: str, new_tokens: int) -> list[dict]:
             return engine.generate_ids(prompts.tolist(), max_new_tokens=n, min_new_tokens=n, stop_token_ids=())
 
         for name, fn in (("plain generate", plain), ("tunelab engine", tunelab)):
-            fn(8)  # warm-up (kernels, allocator)
+            fn(new_tokens)  # warm-up at full length: after an 8-token one the first full call still ran slow (docs/chat_export.md)
             _sync()
             t = time.perf_counter()
             out = fn(new_tokens)
