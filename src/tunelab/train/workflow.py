@@ -218,9 +218,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from tunelab.train.callbacks import GradientHealthCallback, LogCallback
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
-    from transformers import set_seed
-
     from tunelab.utils.io import atomic_write_json
+    from transformers import PrinterCallback, set_seed
 
     if not cfg.do_train:
         raise ConfigError("do_train is false: nothing to do. For evaluation use `tunelab eval`.")
@@ -274,8 +273,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
         loss_impl=loss_impl,
         nan_check=cfg.nan_check,
     )
-    from transformers import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # our LogCallback prints the progress lines
     save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
 
@@ -286,14 +283,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     metrics = dict(result.metrics)
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     trainer.save_metrics("train", metrics)
-    evaluated_last = any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in trainer.state.log_history)
-    if data.eval is not None and not evaluated_last:
-        eval_metrics = trainer.evaluate()
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    elif data.eval is not None:
-        last_eval = [r for r in trainer.state.log_history if "eval_loss" in r][-1]
-        eval_metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
+    if data.eval is not None:  # the final evaluation, unless the last step was just evaluated
+        done = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
+        eval_metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
