@@ -318,3 +318,20 @@ def test_bad_conversations_are_data_errors(qwen_tokenizer):
         tpl.encode_supervised(starts_with_reply)
     with pytest.raises(DataError, match="ends with an assistant message"):
         tpl.encode_prompt(single_turn())
+
+
+def test_fewshot_template_is_plain_text_and_trains_the_answers(qwen_tokenizer):
+    """LLaMA-Factory's evaluation configs name `template: fewshot`: no chat markup, answers followed by a blank line."""
+    from tunelab.data.conversation import Conversation
+    from tunelab.data.template import get_template
+
+    tpl = get_template("fewshot", qwen_tokenizer)
+    conv = Conversation([
+        {"role": "user", "content": "Q1? Answer:"}, {"role": "assistant", "content": " A"},
+        {"role": "user", "content": "Q2? Answer:"}, {"role": "assistant", "content": " B"},
+    ])
+    ids, labels = tpl.encode_supervised(conv)
+    assert qwen_tokenizer.decode(ids) == "Q1? Answer: A\n\nQ2? Answer: B\n\n"
+    assert qwen_tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]) == " A B"
+    prompt = tpl.encode_prompt(Conversation([{"role": "user", "content": "Q1? Answer:"}]))
+    assert qwen_tokenizer.decode(prompt) == "Q1? Answer:"

@@ -57,6 +57,7 @@ TEMPLATE_FILES = {
     "chatml": "chatml.jinja",
     "llama3": "llama3.jinja",
     "default": "default.jinja",
+    "fewshot": "fewshot.jinja",
 }
 TEMPLATE_NAMES = ("auto", *TEMPLATE_FILES)
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
