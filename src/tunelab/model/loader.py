@@ -29,11 +29,16 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A name that can only mean a local path (./x, /x, ~/x, a/b/c), as opposed to a hub id ("org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def resolve_model_path(name_or_path: str, *, cache_dir: str | None, revision: str, use_modelscope: bool) -> str:
     """A local folder as is; a ModelScope id downloaded first when asked; otherwise the hub id for transformers."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if os.path.sep in name_or_path and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+    if looks_like_local_path(name_or_path):
         raise ModelError(f"model folder '{name_or_path}' does not exist; check model_name_or_path.")
     if use_modelscope:
         try:
@@ -194,7 +199,7 @@ def resolve_adapter_path(path: str) -> str:
     """A local adapter folder, a run folder (its final adapter) or a hub id ("user/adapter", downloaded by PEFT)."""
     from tunelab.model.adapters import adapter_dir
 
-    if not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1:
+    if not os.path.exists(path) and not looks_like_local_path(path) and "/" in path:
         return path
     return adapter_dir(path)
 

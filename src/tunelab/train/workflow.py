@@ -51,9 +51,9 @@ def prepare_output_dir(cfg: Config, output_dir: str) -> None:
     if cfg.overwrite_output_dir and os.path.isdir(output_dir):
         for _, path in list_checkpoints(output_dir, complete_only=False):
             shutil.rmtree(path)
-        for name in ("trainer_log.jsonl",):
-            if os.path.exists(os.path.join(output_dir, name)):
-                os.remove(os.path.join(output_dir, name))
+        log = os.path.join(output_dir, "trainer_log.jsonl")
+        if os.path.exists(log):
+            os.remove(log)
     os.makedirs(output_dir, exist_ok=True)
 
 
