@@ -4,6 +4,11 @@ trainer_log.jsonl has one JSON object per logging step (and per evaluation) with
 (current_steps, total_steps, loss, eval_loss, lr, epoch, percentage, elapsed_time, remaining_time) plus
 tokens_per_second and gpu_memory_gib. On resume, records past the resumed step are dropped so the log reads
 as one run.
+
+A graceful stop: the first SIGTERM during training (what `kill PID` and the web UI's Stop button send) finishes the
+current optimizer step, logs it, saves a complete checkpoint and ends the run with a TrainingError sentence naming
+that checkpoint, so running the same command again resumes from it. A second SIGTERM falls back to the previous
+handler (by default: terminate at once). Ctrl-C (SIGINT) is unchanged.
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from transformers import TrainerCallback
 
+from tunelab.errors import TrainingError
 from tunelab.utils.io import append_jsonl
 
 logger = logging.getLogger(__name__)
@@ -43,8 +51,10 @@ class LogCallback(TrainerCallback):
         self.start = time.time()
         self.start_step = 0
         self.start_tokens = 0
+        self.stop_request = StopRequest()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.stop_request.install()
         self.start = time.time()
         self.start_step = state.global_step
         self.start_tokens = state.num_input_tokens_seen
@@ -114,6 +124,8 @@ class LogCallback(TrainerCallback):
         print(prefix + "[tunelab] " + " | ".join(parts), end=end, file=self.stream, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_request.requested:  # log and checkpoint this step; on_save then ends the run
+            control.should_log = control.should_save = control.should_training_stop = True
         # the last step is always logged, even when max_steps is not a multiple of logging_steps
         if state.global_step >= state.max_steps and state.logging_steps and state.global_step % state.logging_steps:
             control.should_log = True
@@ -121,6 +133,46 @@ class LogCallback(TrainerCallback):
             elapsed, remaining, tps = self._rates(state)
             print(f"\r\033[K[tunelab] step {state.global_step}/{state.max_steps} | {tps:.0f} tok/s | "
                   f"{_fmt_time(elapsed)} elapsed, {_fmt_time(remaining)} left", end="", file=self.stream, flush=True)
+
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stop_request.requested:  # the checkpoint is complete (its marker is written before on_save)
+            self.stop_request.restore()
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            raise TrainingError(
+                f"stopped on request (SIGTERM) at step {state.global_step} of {state.max_steps}: {ckpt} is saved "
+                "and complete; run the same command again to resume from it."
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop_request.restore()
+
+
+class StopRequest:
+    """The SIGTERM handler of a training run: the first signal sets `requested`, a second one is the old handler's."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self.installed:  # signals: main thread only
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
+
+    def restore(self) -> None:
+        if self.installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            self.installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: do what the old handler does (the default terminates now)
+            self.restore()
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        logger.warning("SIGTERM received: finishing this step and saving a checkpoint (send it again to stop at once)")
 
 
 class GradientHealthCallback(TrainerCallback):
