@@ -130,7 +130,8 @@ def test_csv_with_a_missing_column(tmp_path):
     ])
     data2 = tmp_path / "d2"
     data2.mkdir()
-    entry = {"file_name": "../d.csv", "columns": {"response": "answer"}}
+    # A "columns" object names every column read (LLaMA-Factory's DatasetAttr.join): the prompt must be named too.
+    entry = {"file_name": "../d.csv", "columns": {"prompt": "instruction", "response": "answer"}}
     (data2 / "dataset_info.json").write_text(json.dumps({"c": entry}))
     assert load_conversations("c", str(data2)).conversations[0].messages[1] == {"role": "assistant", "content": "hi"}
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tunelab.data.formats import DEFAULT_COLUMNS, DEFAULT_TAGS
+from tunelab.data.formats import DEFAULT_COLUMNS, ENTRY_COLUMNS
 from tunelab.data.registry import (
     DatasetSpec,
     check_registry,
@@ -50,20 +50,21 @@ def test_file_entry_with_defaults(tmp_path):
     (tmp_path / "data" / "demo.json").write_text("[]")
     assert resolve_dataset("demo", data) == DatasetSpec(
         name="demo", load_from="file", path=os.path.join(data, "demo.json"), formatting="sharegpt",
-        columns={"messages": "conversations", "system": "system", "tools": "tools"},
+        columns={"messages": "conversations"},  # LLaMA-Factory's defaults: no system / tools column unless named
         tags={"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
               "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
         origin=os.path.join(data, "dataset_info.json"),
     )
 
 
-def test_alpaca_is_the_default_formatting_and_custom_columns_merge(tmp_path):
+def test_alpaca_is_the_default_formatting_and_named_columns_are_exactly_those(tmp_path):
     data = _registry(tmp_path / "data", {"d": {"file_name": "d.jsonl", "columns": {"prompt": "q", "response": "a"},
                                                "num_samples": 5}})
     (tmp_path / "data" / "d.jsonl").write_text("")
     spec = resolve_dataset("d", data)
     assert spec.formatting == "alpaca"
-    assert spec.columns == {"prompt": "q", "query": "input", "response": "a", "system": "system", "history": "history"}
+    # As LLaMA-Factory's DatasetAttr.join: a "columns" object replaces the defaults; the 'input' column is unused.
+    assert spec.columns == {"prompt": "q", "response": "a"}
     assert spec.tags == {}
     assert spec.num_samples == 5
 
@@ -73,8 +74,8 @@ def test_openai_entry_tags(tmp_path):
                                                "tags": {"assistant_tag": "bot"}}})
     (tmp_path / "data" / "o.jsonl").write_text("")
     spec = resolve_dataset("o", data)
-    assert spec.columns == DEFAULT_COLUMNS["openai"]
-    assert spec.tags == {**DEFAULT_TAGS["openai"], "assistant_tag": "bot"}
+    assert spec.columns == {"messages": "messages"}
+    assert spec.tags == {"assistant_tag": "bot"}  # a "tags" object names every tag read, as in LLaMA-Factory
 
 
 def test_hub_entries_and_modelscope_choice(tmp_path, monkeypatch):
@@ -100,10 +101,76 @@ def test_builtin_datasets(tmp_path):
     spec = resolve_dataset("alpaca_gpt4_zh", str(tmp_path / "no_such_dir"))
     assert spec == DatasetSpec(
         name="alpaca_gpt4_zh", load_from="hf_hub", hf_hub_url="llamafactory/alpaca_gpt4_zh",
-        ms_hub_url="llamafactory/alpaca_gpt4_zh", formatting="alpaca", columns=DEFAULT_COLUMNS["alpaca"],
+        ms_hub_url="llamafactory/alpaca_gpt4_zh", formatting="alpaca", columns=ENTRY_COLUMNS["alpaca"],
         origin="built-in",
     )
     assert resolve_dataset("alpaca_gpt4_en", str(tmp_path), use_modelscope=True).where == "llamafactory/alpaca_gpt4_en"
+
+
+def test_unused_columns_are_not_read(tmp_path):
+    """A hub-style set with system / history / tools columns trains as LLaMA-Factory does: without them, unless the
+    entry names them (tunelab used to fill these column names in)."""
+    from tunelab.data.loader import load_conversations
+
+    record = {"instruction": "q", "input": "", "output": "a", "system": "S", "history": [["h1", "h2"]]}
+    turns = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "S",
+             "tools": '[{"name": "f"}]'}
+    data = _registry(tmp_path / "data", {
+        "plain": {"file_name": "a.jsonl"},
+        "named": {"file_name": "a.jsonl", "columns": {"prompt": "instruction", "response": "output", "system": "system",
+                                                      "history": "history"}},
+        "chat": {"file_name": "s.jsonl", "formatting": "sharegpt"},
+        "chat_named": {"file_name": "s.jsonl", "formatting": "sharegpt",
+                       "columns": {"messages": "conversations", "system": "system", "tools": "tools"}},
+    })
+    _jsonl(tmp_path / "data" / "a.jsonl", record)
+    _jsonl(tmp_path / "data" / "s.jsonl", turns)
+    plain = load_conversations("plain", data).conversations[0]
+    assert (plain.system, plain.messages) == (None, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    named = load_conversations("named", data).conversations[0]
+    assert (named.system, len(named.messages)) == ("S", 4)
+    chat = load_conversations("chat", data).conversations[0]
+    assert (chat.system, chat.tools) == (None, None)
+    chat_named = load_conversations("chat_named", data).conversations[0]
+    assert (chat_named.system, chat_named.tools) == ("S", [{"name": "f"}])
+
+
+def test_tags_object_leaves_unnamed_tags_unused(tmp_path):
+    """LLaMA-Factory's mllm/kto demo entries name four tags: their system_tag is unused, so a leading turn whose role
+    is "system" is not taken for the system prompt (it is an unknown role)."""
+    from tunelab.data.loader import load_conversations
+
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    data = _registry(tmp_path / "data", {"m": {"file_name": "m.jsonl", "formatting": "sharegpt",
+                                               "columns": {"messages": "messages"}, "tags": tags}})
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    _jsonl(tmp_path / "data" / "m.jsonl", {"messages": turns}, {"messages": turns[1:]})
+    result = load_conversations("m", data, skip_invalid=True)
+    assert result.skipped == 1 and "unknown role 'system'" in result.errors[0][1]
+    assert result.conversations[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"file_name": "x.json", "formatting": "sharegpt", "ranking": True,
+      "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+     "is a ranking dataset ('ranking': true: preference pairs for DPO / reward-model training); tunelab trains "
+     "supervised fine-tuning only, so it cannot use it."),
+    ({"file_name": "x.json", "formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label"}},
+     "names the 'kto_tag' column (KTO's desirable / undesirable labels), which is for another training stage; "
+     "tunelab trains supervised fine-tuning only, so it cannot use this entry."),
+    ({"file_name": "x.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}},
+     "names the 'images' column: images, videos and audio are not supported (tunelab fine-tunes text-only models), "
+     "so this entry cannot be used."),
+    ({"file_name": "x.json", "formatting": "sharegpt",
+      "columns": {"messages": "messages", "videos": "videos", "audios": "audios"}},
+     "names the 'videos' and 'audios' column: images, videos and audio are not supported"),
+])
+def test_other_stages_and_media_are_refused(tmp_path, entry, words):
+    data = _registry(tmp_path / "data", {"e": entry})
+    (tmp_path / "data" / "x.json").write_text("[]")
+    message = _error("e", data)
+    assert message.startswith(f"{os.path.join(data, 'dataset_info.json')}: entry 'e' ")
+    assert words in message
 
 
 def test_registry_file_overrides_builtin(tmp_path):

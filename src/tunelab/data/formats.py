@@ -4,7 +4,7 @@
     conv = convert_record({"instruction": "Hi", "output": "Hello"}, spec, source="data/x.jsonl:1")
 
 The column and tag names follow LLaMA-Factory's `dataset_info.json` (`columns`, `tags`); the defaults are
-`DEFAULT_COLUMNS` / `DEFAULT_TAGS`. A record that cannot be converted raises `RecordError` whose `reason` is a
+`ENTRY_COLUMNS` (registry entries, LLaMA-Factory's) or `DEFAULT_COLUMNS` (no entry) and `DEFAULT_TAGS`. A record that cannot be converted raises `RecordError` whose `reason` is a
 short sentence without a location: the caller (the loader, `tunelab data validate`) pairs it with the record's
 location and decides whether to stop or to skip and count.
 
@@ -27,14 +27,26 @@ if TYPE_CHECKING:
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 
+# The columns LLaMA-Factory reads from a dataset_info.json entry that has no "columns" object (its DatasetAttr
+# defaults). An entry with "columns" reads exactly the columns it names: every other one is unused, as in
+# LLaMA-Factory. system, history and tools have no default there: a hub set that happens to have such a column
+# does not use it unless the entry names it (see registry.parse_entry).
+ENTRY_COLUMNS: dict[str, dict[str, str]] = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+    "sharegpt": {"messages": "conversations"},
+    "openai": {"messages": "messages"},
+}
+# A record read without a registry entry (a file given by path, `tunelab data convert`, a converter called on its
+# own) reads these: the entry defaults plus system, history / tools, when the record has them.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
-    "alpaca": {
-        "prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history",
-    },
-    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
-    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
+    "alpaca": {**ENTRY_COLUMNS["alpaca"], "system": "system", "history": "history"},
+    "sharegpt": {**ENTRY_COLUMNS["sharegpt"], "system": "system", "tools": "tools"},
+    "openai": {**ENTRY_COLUMNS["openai"], "system": "system", "tools": "tools"},
 }
 
+# Tags of an entry without a "tags" object; an entry with "tags" reads exactly the tags it names (LLaMA-Factory).
+# openai's defaults are tunelab's: LLaMA-Factory gives openai entries sharegpt's from/value defaults, which no
+# openai file has, so an openai entry without tags is unreadable there (every openai entry in its registry has tags).
 DEFAULT_TAGS: dict[str, dict[str, str]] = {
     "alpaca": {},
     "sharegpt": {
@@ -45,6 +57,12 @@ DEFAULT_TAGS: dict[str, dict[str, str]] = {
         "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
         "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system",
     },
+}
+# Columns of other training stages or of media: an SFT run refuses an entry that names one (see registry.py).
+NON_SFT_COLUMNS = {
+    "images": "images", "videos": "videos", "audios": "audios",
+    "chosen": "preference pairs (DPO / reward modelling)", "rejected": "preference pairs (DPO / reward modelling)",
+    "kto_tag": "KTO's desirable / undesirable labels",
 }
 
 
@@ -78,18 +96,27 @@ def convert_alpaca(
     record: Mapping[str, Any], columns: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None,
     source: str = "", require_reply: bool = True,
 ) -> Conversation:
-    """Alpaca: instruction (+ "\\n" + input when non-empty) -> user, output -> assistant; optional system, history."""
-    cols = {**DEFAULT_COLUMNS["alpaca"], **(columns or {})}
-    user = "\n".join(p for p in (_text_field(record, cols["prompt"]), _text_field(record, cols["query"])) if p)
+    """Alpaca: instruction (+ "\\n" + input when non-empty) -> user, output -> assistant; optional system, history.
+
+    `columns` is the entry's mapping as LLaMA-Factory reads it (None: DEFAULT_COLUMNS); a column it does not name is
+    not read, whatever the record holds.
+    """
+    cols = _columns(columns, "alpaca")
+    prompt_key, response_key = cols.get("prompt"), cols.get("response")
+    user = "\n".join(p for p in (_text_field(record, prompt_key), _text_field(record, cols.get("query"))) if p)
     if not user.strip():
-        raise RecordError(f"the {cols['prompt']!r} field is missing or empty")
+        raise RecordError(f"the {prompt_key!r} field is missing or empty" if prompt_key
+                          else "the entry's columns name no 'prompt' (or 'query') column, so there is no user turn")
     messages = _alpaca_history(record, cols.get("history"))
     messages.append({"role": "user", "content": user})
-    response = _text_field(record, cols["response"])
+    response = _text_field(record, response_key)
     if response.strip():
         messages.append({"role": "assistant", "content": response})
+    elif require_reply and not response_key:
+        raise RecordError("the entry's columns name no 'response' column, so there is no reply to train on (a "
+                          "pre-training text set?)")
     elif require_reply:
-        raise RecordError(f"the {cols['response']!r} field is missing or empty")
+        raise RecordError(f"the {response_key!r} field is missing or empty")
     return Conversation(messages=messages, system=_system_field(record, cols.get("system")), source=source)
 
 
@@ -140,7 +167,10 @@ def detect_format(record: Any) -> tuple[str, str]:
 
 
 def detect_mapping(record: Mapping[str, Any], formatting: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Columns and tags for an auto-detected record (e.g. sharegpt turns stored under 'messages')."""
+    """Columns and tags for an auto-detected record (e.g. sharegpt turns stored under 'messages').
+
+    A file read without a dataset_info.json entry reads the DEFAULT_COLUMNS (system, tools, history included).
+    """
     columns = dict(DEFAULT_COLUMNS[formatting])
     tags = dict(DEFAULT_TAGS[formatting])
     if formatting == "alpaca":
@@ -200,8 +230,13 @@ def _convert_turns(
     tags: Mapping[str, str] | None, source: str, require_reply: bool,
 ) -> Conversation:
     """Shared by sharegpt and openai: they differ only in their default columns and tags."""
-    cols = {**DEFAULT_COLUMNS[formatting], **(columns or {})}
-    tg = {**DEFAULT_TAGS[formatting], **(tags or {})}
+    cols = _columns(columns, formatting)
+    tg = dict(DEFAULT_TAGS[formatting]) if tags is None else {k: v for k, v in tags.items() if v}
+    if not cols.get("messages"):
+        raise RecordError("the entry's columns name no 'messages' column, so there are no turns to read")
+    for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
+        if not tg.get(key):
+            raise RecordError(f"the entry's tags name no {key!r}, so the turns cannot be read")
     turns = _turn_list(record, cols["messages"])
     system, first = _leading_system(turns, tg)
     if system is None:
@@ -213,8 +248,16 @@ def _convert_turns(
         last = turns[-1].get(tg["role_tag"])
         raise RecordError(f"the last turn is from {last!r}; a training sample must end with an assistant reply "
                           f"({tg['assistant_tag']!r})")
-    tools = _parse_tools(record.get(cols["tools"]) if cols.get("tools") else None, cols.get("tools", "tools"))
+    tools = _parse_tools(record.get(cols["tools"]), cols["tools"]) if cols.get("tools") else None
     return Conversation(messages=messages, system=system, tools=tools, source=source)
+
+
+def _columns(columns: Mapping[str, str | None] | None, formatting: str) -> dict[str, str]:
+    """The columns to read: exactly the named ones (a registry entry, as LLaMA-Factory reads it), or with none
+    given (a record converted on its own, a file given by path) the DEFAULT_COLUMNS."""
+    if columns is None:
+        return dict(DEFAULT_COLUMNS[formatting])
+    return {k: v for k, v in columns.items() if v}
 
 
 def _turn_list(record: Mapping[str, Any], key: str) -> list[Any]:
@@ -231,7 +274,7 @@ def _turn_list(record: Mapping[str, Any], key: str) -> list[Any]:
 def _leading_system(turns: list[Any], tags: Mapping[str, str]) -> tuple[str | None, int]:
     """(system prompt, index of the first non-system turn): a leading system turn becomes the system prompt."""
     first = turns[0]
-    if isinstance(first, Mapping) and first.get(tags["role_tag"]) == tags["system_tag"]:
+    if tags.get("system_tag") and isinstance(first, Mapping) and first.get(tags["role_tag"]) == tags["system_tag"]:
         content = first.get(tags["content_tag"])
         if content is not None and not isinstance(content, str):
             raise RecordError(f"turn 1 ({tags['system_tag']!r}) content is {_kind(content)}, not text")
@@ -254,10 +297,9 @@ def _turn_messages(turns: list[Any], first: int, tags: Mapping[str, str]) -> lis
 
 def _role_kinds(tags: Mapping[str, str]) -> dict[str, str]:
     """Role tag as written in the data -> kind of turn."""
-    return {
-        tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
-        tags["function_tag"]: "function", tags["system_tag"]: "system",
-    }
+    kinds = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool", "function_tag": "function",
+             "system_tag": "system"}
+    return {tags[key]: kind for key, kind in kinds.items() if tags.get(key)}  # an unnamed tag is no role
 
 
 def _role_tag(turn: Any, number: int, tags: Mapping[str, str], kinds: Mapping[str, str]) -> str:
@@ -282,7 +324,7 @@ def _next_state(state: str, kind: str, tag: str, number: int, tags: Mapping[str,
     if kind in ("assistant", "function"):
         if state not in (_EXPECT_REPLY, _AFTER_TOOL):
             raise RecordError(f"turn {number} is from {tag!r} but a user turn ({tags['user_tag']!r}) or tool "
-                              f"result ({tags['observation_tag']!r}) was expected")
+                              f"result ({tags.get('observation_tag')!r}) was expected")
         return _EXPECT_PROMPT
     if state in (_EXPECT_REPLY, _AFTER_TOOL) and not (kind == "tool" and state == _AFTER_TOOL):
         raise RecordError(f"turn {number} is from {tag!r} but an assistant reply ({tags['assistant_tag']!r}) "

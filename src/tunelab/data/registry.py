@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tunelab.data.formats import DEFAULT_COLUMNS, DEFAULT_TAGS, FORMATS, RecordError, detect_format, detect_mapping
+from tunelab.data.formats import (
+    DEFAULT_COLUMNS, DEFAULT_TAGS, ENTRY_COLUMNS, FORMATS, NON_SFT_COLUMNS, RecordError, detect_format, detect_mapping,
+)
 from tunelab.data.readers import iter_records
 from tunelab.errors import DataError
 
@@ -61,7 +63,8 @@ class DatasetSpec:
     """One resolved dataset: where it is and how its records map to conversations.
 
     path: the file or folder for load_from="file" (dataset_dir joined with file_name).
-    columns / tags: LLaMA-Factory's mappings, with the format's defaults filled in (see formats.DEFAULT_*).
+    columns / tags: what LLaMA-Factory reads: the entry's "columns" / "tags" exactly as written when it has them
+        (a column or tag it does not name is unused), else formats.ENTRY_COLUMNS / DEFAULT_TAGS.
     origin: where the spec came from ("data/dataset_info.json", "built-in", "path"), for messages.
     """
 
@@ -120,14 +123,14 @@ def parse_entry(
         raise DataError(f"{where} must be a JSON object, not {type(entry).__name__}.")
     _warn_unknown(entry, ENTRY_KEYS, where)
     formatting = _formatting(entry, where)
+    columns = _named(entry, "columns", COLUMN_KEYS, where, ENTRY_COLUMNS[formatting])
+    _refuse_other_stages(entry, columns, where)
     spec = DatasetSpec(
         name=name, load_from="file", formatting=formatting,  # load_from is set by _set_source
         subset=_optional_str(entry, "subset", where), split=_optional_str(entry, "split", where) or "train",
-        folder=_optional_str(entry, "folder", where),
-        columns={**DEFAULT_COLUMNS[formatting], **_str_mapping(entry, "columns", COLUMN_KEYS, where)},
-        tags={**DEFAULT_TAGS[formatting], **_str_mapping(entry, "tags", TAG_KEYS, where)} if formatting != "alpaca"
-        else {},
-        num_samples=_num_samples(entry, where), ranking=bool(entry.get("ranking", False)), origin=origin,
+        folder=_optional_str(entry, "folder", where), columns=columns,
+        tags=_named(entry, "tags", TAG_KEYS, where, DEFAULT_TAGS[formatting]) if formatting != "alpaca" else {},
+        num_samples=_num_samples(entry, where), ranking=False, origin=origin,
     )
     _set_source(spec, entry, dataset_dir, where, _prefer_modelscope(use_modelscope))
     return spec
@@ -141,7 +144,7 @@ def spec_from_path(path: str, name: str | None = None) -> DatasetSpec:
     except RecordError as e:
         raise DataError(f"Cannot tell the format of {path} from its first record ({location}): {e.reason}. "
                         "Register it in dataset_info.json with 'formatting' and 'columns'.") from None
-    columns, tags = detect_mapping(record, formatting)
+    columns, tags = detect_mapping(record, formatting)  # no entry: system, tools / history are read when present
     return DatasetSpec(name=name or path, load_from="file", path=path, formatting=formatting,  # type: ignore[arg-type]
                        columns=columns, tags=tags, origin="path")
 
@@ -161,7 +164,7 @@ def check_registry(dataset_dir: str) -> list[str]:
 def _online_spec(name: str, modelscope: bool) -> DatasetSpec:
     load_from: LoadFrom = "ms_hub" if modelscope else "hf_hub"
     url_key = "ms_hub_url" if modelscope else "hf_hub_url"
-    return DatasetSpec(name=name, load_from=load_from, columns=dict(DEFAULT_COLUMNS["alpaca"]), origin=ONLINE,
+    return DatasetSpec(name=name, load_from=load_from, columns=dict(ENTRY_COLUMNS["alpaca"]), origin=ONLINE,
                        **{url_key: name})
 
 
@@ -275,6 +278,32 @@ def _str_mapping(entry: Mapping[str, Any], key: str, allowed: frozenset[str], wh
         raise DataError(f"{where}: {key!r} must be an object mapping names to strings.")  # null: "no column"
     _warn_unknown(value, allowed, f"{where} {key!r}")
     return dict(value)
+
+
+def _named(
+    entry: Mapping[str, Any], key: str, allowed: frozenset[str], where: str, defaults: Mapping[str, str]
+) -> dict[str, str]:
+    """An entry's columns or tags as LLaMA-Factory reads them: exactly those named when the object is there (null
+    or "" meaning unused), else the defaults. Never the defaults merged in: LLaMA-Factory does not merge either."""
+    if key not in entry:
+        return dict(defaults)
+    return {k: v for k, v in _str_mapping(entry, key, allowed, where).items() if v}
+
+
+def _refuse_other_stages(entry: Mapping[str, Any], columns: Mapping[str, str], where: str) -> None:
+    """Entries for preference training, KTO or images / videos / audio cannot train a text SFT run: say so."""
+    if entry.get("ranking"):
+        raise DataError(f"{where} is a ranking dataset ('ranking': true: preference pairs for DPO / reward-model "
+                        "training); tunelab trains supervised fine-tuning only, so it cannot use it.")
+    media = [c for c in ("images", "videos", "audios") if c in columns]
+    if media:
+        raise DataError(f"{where} names the {' and '.join(repr(c) for c in media)} column: images, videos and audio "
+                        "are not supported (tunelab fine-tunes text-only models), so this entry cannot be used.")
+    stage = [c for c in ("chosen", "rejected", "kto_tag") if c in columns]
+    if stage:
+        raise DataError(f"{where} names the {' and '.join(repr(c) for c in stage)} column "
+                        f"({NON_SFT_COLUMNS[stage[0]]}), which is for another training stage; tunelab trains "
+                        "supervised fine-tuning only, so it cannot use this entry.")
 
 
 def _num_samples(entry: Mapping[str, Any], where: str) -> int | None:
