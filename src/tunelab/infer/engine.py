@@ -22,7 +22,9 @@ Why it is built this way:
   on into a made-up next turn; greedy decoding (do_sample false) is deterministic.
 - The decode loop is a replaceable backend (`DECODE_BACKENDS`, chosen by `decode_backend`). 'hf' calls
   `model.generate` with the dynamic KV cache. Batch-1 decode of a 7B model is overhead-bound in plain generate
-  (see docs/chat_export.md); a static-cache, graph-captured backend can register here without touching callers.
+  (see docs/chat_export.md), so 'static' decodes step-wise over a static KV cache with one CUDA graph per step
+  (tunelab.infer.decoder; the API server batches continuously on the same decoder); 'auto' is static on CUDA
+  and hf elsewhere. Greedy output is the same token for token.
 - Streaming runs the backend in a worker thread that feeds token ids to a queue; the caller's thread decodes them
   incrementally (holding back a piece that ends inside a multi-byte character), so the pieces joined equal the
   text `generate` returns. Closing the iterator (or Ctrl-C in the caller) stops the worker at the next token.
@@ -112,8 +114,8 @@ class HFDecodeBackend:
         from transformers import GenerationConfig
 
         max_new = settings.max_new_tokens
-        if settings.max_length is not None:
-            max_new = max(1, min(max_new, settings.max_length - input_ids.shape[1]))
+        if max_new <= 0 and settings.max_length is not None:  # LLaMA-Factory: max_length counts only without max_new_tokens
+            max_new = max(1, settings.max_length - input_ids.shape[1])
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new,
             do_sample=settings.do_sample,
@@ -152,7 +154,119 @@ def _stopping_criteria(flag: Callable[[], bool]):
     return StoppingCriteriaList([StopWhen()])
 
 
-DECODE_BACKENDS: dict[str, Callable[[], DecodeBackend]] = {"hf": HFDecodeBackend}
+class StaticDecodeBackend:
+    """Step-wise decoding over a static KV cache (tunelab.infer.decoder.SlotDecoder): every prompt prefilled into
+    its own cache row, then one token per row per step; on CUDA each step is a replayed CUDA graph. Greedy output
+    equals 'hf' token for token (tested). Beam search is not step-wise here: num_beams > 1 runs 'hf'.
+
+    The decoder (its cache and graphs) is kept between calls and rebuilt larger when a call needs more rows or
+    positions: lengths are rounded up to a power of two (at least 256) so a chat does not rebuild every turn."""
+
+    name = "static"
+
+    def __init__(self) -> None:
+        self.decoder: Any = None
+
+    def __call__(self, model, input_ids, attention_mask, settings, *, stop_token_ids, pad_token_id, streamer=None, should_stop=None):
+        import torch
+
+        from tunelab.infer.sampling import RowState, SamplingParams, choose_all
+
+        if settings.num_beams > 1:
+            return HFDecodeBackend()(model, input_ids, attention_mask, settings, stop_token_ids=stop_token_ids,
+                                     pad_token_id=pad_token_id, streamer=streamer, should_stop=should_stop)
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        max_new = settings.max_new_tokens
+        if settings.max_length is not None:
+            max_new = max(1, min(max_new, settings.max_length - input_ids.shape[1]))
+        dec = self._decoder(model, len(prompts), max(len(p) for p in prompts) + max_new, pad_token_id)
+        params = SamplingParams(
+            do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty, min_tokens=settings.min_new_tokens,
+        )
+        adapter = _active_adapter(model)
+        rows = {i: RowState(params, prompt=p) for i, p in enumerate(prompts)}
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        stops = set(stop_token_ids)
+        try:
+            logits = {i: dec.prefill(i, p, adapter) for i, p in enumerate(prompts)}
+            while logits:
+                picked = choose_all(logits, rows, list(stop_token_ids))
+                for i, tok in picked.items():
+                    rows[i].output.append(tok)
+                    if tok in stops or len(rows[i].output) >= max_new:
+                        dec.release(i)
+                if streamer is not None:
+                    streamer.put(torch.tensor([picked[i] for i in sorted(picked)]))
+                if should_stop is not None and should_stop():
+                    break
+                logits = dec.step({i: rows[i].output[-1] for i in dec.lengths})
+        finally:
+            for i in list(dec.lengths):
+                dec.release(i)
+            if streamer is not None:
+                streamer.end()
+        width = max(len(r.output) for r in rows.values())
+        out = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+        for i, r in rows.items():
+            out[i, : len(r.output)] = torch.tensor(r.output, dtype=torch.long)
+        return out
+
+    def _decoder(self, model, rows: int, length: int, pad_token_id: int):
+        from tunelab.infer.decoder import MIN_LEN_BUCKET, SlotDecoder
+
+        max_len = MIN_LEN_BUCKET
+        while max_len < length:
+            max_len *= 2
+        dec = self.decoder
+        if dec is not None and dec.model is model and dec.max_slots >= rows and dec.max_len >= length:
+            return dec
+        if dec is not None and dec.model is model:
+            rows, max_len = max(rows, dec.max_slots), max(max_len, dec.max_len)
+        self.decoder = None
+        del dec
+        gc.collect()
+        names = list(getattr(model, "peft_config", {}) or {})
+        dec = SlotDecoder(model, max_slots=rows, max_len=max_len, adapters=names, pad_token_id=pad_token_id)
+        dec.warmup()
+        self.decoder = dec
+        return dec
+
+
+def _active_adapter(model) -> str | None:
+    """The PEFT adapter a forward would apply now (None: no adapter, or inside `disable_adapter()`)."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
+    if layer is None or layer.disable_adapters:
+        return None
+    active = model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+def _auto_backend() -> DecodeBackend:
+    """'auto': the static-cache backend on CUDA, plain generate elsewhere (decided at the first call)."""
+    return _AutoBackend()
+
+
+class _AutoBackend:
+    name = "auto"
+
+    def __init__(self) -> None:
+        self.inner: Any = None
+
+    def __call__(self, model, *args, **kwargs):
+        if self.inner is None:
+            device = model.get_input_embeddings().weight.device
+            self.inner = StaticDecodeBackend() if device.type == "cuda" else HFDecodeBackend()
+            self.name = f"auto ({self.inner.name})"
+        return self.inner(model, *args, **kwargs)
+
+
+DECODE_BACKENDS: dict[str, Callable[[], DecodeBackend]] = {"hf": HFDecodeBackend, "static": StaticDecodeBackend, "auto": _auto_backend}
 
 
 def register_decode_backend(name: str, factory: Callable[[], DecodeBackend]) -> None:
@@ -249,6 +363,26 @@ class Engine:
             max_batch_size=max_batch_size,
             adapters=adapters,
         )
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load one more LoRA adapter under `name` beside those loaded (the API server's model ids). The base
+        weights are shared; `tunelab.infer.adapters.AdapterRouter` picks an adapter per batch row."""
+        from peft import PeftModel
+
+        from tunelab.model.adapters import adapter_dir
+
+        folder = adapter_dir(path)
+        try:
+            if hasattr(self.model, "load_adapter") and hasattr(self.model, "peft_config"):
+                if name in self.model.peft_config:
+                    raise ModelError(f"an adapter named '{name}' is already loaded.")
+                self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"adapter '{folder}' does not fit this base model: {str(exc).splitlines()[0][:300]}") from None
+        self.model.eval()
+        self.adapters.append(folder)
 
     @property
     def device(self):
@@ -359,7 +493,7 @@ class Engine:
 
         worker = threading.Thread(target=work, name="tunelab-decode", daemon=True)
         worker.start()
-        decoder = _IncrementalDecoder(self.tokenizer, stops)
+        decoder = IncrementalDecoder(self.tokenizer, stops)
         try:
             while True:
                 try:
@@ -443,7 +577,7 @@ class _QueueStreamer:
         pass
 
 
-class _IncrementalDecoder:
+class IncrementalDecoder:
     """Token ids in, new text out: decodes everything so far and emits what was not emitted yet, holding back text
     that ends in an incomplete character (U+FFFD) until the next token completes it."""
 

@@ -1,0 +1,245 @@
+"""Step-wise decoding over a static KV cache: the engine's fast decode path and the API server's continuous batching.
+
+    dec = SlotDecoder(model, max_slots=8, max_len=2048, adapters=["default"])
+    logits = dec.prefill(0, prompt_ids, adapter="default")    # [vocab] float32: the next-token logits of slot 0
+    logits = dec.step({0: token})                              # {slot: [vocab]}: one token for every live slot
+    dec.release(0)                                             # the slot is free for the next request
+
+A slot is one row of a preallocated cache ([slots, kv_heads, max_len, head_dim] per layer). A request is
+prefilled alone (a plain forward over its prompt with transformers' DynamicCache, exactly what `generate` runs
+first) and its keys/values are copied into its row; from then on every `step` decodes one token for every live
+slot at once, each at its own position (per-row position ids, a per-row write index into the cache, a boolean
+mask over the cached positions). A request joins at the next step after its prefill and leaves when released:
+that is continuous batching, and it needs nothing from the model beyond the Cache protocol (`update`) and
+transformers' 4-D mask pass-through.
+
+Fast path (CUDA): the step runs over fixed shapes - a batch bucket (1, 2, 4, ... slots) x a length bucket (256,
+512, ... cached positions) - so each bucket is captured once as a CUDA graph at start-up (`warmup`) and replayed:
+one launch per token instead of thousands of kernel launches from Python. Capture happens before any request is
+live because a capture pass writes into the cache rows. CPU (or `use_graphs=False`): the same step, eagerly, over
+exactly the positions in use; a batch of one then runs without a mask, as `generate` does.
+
+Several LoRA adapters on one base: `AdapterRouter` (tunelab.infer.adapters) gives every row its own adapter
+inside one forward pass.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from tunelab.errors import ModelError
+from tunelab.infer.adapters import AdapterRouter
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_LEN_BUCKET = 256
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """Cached-length buckets: powers of two from 256, ending exactly at max_len."""
+    out, b = [], MIN_LEN_BUCKET
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return (*out, max_len)
+
+
+class _SlotCache:
+    """The transformers Cache protocol over views of the slot buffers: `update` writes this step's key/value of
+    each row at that row's own position and returns the whole (bucketed) cache for attention."""
+
+    is_compileable = False
+
+    def __init__(self, keys: list[Any], values: list[Any], index: Any) -> None:
+        self.keys, self.values, self.index = keys, values, index  # index: [rows, 1, 1, 1] write positions
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        idx = self.index.expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+        self.keys[layer_idx].scatter_(2, idx, key_states)
+        self.values[layer_idx].scatter_(2, idx, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never consulted: position ids are always given
+
+
+class SlotDecoder:
+    """A static KV cache of `max_slots` rows x `max_len` positions, prefilled per request and decoded in steps."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_slots: int,
+        max_len: int,
+        adapters: Sequence[str] = (),
+        use_graphs: bool | None = None,
+        pad_token_id: int = 0,
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA lives in its modules
+        self.device = model.get_input_embeddings().weight.device
+        self.max_slots, self.max_len = int(max_slots), int(max_len)
+        if self.max_slots < 1 or self.max_len < 2:
+            raise ModelError(f"a slot decoder needs at least 1 slot and 2 positions (got {max_slots} and {max_len}).")
+        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < self.max_slots) + (self.max_slots,)
+        self.len_buckets = length_buckets(self.max_len)
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else bool(use_graphs and self.device.type == "cuda")
+        self.router = AdapterRouter(model, list(adapters), self.max_slots, self.device) if adapters else None
+        self.pad_token_id = pad_token_id
+        self.lengths: dict[int, int] = {}  # live slot -> cached positions
+        self.keys: list[Any] = []
+        self.values: list[Any] = []
+        self.layer_types = sorted(set(getattr(self.lm.config, "layer_types", None) or ["full_attention"]))
+        self.ids_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
+        self.pos_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
+        self.arange = torch.arange(self.max_len, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.graph_error: str | None = None
+
+    # ----- slots ----------------------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.max_slots) if s not in self.lengths]
+
+    def release(self, slot: int) -> None:
+        self.lengths.pop(slot, None)
+        if self.router is not None:
+            self.router.set_row(slot, None)
+
+    def _allocate(self, like: Any) -> None:
+        """Cache buffers shaped after the first prefill's keys/values ([1, kv_heads, n, head_dim] per layer)."""
+        import torch
+
+        for layer in like.layers:
+            _, heads, _, dim = layer.keys.shape
+            self.keys.append(torch.zeros((self.max_slots, heads, self.max_len, dim), dtype=layer.keys.dtype, device=self.device))
+            self.values.append(torch.zeros((self.max_slots, heads, self.max_len, layer.values.shape[-1]), dtype=layer.values.dtype, device=self.device))
+
+    # ----- prefill --------------------------------------------------------------------------------------------
+    def prefill(self, slot: int, prompt: Sequence[int], adapter: str | None = None):
+        """Run the prompt into `slot` (with `adapter`, None = the base) and return its next-token logits."""
+        import torch
+        from transformers import DynamicCache
+
+        if slot in self.lengths:
+            raise ModelError(f"slot {slot} is in use.")
+        n = len(prompt)
+        if not 0 < n < self.max_len:
+            raise ModelError(f"a prompt of {n} tokens does not fit the decoder's context of {self.max_len} positions.")
+        if self.router is not None:
+            self.router.check(adapter)
+        cache = DynamicCache(config=self.lm.config)
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        with torch.inference_mode(), self._route(adapter=adapter):
+            out = self.lm(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        if not self.keys:
+            self._allocate(cache)
+        for i, layer in enumerate(cache.layers):
+            self.keys[i][slot, :, :n] = layer.keys[0]
+            self.values[i][slot, :, :n] = layer.values[0]
+        self.lengths[slot] = n
+        if self.router is not None:
+            self.router.set_row(slot, adapter)
+        return out.logits[0, -1].float()
+
+    def _route(self, *, adapter: str | None = None, rows: int | None = None):
+        import contextlib
+
+        if self.router is None:
+            return contextlib.nullcontext()
+        return self.router.prefill(adapter) if rows is None else self.router.rows(rows)
+
+    # ----- decode ---------------------------------------------------------------------------------------------
+    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+        """Feed one token to every live slot; returns each slot's next-token logits (float32 [vocab])."""
+        import torch
+
+        if set(tokens) != set(self.lengths):
+            raise ModelError(f"step needs one token for every live slot {sorted(self.lengths)}, got {sorted(tokens)}.")
+        if not tokens:
+            return {}
+        slots = sorted(tokens)
+        need = max(self.lengths[s] for s in slots) + 1
+        if need > self.max_len:
+            raise ModelError(f"a sequence reached the decoder's context of {self.max_len} positions.")
+        rows = _bucket(slots[-1] + 1, self.batch_buckets)
+        ids = [self.pad_token_id] * rows
+        pos = [0] * rows  # free rows write at position 0 of their own (unused) row
+        for s in slots:
+            ids[s], pos[s] = tokens[s], self.lengths[s]
+        host = torch.tensor([ids, pos], dtype=torch.long)
+        self.ids_buf[:rows, 0].copy_(host[0], non_blocking=True)
+        self.pos_buf[:rows, 0].copy_(host[1], non_blocking=True)
+        with torch.inference_mode():
+            if self.use_graphs and self.graphs:
+                width = _bucket(need, self.len_buckets)
+                graph, out = self.graphs[(rows, width)]
+                graph.replay()
+            else:
+                out = self._forward(rows, need, masked=rows > 1)
+            picked = out[torch.tensor(slots, device=self.device)].float()
+        for s in slots:
+            self.lengths[s] += 1
+        return {s: picked[i] for i, s in enumerate(slots)}
+
+    def _forward(self, rows: int, width: int, *, masked: bool = True):
+        """One decode step of the first `rows` slots over `width` cached positions -> logits [rows, vocab]."""
+        ids, pos = self.ids_buf[:rows], self.pos_buf[:rows]
+        cache = _SlotCache([k[:rows, :, :width] for k in self.keys], [v[:rows, :, :width] for v in self.values], pos.view(rows, 1, 1, 1))
+        mask = None  # unmasked: one row over exactly its cached positions (as generate's decode step)
+        if masked:
+            mask = (self.arange[:width].view(1, width) <= pos).view(rows, 1, 1, width)
+        mask = {t: mask for t in self.layer_types}  # a dict is used as given: no mask building from the cache
+        with self._route(rows=rows):
+            out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True)
+        return out.logits[:, -1]
+
+    # ----- CUDA graphs ----------------------------------------------------------------------------------------
+    def warmup(self, dummy_prompt: Sequence[int] = (0, 0)) -> None:
+        """Allocate the cache and (CUDA) capture one graph per (batch, length) bucket. Call with no live slot."""
+        import torch
+
+        if self.lengths:
+            raise ModelError("warmup needs an idle decoder (a capture pass writes into every cache row).")
+        if not self.keys:
+            self.prefill(0, list(dummy_prompt))
+            self.release(0)
+        if not self.use_graphs or self.graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.inference_mode():
+                for rows in reversed(self.batch_buckets):  # largest first: the shared pool is sized once
+                    for width in reversed(self.len_buckets):
+                        self.graphs[(rows, width)] = self._capture(rows, width, pool)
+        except Exception as exc:  # an op that cannot be captured (a host sync in some layer): decode eagerly
+            self.graphs.clear()
+            self.use_graphs = False
+            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            logger.warning("CUDA graph capture failed (%s); decoding without graphs", self.graph_error)
+            torch.cuda.synchronize()
+        logger.info("decoder: %d CUDA graphs captured (batch %s x length %s)", len(self.graphs), self.batch_buckets, self.len_buckets)
+
+    def _capture(self, rows: int, width: int, pool: Any):
+        import torch
+
+        self.ids_buf.zero_()
+        self.pos_buf.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up passes: lazy inits and library handles happen outside the capture
+                self._forward(rows, width)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self._forward(rows, width)
+        return graph, out

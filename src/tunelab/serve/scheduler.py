@@ -1,0 +1,234 @@
+"""Continuous batching of requests onto the engine's slot decoder (tunelab.infer.decoder), in one thread.
+
+    sched = Scheduler(decoder, stop_ids, max_queue=64); sched.start()
+    job = Job(prompt_ids, adapter, SamplingParams(), max_tokens=256); sched.submit(job)   # QueueFull -> 429
+    async for token_id in job: ...                                                        # from an asyncio task
+
+The loop: admit waiting jobs into free slots (each prefilled alone: its first token comes from the prefill), drop
+cancelled jobs (a client that went away, a stop string found), pick the next token of every live slot, retire the
+finished ones (stop token or max_tokens), then decode one step for all live slots together. So a new request
+joins the running batch at the next step and a finished one leaves it at once; the decode step's batch is
+whatever is live. Admission is first come, first served; `max_queue` bounds the jobs waiting for a slot, and
+`submit` refuses beyond it (QueueFull, with a Retry-After estimate) and after `drain()` (ShuttingDown).
+
+The model runs only in this thread; jobs receive their tokens through their asyncio loop (call_soon_threadsafe).
+An error inside a step fails the jobs in that step, never the loop: the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+from tunelab.infer.sampling import RowState, SamplingParams, choose_all
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the request queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+_END = object()
+
+
+class Job:
+    """One generation request; iterate it (async) for its token ids. `finish_reason` is set at the end."""
+
+    def __init__(self, prompt: Sequence[int], adapter: str | None, params: SamplingParams, max_tokens: int) -> None:
+        self.prompt = list(prompt)
+        self.adapter = adapter
+        self.params = params
+        self.max_tokens = int(max_tokens)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+
+    def bind(self) -> None:
+        """Attach to the running asyncio loop (call from the request's task before submit)."""
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating (the slot is freed at the scheduler's next iteration)."""
+        self.cancelled = True
+
+    def _push(self, item: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the loop closed in between
+                pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> int:
+        item = await self._queue.get()
+        if item is _END:
+            if self.error is not None:
+                raise self.error
+            raise StopAsyncIteration
+        return item
+
+
+class Scheduler:
+    def __init__(self, decoder: Any, stop_ids: Sequence[int], *, max_queue: int = 64) -> None:
+        self.decoder = decoder
+        self.stop_ids = list(stop_ids)
+        self.max_queue = max(0, int(max_queue))
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.active: dict[int, Job] = {}
+        self.rows: dict[int, RowState] = {}
+        self.cv = threading.Condition()
+        self.draining = False
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+        self.step_seconds = 0.05  # moving average, for Retry-After
+        self.steps = 0
+
+    # ----- outside API ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="tunelab-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if self.draining or self.stopped:
+                raise ShuttingDown("the server is shutting down and accepts no new requests")
+            free = self.decoder.max_slots - len(self.active)
+            if len(self.waiting) >= self.max_queue + max(0, free):
+                raise QueueFull(self._retry_after())
+            self.waiting.append(job)
+            self.cv.notify()
+
+    def drain(self) -> None:
+        """Accept nothing new; queued and running jobs finish."""
+        with self.cv:
+            self.draining = True
+            self.cv.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop: every unfinished job ends (finish_reason 'cancelled')."""
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        with self.cv:
+            return {"running": len(self.active), "waiting": len(self.waiting), "slots": self.decoder.max_slots,
+                    "max_queue": self.max_queue, "steps": self.steps}
+
+    def _retry_after(self) -> int:
+        typical = max((j.max_tokens for j in self.active.values()), default=16)
+        return max(1, min(60, int(self.step_seconds * typical / 2) + 1))
+
+    # ----- the loop -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        pending: dict[int, Any] = {}
+        while True:
+            with self.cv:
+                while not self.stopped and not self.waiting and not self.active:
+                    self.cv.wait(0.5)
+                if self.stopped:
+                    break
+                admit = []
+                free = self.decoder.free_slots
+                while self.waiting and free:
+                    job = self.waiting.popleft()
+                    if not job.cancelled:
+                        admit.append((free.pop(0), job))
+                    else:
+                        self._end(job, "cancelled")
+            with torch.inference_mode():
+                for slot, job in admit:
+                    self._admit(slot, job, pending)
+                for slot, job in list(self.active.items()):
+                    if job.cancelled:
+                        self._retire(slot, "cancelled", pending)
+                if pending:
+                    self._advance(pending)
+                pending = self._step()
+        for slot in list(self.active):
+            self._retire(slot, "cancelled", pending)
+        with self.cv:
+            while self.waiting:
+                self._end(self.waiting.popleft(), "cancelled")
+
+    def _admit(self, slot: int, job: Job, pending: dict[int, Any]) -> None:
+        try:
+            pending[slot] = self.decoder.prefill(slot, job.prompt, job.adapter)
+        except Exception as exc:  # a prompt the decoder refuses fails that request alone
+            logger.warning("prefill failed: %s", exc)
+            job.error = exc
+            self._end(job, "error")
+            return
+        with self.cv:
+            self.active[slot] = job
+        self.rows[slot] = RowState(job.params, prompt=job.prompt, output=job.output)
+
+    def _advance(self, pending: dict[int, Any]) -> None:
+        picked = choose_all(pending, self.rows, self.stop_ids)
+        now = time.monotonic()
+        stops = set(self.stop_ids)
+        for slot, tok in picked.items():
+            job = self.active[slot]
+            job.output.append(tok)
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if tok in stops:
+                self._retire(slot, "stop", pending)
+                continue
+            job._push(tok)
+            if len(job.output) >= job.max_tokens:
+                self._retire(slot, "length", pending)
+        pending.clear()
+
+    def _step(self) -> dict[int, Any]:
+        live = {s: self.active[s].output[-1] for s in self.decoder.lengths if s in self.active}
+        if not live:
+            return {}
+        started = time.monotonic()
+        try:
+            out = self.decoder.step(live)
+        except Exception as exc:  # fail the jobs of this step; the loop (and the server) go on
+            logger.error("decode step failed: %s", exc)
+            for slot in list(self.active):
+                self.active[slot].error = exc
+                self._retire(slot, "error", {})
+            return {}
+        self.steps += 1
+        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - started)
+        return out
+
+    def _retire(self, slot: int, reason: str, pending: dict[int, Any]) -> None:
+        self.decoder.release(slot)
+        pending.pop(slot, None)
+        self.rows.pop(slot, None)
+        with self.cv:
+            job = self.active.pop(slot, None)
+        if job is not None:
+            self._end(job, reason)
+
+    @staticmethod
+    def _end(job: Job, reason: str) -> None:
+        job.finish_reason = reason
+        job._push(_END)
