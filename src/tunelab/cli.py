@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("tunelab.commands.eval", "evaluate: predict (BLEU/ROUGE), perplexity, mmlu/cmmlu/ceval, compare"),
     "data": ("tunelab.commands.data", "convert, split, validate, inspect and register datasets"),
     "bench": ("tunelab.commands.bench", "measure training speed and memory against the plain stack (GPU)"),
+    "estimate": ("tunelab.commands.estimate", "predict GPU memory of a training run from the model config; what fits a card"),
     "quickstart": ("tunelab.commands.quickstart", "write the offline tiny model and demo data used by examples/quickstart.yaml"),
     "env": ("tunelab.commands.env", "print versions of Python, torch, CUDA, GPUs and libraries (for bug reports)"),
 }

@@ -1,0 +1,64 @@
+"""A training config (tunelab / LLaMA-Factory keys) as the estimate's Setup: every key that changes memory.
+
+    shape, setup, notes = setup_from_config(load_config("examples/qwen2.5-7b-instruct_qlora_alpaca_zh.yaml"))
+
+Keys taken into account: model_name_or_path, finetuning_type, quantization_bit, double_quantization,
+lora_rank, lora_target, lora_dropout, additional_target, freeze_trainable_layers, per_device_train_batch_size,
+cutoff_len, gradient_checkpointing / disable_gradient_checkpointing, optim, flash_attn, enable_liger_kernel,
+packing, rope_scaling. Keys that change memory but are not modelled (use_dora, pure_bf16) give a note.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from tunelab.errors import ConfigError
+from tunelab.estimate.archs import ModelShape, model_shape
+from tunelab.estimate.memory import Setup
+from tunelab.estimate.terms import LORA_TARGETS
+
+
+def liger_default() -> bool:
+    """What enable_liger_kernel: null means on a CUDA GPU: Liger when the package is installed."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """lora_target: all, or a comma list of projection names."""
+    if text.strip() == "all":
+        return LORA_TARGETS
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ConfigError("lora_target is empty: use all or names such as q_proj,v_proj.")
+    return names
+
+
+def setup_from_config(cfg, batch: int | None = None) -> tuple[ModelShape, Setup, list[str]]:
+    """(shape, setup, notes) for a validated tunelab Config; `batch` overrides per_device_train_batch_size."""
+    from dataclasses import replace
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is not set in the config: the estimate needs the model's config.")
+    shape = model_shape(cfg.model_name_or_path)
+    if cfg.rope_scaling and not shape.rope_scaling:
+        shape = replace(shape, rope_scaling=True)
+    notes = []
+    bits = cfg.quantization_bit
+    method = {"lora": "qlora" if bits else "lora", "freeze": "freeze", "full": "full"}[cfg.finetuning_type]
+    size = batch if batch is not None else cfg.per_device_train_batch_size
+    if not isinstance(size, int):
+        size = 1  # "auto": the caller picks the batch with tunelab.estimate.fit
+    ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else not cfg.disable_gradient_checkpointing
+    attn = {"fa2": "fa2", "eager": "eager", "disabled": "eager"}.get(cfg.flash_attn, "sdpa")
+    liger = liger_default() if cfg.enable_liger_kernel is None else bool(cfg.enable_liger_kernel)
+    extra = tuple(t.strip() for t in (cfg.additional_target or "").split(",") if t.strip())
+    if cfg.use_dora:
+        notes.append("use_dora: DoRA's weight-norm terms are not modelled (the estimate is low for it).")
+    if cfg.pure_bf16:
+        notes.append("pure_bf16: modelled with fp32 trainable parameters (the estimate is slightly high).")
+    setup = Setup(
+        method=method, bits=bits, rank=cfg.lora_rank, targets=parse_targets(cfg.lora_target), dropout=cfg.lora_dropout,
+        batch=size, seq=cfg.cutoff_len, grad_ckpt=ckpt, optim=cfg.optim, attn=attn, plain=False, liger=liger,
+        double_quant=cfg.double_quantization, mask=bool(cfg.packing) or size > 1,
+        freeze_layers=cfg.freeze_trainable_layers, extra_trainable=extra,
+    )
+    return shape, setup, notes

@@ -1,0 +1,224 @@
+"""The memory model: which tensors exist at each moment of a training step, and the largest of those moments.
+
+    est = estimate(model_shape("Qwen/Qwen2.5-7B-Instruct"), Setup(method="qlora", batch=4, seq=1024))
+    est.peak_allocated      # bytes, what torch.cuda.max_memory_allocated reports
+    est.nvidia_smi          # bytes, what nvidia-smi shows for the process
+
+A step goes through three moments that can each be the peak (the optimizer states exist in all of them from
+the second step on, and the weights always):
+
+* loss:     the forward has finished; the checkpoints (or all activations) are held and the loss is computed
+            (full logits for the plain stack, one chunk for tunelab's fused loss);
+* backward: the first decoder layer to run backward has been recomputed: all checkpoints, that layer's saved
+            activations, its gradient temporaries and a dequantized weight (for full fine-tuning also the
+            moment where every gradient exists and one checkpoint is left);
+* step:     the optimizer update: gradients, states and the update's temporaries.
+
+Two stacks: `plain` = transformers + PEFT + bitsandbytes with model(**batch).loss (the loop of the Hugging Face
+Trainer, which does not keep the outputs); otherwise tunelab's path as `tunelab train` runs it (fused loss,
+Liger kernels when installed).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tunelab.errors import ConfigError
+from tunelab.estimate import terms as T
+from tunelab.estimate.archs import ModelShape
+
+# Calibrated on the GPU (docs/estimate.md): the caching allocator reserves a little more than it hands out, and
+# the process holds the CUDA context, cuBLAS/cuDNN handles and kernels outside it.
+RESERVED_FRACTION = 0.03
+RESERVED_FIXED = 0.15 * T.GiB
+CUDA_CONTEXT = 0.55 * T.GiB
+FUSED_CHUNK_BUDGET = 1 << 30  # tunelab.model.kernels._chunk_rows: one fp32 chunk of logits within 1 GiB
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str = "qlora"  # full | freeze | lora | qlora
+    bits: int | None = 4  # 4 | 8 | None (16-bit base)
+    rank: int = 8
+    targets: tuple[str, ...] = T.LORA_TARGETS
+    dropout: float = 0.0
+    batch: int = 4
+    seq: int = 1024
+    grad_ckpt: bool = True
+    optim: str = "adamw_torch"
+    attn: str = "sdpa"
+    plain: bool = False
+    liger: bool = False
+    double_quant: bool = True
+    compute_bytes: int = 2
+    mask: bool = False  # an explicit attention mask: padded batches or packed rows
+    labelled_fraction: float = 1.0  # share of positions with a trained label (the fused loss runs only on those)
+    freeze_layers: int = 2
+    extra_trainable: tuple[str, ...] = ()  # additional_target: modules PEFT trains as full fp32 copies (embed_tokens, lm_head)
+
+    def check(self, shape: ModelShape) -> None:
+        """Impossible settings as sentences."""
+        if self.method not in ("full", "freeze", "lora", "qlora"):
+            raise ConfigError(f"method '{self.method}' is not one of full, freeze, lora, qlora.")
+        if self.batch < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch}.")
+        if self.seq < 2:
+            raise ConfigError(f"cutoff_len must be at least 2 tokens, got {self.seq}.")
+        if self.bits not in (None, 4, 8):
+            raise ConfigError(f"bits must be 4 or 8 (bitsandbytes), got {self.bits}.")
+        if self.bits and self.method in ("full", "freeze"):
+            raise ConfigError(f"{self.bits}-bit weights cannot be trained directly: {self.method} fine-tuning needs a 16-bit "
+                              "base. Use --method qlora (LoRA on the quantized base) or drop --bits.")
+        if self.method in ("lora", "qlora") and self.rank < 1:
+            raise ConfigError(f"LoRA rank must be at least 1, got {self.rank}.")
+        if shape.max_positions and self.seq > shape.max_positions and not shape.rope_scaling:
+            raise ConfigError(f"cutoff_len {self.seq} is beyond {shape.name}'s context of {shape.max_positions} tokens "
+                              "(max_position_embeddings) and the config sets no rope_scaling; lower cutoff_len or set rope_scaling.")
+        odd = [m for m in self.extra_trainable if m not in ("embed_tokens", "lm_head")]
+        if odd:
+            raise ConfigError(f"additional_target '{odd[0]}' is not modelled by the estimate; it knows embed_tokens and lm_head.")
+        unknown = [t for t in self.targets if t not in T.LORA_TARGETS]
+        if unknown:
+            raise ConfigError(f"LoRA target '{unknown[0]}' is not a projection of this decoder; use all or names among {', '.join(T.LORA_TARGETS)}.")
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Estimate:
+    shape: ModelShape
+    setup: Setup
+    rows: list[Row]
+    phase: str
+    phases: dict[str, int]
+    peak_allocated: int
+    peak_reserved: int
+    nvidia_smi: int
+    trainable: int
+    warnings: list[str] = field(default_factory=list)
+
+    def row(self, key: str) -> int:
+        return sum(r.bytes for r in self.rows if r.key == key)
+
+    def to_json(self) -> dict[str, Any]:
+        g = lambda n: round(n / T.GiB, 3)  # noqa: E731
+        return {
+            "peak_allocated_gib": g(self.peak_allocated), "nvidia_smi_gib": g(self.nvidia_smi),
+            "peak_reserved_gib": g(self.peak_reserved), "peak_phase": self.phase,
+            "model": self.shape.name, "model_source": self.shape.source, "trainable_params": self.trainable,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()},
+            "breakdown": [{"key": r.key, "what": r.label, "gib": g(r.bytes), "bytes": r.bytes, "note": r.note} for r in self.rows],
+            "phases_gib": {k: g(v) for k, v in self.phases.items()}, "warnings": self.warnings,
+        }
+
+
+def _kernels(u: Setup) -> T.Kernels:
+    liger = u.liger and not u.plain
+    return T.Kernels(liger=liger, attn=u.attn, gqa_repeat=u.mask and u.attn == "sdpa")
+
+
+def trainable_params(shape: ModelShape, u: Setup) -> tuple[int, list[tuple[int, int]]]:
+    """(trainable parameter count, their matrix shapes): LoRA A/B of the targets, the last n layers (freeze),
+    or everything (full)."""
+    lins = T.layer_linears(shape)
+    if u.method in ("lora", "qlora"):
+        mats = [(u.rank, l.fan_in) for l in lins if l.name in u.targets] + [(l.fan_out, u.rank) for l in lins if l.name in u.targets]
+        extra = [(shape.vocab, shape.hidden)] * len(u.extra_trainable)
+        return T.lora_params(shape, u.rank, u.targets) + shape.vocab * shape.hidden * len(u.extra_trainable), mats * shape.layers + extra
+    per_layer = sum(l.fan_in * l.fan_out + (l.fan_out if l.bias else 0) for l in lins) + 2 * shape.hidden
+    mats = [(l.fan_out, l.fan_in) for l in lins]
+    if u.method == "freeze":
+        n = min(abs(u.freeze_layers), shape.layers)
+        return n * per_layer, mats * n
+    return T.total_params(shape), mats * shape.layers + [(shape.vocab, shape.hidden)] * (1 if shape.tied else 2)
+
+
+def weight_rows(shape: ModelShape, u: Setup, trainable: int) -> list[Row]:
+    b = u.compute_bytes
+    rest = T.sixteen_bit_rest(shape, b)
+    bits = u.bits if u.method == "qlora" or (u.method == "lora" and u.bits) else None
+    what = {4: "NF4 codes + absmax" + (" (double-quantized) + absmax2 + offset" if u.double_quant else " (fp32)"),
+            8: "LLM.int8: int8 weights + fp32 row scales (SCB)", None: f"{8 * b}-bit"}[bits]
+    rows = [Row("base_weights", f"base weights: {shape.layers} x 7 projections", T.quantized_linear_bytes(shape, bits, u.double_quant, b), what),
+            Row("weights_16bit", "embeddings, output head, norms (16-bit)", rest["embeddings"] + rest["head"] + rest["norms"],
+                "tied head = embeddings" if shape.tied else "head untied: its own V x H")]
+    if u.method in ("full", "freeze"):  # trainable weights are upcast to fp32 master copies (tunelab, LLaMA-Factory)
+        rows.append(Row("master_weights", "fp32 copies of the trainable weights (beyond 16-bit)", 2 * trainable, "4 B instead of 2 per trainable parameter"))
+    else:
+        extra = len(u.extra_trainable) * T.r512(4 * shape.vocab * shape.hidden)
+        rows.append(Row("adapter", f"LoRA adapter r={u.rank}" + (" + " + ", ".join(u.extra_trainable) if u.extra_trainable else "")
+                        + f" ({trainable:,} params, fp32)", T.lora_param_bytes(shape, u.rank, u.targets) + extra, "4 B per parameter"))
+    return rows
+
+
+def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str, list[Row]]:
+    """The transient rows of each candidate peak moment (weights and optimizer states are added to all)."""
+    b, k = u.compute_bytes, _kernels(u)
+    n = u.batch * u.seq
+    labelled = max(1, int(u.batch * (u.seq - 1) * u.labelled_fraction))
+    saved = T.layer_saved(shape, k, b, u.seq, u.rank if u.method in ("lora", "qlora") else 0, u.targets, u.dropout)
+    if u.grad_ckpt:
+        held = Row("activations", f"activations: checkpoints ({shape.layers} layer inputs)", T.checkpoint_bytes(shape, n, b),
+                   f"L x N x H x {b} B")
+    else:
+        held = Row("activations", f"activations: all {shape.layers} layers (no checkpointing)",
+                   shape.layers * T.r512((saved + b * shape.hidden) * n), f"{saved + b * shape.hidden:,} B per token per layer")
+    common = [held]
+    if u.mask:
+        common.append(Row("mask", "attention mask (B x T x T)", T.mask_bytes(u.batch, u.seq)))
+    final = T.r512((T.norm_saved(shape, k, b) + b * shape.hidden) * n)
+    if u.plain:
+        loss = Row("logits", "logits and loss (full vocab x tokens)", T.plain_loss_bytes(shape, n, b), "3 x fp32 N x V in the loss backward")
+    else:
+        rows = max(64, min(8192, FUSED_CHUNK_BUDGET // (4 * shape.vocab)))
+        loss = Row("logits", f"fused loss: one chunk of {min(rows, labelled)} rows", T.fused_loss_bytes(shape, labelled, b, rows),
+                   "tunelab.model.kernels, labelled rows only")
+    moments = {"loss": common + [loss, Row("temporaries", "final norm and hidden states", final)]}
+    recompute = T.r512(saved * n) if u.grad_ckpt else 0
+    temp = T.r512(T.layer_backward_temp(shape, k, b) * n) + T.dequant_temp(shape, u.bits if u.method == "qlora" else None, b)
+    grads_one_layer = trainable // shape.layers if u.method in ("lora", "qlora") else 0
+    moments["backward"] = common + [
+        Row("recompute", "activations: the layer in backward (recomputed)" if u.grad_ckpt else "activations: layer gradients",
+            recompute, f"{saved:,} B per token"),
+        Row("temporaries", "gradient temporaries + dequantized weight", temp),
+        Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
+    if u.method in ("full", "freeze"):
+        last = [Row("activations", "activations: one checkpoint left", T.r512(b * n * shape.hidden)),
+                Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp),
+                Row("grads", "gradients (fp32), all", 4 * trainable)]
+        moments["backward_end"] = last
+    moments["step"] = [Row("grads", "gradients (fp32)", 4 * trainable),
+                       Row("temporaries", "optimizer step temporaries", T.optimizer_step_temp(u.optim, trainable))]
+    return moments
+
+
+def estimate(shape: ModelShape, u: Setup) -> Estimate:
+    """The breakdown at the peak moment, the peak allocated, reserved and nvidia-smi figures."""
+    u.check(shape)
+    if u.method == "qlora" and not u.bits:
+        u = replace(u, bits=4)
+    if u.method in ("full", "freeze"):
+        u = replace(u, bits=None)
+    trainable, matrices = trainable_params(shape, u)
+    static = weight_rows(shape, u, trainable)
+    state = T.optimizer_state_bytes(u.optim, trainable, matrices)
+    paged = u.optim.startswith("paged_")
+    opt_row = Row("optimizer", f"optimizer states ({u.optim})", 0 if paged else state,
+                  "paged: in CUDA managed memory, outside torch's allocator" if paged else
+                  f"{T.OPTIM_STATE.get(u.optim) or 'factored'} B per trainable parameter")
+    static.append(opt_row)
+    moments = activation_moments(shape, u, trainable)
+    base = sum(r.bytes for r in static)
+    phases = {name: base + sum(r.bytes for r in rows) for name, rows in moments.items()}
+    phase = max(phases, key=phases.get)
+    peak = phases[phase]
+    reserved = int(peak * (1 + RESERVED_FRACTION) + RESERVED_FIXED)
+    smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
+    warnings = [shape.warning] if shape.warning else []
+    return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings)

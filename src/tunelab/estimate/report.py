@@ -1,0 +1,58 @@
+"""The estimate as a human-readable table, or as JSON (peak_allocated_gib and nvidia_smi_gib at the top level)."""
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.estimate.memory import CUDA_CONTEXT, Estimate
+from tunelab.estimate.terms import GiB
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:7.2f}"
+
+
+def describe(est: Estimate) -> str:
+    u = est.setup
+    what = {"qlora": f"QLoRA ({u.bits}-bit base)", "lora": "LoRA (16-bit base)", "freeze": f"freeze (last {u.freeze_layers} layers)", "full": "full fine-tuning"}[u.method]
+    stack = "plain transformers + PEFT + bitsandbytes" if u.plain else ("tunelab (fused loss, Liger kernels)" if u.liger else "tunelab (fused loss)")
+    return (f"{est.shape.name}: {what}, r={u.rank}, batch {u.batch} x {u.seq} tokens, "
+            f"checkpointing {'on' if u.grad_ckpt else 'off'}, {u.optim}, {u.attn} attention; stack: {stack}")
+
+
+def table(est: Estimate) -> str:
+    lines = [describe(est), f"config: {est.shape.source}", "", f"{'what':<58}{'GiB':>8}  note"]
+    for r in est.rows:
+        if r.bytes == 0 and r.key not in ("optimizer",):
+            continue
+        lines.append(f"{r.label[:57]:<58}{_gib(r.bytes)}  {r.note}")
+    alloc_gap = est.peak_reserved - est.peak_allocated
+    lines += [
+        "-" * 78,
+        f"{'peak allocated (torch.cuda.max_memory_allocated), at ' + est.phase:<58}{_gib(est.peak_allocated)}",
+        f"{'allocator reserve (cached, not handed out)':<58}{_gib(alloc_gap)}",
+        f"{'CUDA context, cuBLAS and kernels':<58}{_gib(CUDA_CONTEXT)}",
+    ]
+    if est.nvidia_smi - est.peak_reserved - CUDA_CONTEXT > 0:
+        lines.append(f"{'paged optimizer states (managed memory)':<58}{_gib(est.nvidia_smi - est.peak_reserved - CUDA_CONTEXT)}")
+    lines.append(f"{'nvidia-smi will show about':<58}{_gib(est.nvidia_smi)}")
+    for w in est.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def fit_table(plan: dict[str, Any]) -> str:
+    lines = ["", f"on {plan['gpu']} ({plan['gpu_gib']:.1f} GiB, {plan['margin_gib']:.1f} GiB kept free):",
+             f"  largest batch at cutoff_len {plan['at_cutoff_len']}: {plan['largest_batch']}",
+             f"  largest cutoff_len at batch {plan['at_batch']}: {plan['largest_cutoff_len']}",
+             "  recommended:"]
+    for a in plan["advice"]:
+        lines.append(f"    {a['setting']}: {a['value']}  - {a['reason']}")
+    return "\n".join(lines)
+
+
+def fit_json(plan: dict[str, Any]) -> dict[str, Any]:
+    keys = ("gpu", "gpu_gib", "margin_gib", "largest_batch", "at_cutoff_len", "largest_cutoff_len", "at_batch", "advice")
+    out = {k: plan[k] for k in keys}
+    out["recommended_peak_allocated_gib"] = round(plan["estimate"].peak_allocated / GiB, 3)
+    out["recommended_nvidia_smi_gib"] = round(plan["estimate"].nvidia_smi / GiB, 3)
+    return out

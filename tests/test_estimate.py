@@ -1,0 +1,198 @@
+"""tunelab estimate: the arithmetic against hand-computed cases, bitsandbytes' real 4-bit / 8-bit storage on the CPU,
+the built-in configs against the published parameter counts, the CLI (table, JSON, --gpu, training configs) and
+bad input as sentences with a non-zero exit."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tunelab.estimate import Setup, estimate, model_shape
+from tunelab.estimate import terms as T
+from tunelab.estimate.fit import fit, parse_gpu
+
+Q7 = "Qwen/Qwen2.5-7B-Instruct"
+
+
+@pytest.mark.parametrize("name,params", [
+    ("Qwen/Qwen2.5-7B", 7_615_616_512), ("Qwen/Qwen2.5-1.5B", 1_543_714_304), ("Qwen/Qwen2.5-0.5B", 494_032_768),
+    ("Qwen/Qwen3-0.6B", 596_049_920), ("Qwen/Qwen3-8B", 8_190_735_360), ("meta-llama/Meta-Llama-3-8B", 8_030_261_248),
+])
+def test_builtin_configs_give_the_published_parameter_counts(name, params):
+    assert T.total_params(model_shape(name)) == params
+
+
+def test_lora_parameters_of_the_7b_headline_job():
+    # r=8 on q,k,v,o,gate,up,down: 8 x (3584+3584 + 2 x (3584+512) + 3584+3584 + 3 x (3584+18944)) x 28 layers
+    s = model_shape(Q7)
+    assert T.lora_params(s, 8, T.LORA_TARGETS) == 8 * (7168 + 2 * 4096 + 7168 + 3 * 22528) * 28 == 20_185_088
+    assert T.lora_params(s, 16, ("q_proj", "v_proj")) == 16 * (7168 + 4096) * 28
+
+
+def test_nf4_storage_by_hand():
+    # 3584 x 18944 = 67,895,296 weights: 33,947,648 code bytes, 1,060,864 blocks of 64 -> 1,060,864 uint8 absmax,
+    # 4,144 blocks of 256 for absmax2 (fp32), the 16-entry fp32 code and the fp32 offset
+    assert T.nf4_bytes(3584 * 18944) == {"codes": 33_947_648, "code": 64, "absmax": 1_060_864, "absmax2": 4 * 4144, "offset": 4}
+    assert T.nf4_bytes(3584 * 18944, double_quant=False) == {"codes": 33_947_648, "code": 64, "absmax": 4 * 1_060_864}
+
+
+@pytest.mark.parametrize("fan_in,fan_out,double", [(512, 384, True), (1000, 300, True), (640, 96, False)])
+def test_nf4_storage_matches_a_real_bitsandbytes_layer(fan_in, fan_out, double):
+    import bitsandbytes as bnb
+    import torch
+
+    w = torch.randn(fan_out, fan_in, dtype=torch.bfloat16)
+    param = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double, quant_type="nf4", quant_storage=torch.bfloat16)
+    param = param.to("cpu")
+    qs = param.quant_state
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    real = {"codes": nbytes(param.data), "code": nbytes(qs.code)}
+    if double:
+        real.update(absmax=nbytes(qs.absmax), absmax2=nbytes(qs.state2.absmax), offset=nbytes(qs.offset))
+        assert qs.absmax.dtype == torch.uint8 and qs.state2.absmax.dtype == torch.float32 and qs.state2.blocksize == 256
+        assert nbytes(qs.state2.code) == 1024  # the shared 256-entry table of the second quantization
+    else:
+        real["absmax"] = nbytes(qs.absmax)
+        assert qs.absmax.dtype == torch.float32
+    assert T.nf4_bytes(fan_in * fan_out, double_quant=double) == real
+
+
+def test_int8_storage_matches_a_real_bitsandbytes_layer():
+    import bitsandbytes as bnb
+    import torch
+
+    w = torch.randn(96, 256, dtype=torch.float16)
+    param = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to("cpu")
+    assert T.int8_bytes(96, 256) == {"codes": param.data.numel() * param.data.element_size(), "SCB": param.SCB.numel() * 4}
+    assert param.data.dtype == torch.int8
+
+
+def test_plain_qlora_breakdown_by_hand():
+    """7B, NF4, r=8, batch 4 x 1024, plain stack: the peak is the loss backward (3 fp32 N x V tensors)."""
+    s = model_shape(Q7)
+    est = estimate(s, Setup(method="qlora", bits=4, batch=4, seq=1024, plain=True, optim="adamw_torch_fused"))
+    n = 4 * 1024
+    assert est.phase == "loss"
+    assert est.row("logits") == 3 * 4 * n * 152064  # a multiple of 512 already
+    assert est.row("activations") == 28 * n * 3584 * 2
+    assert est.row("weights_16bit") == 2 * 2 * 152064 * 3584 + 28 * 2 * 7168 + 7168  # embeddings + head + norms
+    assert est.row("optimizer") == 8 * 20_185_088
+    assert est.peak_allocated == sum(r.bytes for r in est.rows)
+    # the NF4 weights: per projection n/2 code bytes + n/64 uint8 absmax + fp32 absmax2 per 256 blocks, the code and
+    # offset tensors (512 B allocations each), the q/k/v biases in bf16, and the shared 1 KiB table
+    r = T.r512
+    per_layer = sum(r(n // 2) + r(n // 64) + r(4 * math.ceil(n / 64 / 256)) + 512 + 512
+                    for n in (3584 * 3584, 3584 * 512, 3584 * 512, 3584 * 3584, 3584 * 18944, 3584 * 18944, 18944 * 3584))
+    per_layer += r(2 * 3584) + 2 * r(2 * 512)
+    assert est.row("base_weights") == 28 * per_layer + 1024
+
+
+def test_fused_loss_holds_one_chunk():
+    s = model_shape(Q7)
+    rows = (1 << 30) // (4 * 152064)  # tunelab.model.kernels._chunk_rows
+    from tunelab.model.kernels import _chunk_rows
+
+    assert rows == _chunk_rows(152064) == 1765
+    one = T.fused_loss_bytes(s, 1023, 2, rows)  # 1 x 1024: one chunk of 1023 rows, 8 B x V each
+    assert one == T.r512(8 * 152064 * 1023) + 2 * T.r512(2 * 1023 * 3584)
+    many = T.fused_loss_bytes(s, 4092, 2, rows)  # 4 x 1024: chunks of 1765, the previous chunk's bf16 probs too
+    assert many == T.r512(10 * 152064 * 1765) + 2 * T.r512(2 * 4092 * 3584)
+    plain = estimate(s, Setup(batch=4, seq=1024, plain=True))
+    ours = estimate(s, Setup(batch=4, seq=1024, plain=False))
+    assert plain.peak_allocated - ours.peak_allocated > 4 * T.GiB  # the README's "fused loss saves 4.3 GiB"
+
+
+def test_checkpointing_eager_and_optimizers_move_the_estimate_the_right_way():
+    s = model_shape("Qwen/Qwen2.5-1.5B")
+    base = Setup(method="lora", bits=None, batch=2, seq=2048)
+    on, off = estimate(s, base), estimate(s, Setup(**{**base.__dict__, "grad_ckpt": False}))
+    assert off.peak_allocated > on.peak_allocated
+    eager = estimate(s, Setup(**{**base.__dict__, "grad_ckpt": False, "attn": "eager"}))
+    # eager keeps the fp32 softmax and its bf16 copy per layer: 6 B x heads x T per token, x 28 layers
+    assert eager.phases["loss"] - off.phases["loss"] >= 28 * 6 * 12 * 2048 * 4096
+    full = Setup(method="full", bits=None, batch=1, seq=512)
+    adam, adam8 = estimate(s, full), estimate(s, Setup(**{**full.__dict__, "optim": "adamw_8bit"}))
+    assert adam.row("optimizer") == 8 * T.total_params(s)
+    assert adam8.row("optimizer") == int((2 + 8 / 256) * T.total_params(s))
+    paged = estimate(s, Setup(**{**full.__dict__, "optim": "paged_adamw_8bit"}))
+    assert paged.row("optimizer") == 0 and paged.nvidia_smi - paged.peak_reserved > adam8.row("optimizer")
+
+
+def test_gpu_names_and_sizes():
+    assert parse_gpu("24GiB").memory == 24 * T.GiB
+    assert parse_gpu("16GB").memory == 16 * 10**9
+    assert parse_gpu("3090").memory == 24576 * 2**20 and not parse_gpu("t4").bf16
+
+
+def test_fit_on_a_24_gib_card_keeps_the_effective_batch():
+    s = model_shape(Q7)
+    plan = fit(s, Setup(batch=64, seq=1024), parse_gpu("24GiB"))
+    advice = {a["setting"]: a["value"] for a in plan["advice"]}
+    batch, accum = int(advice["per_device_train_batch_size"]), int(advice["gradient_accumulation_steps"])
+    assert batch * accum == 64 and batch == plan["largest_batch"] >= 4
+    assert estimate(s, Setup(batch=batch, seq=1024)).nvidia_smi <= 24 * T.GiB - 0.5 * T.GiB
+    assert estimate(s, Setup(batch=2 * batch, seq=1024)).nvidia_smi > 24 * T.GiB - 0.5 * T.GiB
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _cli(capsys, *argv):
+    from tunelab.cli import main
+
+    rc = main(["estimate", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_table_and_json(capsys):
+    rc, out, _ = _cli(capsys, Q7, "--batch", "4", "--cutoff-len", "1024", "--gpu", "24GiB")
+    assert rc == 0 and "nvidia-smi will show about" in out and "recommended:" in out and "NF4" in out
+    rc, out, _ = _cli(capsys, Q7, "--method", "lora", "--plain", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["settings"]["method"] == "lora" and doc["settings"]["bits"] is None and doc["settings"]["plain"]
+    assert doc["peak_allocated_gib"] < doc["nvidia_smi_gib"]
+    assert math.isclose(sum(r["bytes"] for r in doc["breakdown"]) / T.GiB, doc["peak_allocated_gib"], abs_tol=2e-3)
+
+
+def test_cli_training_config_takes_its_keys(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: Qwen/Qwen2.5-1.5B-Instruct\nquantization_bit: 8\nlora_rank: 16\nlora_target: q_proj,v_proj\n"
+                   "per_device_train_batch_size: 2\ncutoff_len: 2048\noptim: paged_adamw_8bit\n"
+                   "disable_gradient_checkpointing: true\nadditional_target: lm_head\n")
+    rc, out, _ = _cli(capsys, str(cfg), "cutoff_len=512", "--json")
+    s = json.loads(out)["settings"]
+    assert rc == 0
+    assert (s["method"], s["bits"], s["rank"], s["targets"], s["batch"], s["seq"], s["optim"], s["grad_ckpt"], s["extra_trainable"]) == (
+        "qlora", 8, 16, ["q_proj", "v_proj"], 2, 512, "paged_adamw_8bit", False, ["lm_head"])
+
+
+def test_cli_unknown_architecture_is_estimated_with_a_warning(tmp_path, capsys):
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps({"model_type": "mistral", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
+                                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}))
+    rc, out, _ = _cli(capsys, str(conf), "--method", "lora")
+    assert rc == 0 and "warning:" in out and "generic" in out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["Org/NoSuchModel-3B"], "unknown model 'Org/NoSuchModel-3B'"),
+    ([Q7, "--batch", "0"], "batch size must be at least 1"),
+    ([Q7, "--cutoff-len", "65536"], "beyond Qwen/Qwen2.5-7B-Instruct's context of 32768"),
+    ([Q7, "--method", "full", "--bits", "4"], "cannot be trained directly"),
+    ([Q7, "--gpu", "potato"], "unknown GPU 'potato'"),
+    ([Q7, "--target", "q_proj,wq"], "LoRA target 'wq'"),
+    (["./missing/folder"], "does not exist"),
+    ([Q7, "--gpu", "2GiB"], "does not fit"),
+])
+def test_bad_input_is_a_sentence_and_a_nonzero_exit(capsys, argv, words):
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 1 and words in err and "Traceback" not in err + out
+
+
+def test_config_json_without_sizes(tmp_path, capsys):
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
+    rc, _, err = _cli(capsys, str(conf))
+    assert rc == 1 and "intermediate_size" in err
