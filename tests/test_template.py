@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -298,7 +299,7 @@ def test_unknown_template_name(qwen_tokenizer, name, suggestion):
         get_template(name, qwen_tokenizer)
     message = str(err.value)
     assert f"Did you mean '{suggestion}'?" in message
-    assert "auto, qwen, qwen3, chatml, llama3, default" in message
+    assert "auto, qwen, qwen3, qwen3_nothink, chatml, llama3, default, fewshot" in message
 
 
 def test_names_stop_tokens_and_default_system(qwen_tokenizer):
@@ -335,3 +336,135 @@ def test_fewshot_template_is_plain_text_and_trains_the_answers(qwen_tokenizer):
     assert qwen_tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]) == " A B"
     prompt = tpl.encode_prompt(Conversation([{"role": "user", "content": "Q1? Answer:"}]))
     assert qwen_tokenizer.decode(prompt) == "Q1? Answer:"
+
+
+# ----- LLaMA-Factory's template names, tools under every shipped template --------------------------------------------
+# The published Meta-Llama-3-8B-Instruct chat template (tokenizer_config.json), verbatim: tunelab's llama3 must render
+# every conversation without tools exactly as it does.
+LLAMA3_8B_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("case", ["single", "single+system", "multi", "multi+system"])
+def test_llama3_without_tools_is_the_published_llama3_text(qwen_tokenizer, case):
+    conv = CONVERSATIONS[case]
+    tpl = get_template("llama3", qwen_tokenizer)
+    assert tpl.encode_supervised(conv)[0] == reference_ids(qwen_tokenizer, conv, LLAMA3_8B_INSTRUCT, bos_token="")
+    prompt = reference_ids(qwen_tokenizer, conv, LLAMA3_8B_INSTRUCT, generation=True, bos_token="")
+    assert tpl.encode_prompt(prompt_of(conv)) == prompt
+
+
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                  "<|python_tag|>"]
+
+
+@pytest.fixture(scope="module")
+def llama_like_tokenizer(qwen_tokenizer):
+    """No Llama tokenizer offline: the Qwen2.5 vocabulary with Llama-3's special tokens added as special tokens."""
+    tok = copy.deepcopy(qwen_tokenizer)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": LLAMA3_SPECIAL[1:]})
+    return tok
+
+
+def test_llama3_renders_tools_and_tool_calls_as_llama31(llama_like_tokenizer):
+    """Tool schemas, the call and the tool result as the published Llama-3.1 template writes them (tools in the
+    system message); the call is trained, never an empty reply (it used to vanish: LLaMA-Factory's glaive demo)."""
+    tok = llama_like_tokenizer
+    tpl = get_template("llama3", tok)
+    ids, labels = tpl.encode_supervised(tool_conversation())
+    schema = json.dumps(TOOLS[0], indent=4)
+    assert tok.decode(ids) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\nYou have access to the following functions. To call a function, please respond "
+        'with JSON for a function call.Respond in the format {"name": function name, "parameters": dictionary of '
+        f"argument name and its value}}.Do not use variables.\n\n{schema}\n\nYou are helpful.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>"
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris"}}'
+        "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n\"{\\\"temp\\\": 21}\"<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 21 degrees.<|eot_id|>"
+    )
+    assert trained_text(tok, ids, labels) == [
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees.<|eot_id|>"]
+
+
+def test_llama3_refuses_parallel_calls_naming_the_record(qwen_tokenizer):
+    conv = tool_conversation()
+    conv.source = "glaive.json:7"
+    conv.messages[1]["tool_calls"] = [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]
+    with pytest.raises(DataError, match=r"glaive.json:7.*only supports single tool-calls"):
+        get_template("llama3", qwen_tokenizer).encode_supervised(conv)
+
+
+@pytest.mark.parametrize("name", ["qwen", "qwen3", "qwen3_nothink", "llama3", "default"])
+def test_every_tool_writing_template_trains_the_call(qwen_tokenizer, name):
+    ids, labels = get_template(name, qwen_tokenizer).encode_supervised(tool_conversation())
+    runs = trained_text(qwen_tokenizer, ids, labels)
+    assert len(runs) == 2 and "get_weather" in runs[0] and "Paris" in runs[0]
+
+
+@pytest.mark.parametrize("name", ["chatml", "fewshot"])
+def test_a_reply_that_renders_empty_is_an_error_naming_the_record(qwen_tokenizer, name):
+    conv = tool_conversation()
+    conv.source = "data/calls.json:3"
+    with pytest.raises(DataError) as err:
+        get_template(name, qwen_tokenizer).encode_supervised(conv)
+    assert str(err.value).startswith(
+        "Assistant message 2 of the conversation (from data/calls.json:3) renders as an empty reply under the chat "
+        f"template '{name}' (its tool calls are not part of this template's format); training on it would teach")
+
+
+def test_unencodable_samples_stop_the_run_or_are_counted_skips(qwen_tokenizer):
+    from tunelab.data.processing import encode_conversations
+
+    convs = [single_turn(), tool_conversation(), two_turns()]
+    tpl = get_template("chatml", qwen_tokenizer)
+    with pytest.raises(DataError, match="renders as an empty reply"):
+        encode_conversations(convs, tpl, cutoff_len=64, train_on_prompt=False, mask_history=False)
+    skipped: list[str] = []
+    data, dropped = encode_conversations(convs, tpl, cutoff_len=64, train_on_prompt=False, mask_history=False,
+                                         skip_invalid=True, skipped=skipped)
+    assert (len(data), dropped, len(skipped)) == (2, 0, 1)
+    assert "renders as an empty reply" in skipped[0]
+
+
+def test_qwen3_nothink(qwen_tokenizer):
+    """The Qwen3-Instruct-2507 format: Qwen3's text, no think block in the prompt or in the reply."""
+    tpl = get_template("qwen3_nothink", qwen_tokenizer)
+    ids, labels = tpl.encode_supervised(two_turns("Be brief."))
+    assert qwen_tokenizer.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+        "Hi there<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine, thanks."
+        "<|im_end|>\n")
+    assert trained_text(qwen_tokenizer, ids, labels) == ["Hi there<|im_end|>", "Fine, thanks.<|im_end|>"]
+    assert qwen_tokenizer.decode(tpl.encode_prompt(prompt_of(single_turn()))) == (
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    assert tpl.stop_token_ids == [151645, 151643] and tpl.default_system is None
+    # Everything else is the published Qwen3 text: a prompt with tools, a call and its result renders as qwen3's.
+    conv = tool_conversation()
+    qwen3 = read_chat_template("qwen3.jinja")
+    assert tpl.encode_prompt(prompt_of(conv)) == reference_ids(qwen_tokenizer, conv, qwen3, generation=True)
+    # reasoning the data carries is kept, as the published template keeps it
+    reasoned = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nHello"}])
+    assert "<think>\nhm\n</think>\n\nHello" in qwen_tokenizer.decode(tpl.encode_supervised(reasoned)[0])
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_nothink", "llava", "mllama", "QWEN2_VL"])
+def test_vision_language_templates_are_refused(qwen_tokenizer, name):
+    with pytest.raises(ConfigError) as err:
+        get_template(name, qwen_tokenizer)
+    assert f"template '{name}' is LLaMA-Factory's template for a vision-language" in str(err.value)
+    assert "images, videos and audio are not supported: tunelab fine-tunes text-only models" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["llama2", "deepseek", "deepseek3", "deepseekr1", "mistral"])
+def test_other_llamafactory_templates_point_to_auto(name):
+    from tunelab.data.template import check_template_name
+
+    with pytest.raises(ConfigError) as err:
+        check_template_name(name)
+    assert f"template '{name}' is a LLaMA-Factory template that tunelab does not ship; use `template: auto`" in str(
+        err.value)

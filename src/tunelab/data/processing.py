@@ -59,22 +59,42 @@ class Datasets:
 
 
 def encode_conversations(
-    conversations: Sequence[Conversation], template, *, cutoff_len: int, train_on_prompt: bool, mask_history: bool, num_workers: int | None = None
+    conversations: Sequence[Conversation], template, *, cutoff_len: int, train_on_prompt: bool, mask_history: bool, num_workers: int | None = None,
+    skip_invalid: bool = False, skipped: list[str] | None = None,
 ) -> tuple[EncodedSet, int]:
-    """Encode with the template; returns the set and how many samples were dropped (no trained token left)."""
-    args = (cutoff_len, train_on_prompt, mask_history)
+    """Encode with the template; returns the set and how many samples were dropped (no trained token left).
+
+    A sample the template cannot encode (a DataError naming it, e.g. a reply that renders empty) stops the run, or
+    with skip_invalid is left out and its message appended to `skipped`.
+    """
+    args = (cutoff_len, train_on_prompt, mask_history, skip_invalid)
     if num_workers and num_workers > 1 and len(conversations) >= 2000:
         results = _encode_parallel(conversations, template, args, num_workers)
     else:
-        results = [template.encode_supervised(c, cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history) for c in conversations]
+        results = [_encode_one(template, c, args) for c in conversations]
     ids, labels, dropped = [], [], 0
     for r in results:
+        if isinstance(r, str):
+            if skipped is not None:
+                skipped.append(r)
+            continue
         if r is None:
             dropped += 1
             continue
         ids.append(r[0])
         labels.append(r[1])
     return EncodedSet(ids, labels), dropped
+
+
+def _encode_one(template, conv: Conversation, args):
+    """encode_supervised's result, or under skip_invalid the DataError's message (a str) for a skipped sample."""
+    cutoff_len, train_on_prompt, mask_history, skip_invalid = args
+    try:
+        return template.encode_supervised(conv, cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history)
+    except DataError as exc:
+        if not skip_invalid:
+            raise
+        return str(exc)
 
 
 _WORKER_TEMPLATE = None
@@ -86,8 +106,8 @@ def _init_worker(template) -> None:
 
 
 def _encode_chunk(payload):
-    convs, (cutoff_len, train_on_prompt, mask_history) = payload
-    return [_WORKER_TEMPLATE.encode_supervised(c, cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history) for c in convs]
+    convs, args = payload
+    return [_encode_one(_WORKER_TEMPLATE, c, args) for c in convs]
 
 
 def _encode_parallel(conversations, template, args, num_workers):
@@ -173,10 +193,15 @@ def load_encoded(names: str, cfg, tokenizer, template, *, role: str) -> tuple[En
         for c in convs:
             if c.system is None:
                 c.system = cfg.default_system
+    unencodable: list[str] = []
     encoded, dropped = encode_conversations(
         convs, template, cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
         mask_history=cfg.mask_history, num_workers=cfg.preprocessing_num_workers,
+        skip_invalid=cfg.skip_invalid, skipped=unencodable,
     )
+    if unencodable:
+        logger.warning("%s data: skipped %d samples the chat template cannot encode (skip_invalid: true); first: %s",
+                       role, len(unencodable), unencodable[0])
     if dropped:
         logger.warning("%s data: dropped %d samples with no trained token left after cutoff_len=%d truncation", role, dropped, cfg.cutoff_len)
     if len(encoded) == 0:
@@ -185,7 +210,7 @@ def load_encoded(names: str, cfg, tokenizer, template, *, role: str) -> tuple[En
         _save_cache(path, encoded, dropped)
     except OSError as exc:
         logger.warning("could not write the tokenized cache %s (%s); continuing without it", path, exc)
-    return encoded, {"cached": False, "dropped_no_label": dropped, "skipped_invalid": result.skipped}
+    return encoded, {"cached": False, "dropped_no_label": dropped, "skipped_invalid": result.skipped + len(unencodable)}
 
 
 def split_validation(data: EncodedSet, val_size: float, seed: int) -> tuple[EncodedSet, EncodedSet]:

@@ -39,6 +39,7 @@ import copy
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ IGNORE_INDEX = -100
 TEMPLATE_FILES = {
     "qwen": "qwen2_5.jinja",
     "qwen3": "qwen3.jinja",
+    "qwen3_nothink": "qwen3_nothink.jinja",
     "chatml": "chatml.jinja",
     "llama3": "llama3.jinja",
     "default": "default.jinja",
@@ -64,7 +66,25 @@ QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful
 # The system prompt a template writes when the conversation gives none (documentation; the Jinja text inserts it).
 DEFAULT_SYSTEMS = {"qwen": QWEN_DEFAULT_SYSTEM}
 # Stop tokens besides the turn end marker and eos: Qwen models also end documents with <|endoftext|>.
-EXTRA_STOP_TOKENS = {"qwen": ("<|endoftext|>",), "qwen3": ("<|endoftext|>",)}
+EXTRA_STOP_TOKENS = {key: ("<|endoftext|>",) for key in ("qwen", "qwen3", "qwen3_nothink")}
+# LLaMA-Factory 0.9.5's templates for vision / audio / video models (those registered with a multimodal plugin).
+VISION_TEMPLATES = frozenset("""
+    dots_ocr ernie_vl gemma3 gemma3n gemma4 gemma4n glm4v glm4_5v glm_ocr granite3_vision intern_vl intern_s1 keye_vl
+    kimi_vl lfm2_vl llama4 mllama llava llava_next llava_next_llama3 llava_next_mistral llava_next_qwen llava_next_yi
+    llava_next_video llava_next_video_mistral llava_next_video_yi mimo_vl minicpm_v minicpm_v_4_6 minicpm_o
+    mistral_small ministral3 paligemma paligemma_chat pixtral qwen2_audio qwen2_omni qwen3_omni qwen3_omni_nothink
+    qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_nothink qwen3_5 qwen3_5_nothink qwen3_6 video_llava yi_vl youtu_vl
+""".split())
+# LLaMA-Factory 0.9.5's text templates that tunelab does not ship as named templates: `auto` (the model's own
+# published chat template) is the way to train those models.
+OTHER_LF_TEMPLATES = frozenset("""
+    bailing bailing_v2 breeze chatglm3 chatml_de cohere cpm4 dbrx deepseek deepseek3 deepseekr1 hy3 deepseekcoder empty
+    ernie ernie_nothink exaone falcon falcon_h1 gemma gemma2 glm4 glm4_moe glm4_7 glmz1 gpt_oss granite3 granite4 index
+    hunyuan hunyuan_small intern2 lfm2 llama2 llama2_zh moonlight mimo mimo_v2 minimax1 minimax2 ministral mistral olmo
+    openchat openchat-3.6 opencoder phi phi_small phi4 phi4_mini sailor seed_coder seed_oss smollm smollm2 solar
+    starchat telechat2 vicuna xuanyuan yi youtu yuan zephyr aeva
+""".split())
+_THINK_BLOCK = re.compile(r"^<think>\s*</think>")
 
 _PROBE_REPLY = "Tunelab probe reply."
 _PROBE_CONVERSATIONS = (
@@ -259,8 +279,24 @@ class ChatTemplate:
             end = self._reply_end(conv, messages[: i + 1], full, start)
             if spans and start < spans[-1][1]:
                 raise self._unlocatable(conv, i, "its reply overlaps the previous one")
+            self._check_not_empty(conv, i, message, full[start:end])
             spans.append((start, end))
         return spans
+
+    def _check_not_empty(self, conv: Conversation, index: int, message: dict[str, Any], reply: str) -> None:
+        """A reply that renders as nothing but its end marker (and an empty think block) would train the model to
+        answer with nothing: typically a template that has no format for the message's tool calls."""
+        text = reply[: -len(self.end_marker)] if self.end_marker and reply.endswith(self.end_marker) else reply
+        if _THINK_BLOCK.sub("", text.strip()).strip():
+            return
+        why = (" (its tool calls are not part of this template's format)" if message.get("tool_calls")
+               else " (the message has no content)")
+        raise DataError(
+            f"Assistant message {index} of the conversation{_where(conv)} renders as an empty reply under the chat "
+            f"template '{self.name}'{why}; training on it would teach the model to answer with nothing. Use a "
+            "template that writes tool calls (qwen, qwen3, qwen3_nothink, llama3, default), fix the record, or set "
+            "`skip_invalid: true` to skip such records (the number skipped is reported)."
+        )
 
     def _reply_start(self, conv: Conversation, before: list[dict[str, Any]], full: str) -> int:
         """Where a reply starts: the end of the generation prompt of the conversation before it."""
@@ -409,16 +445,32 @@ def _tokenizer_template(tokenizer: Any) -> str | None:
     return template or None
 
 
-def _unknown_name_error(name: str) -> ConfigError:
+def check_template_name(name: str) -> str:
+    """The normalised template name, or a ConfigError saying why it cannot be used (no tokenizer needed)."""
+    key = str(name).strip().lower()
+    if key in TEMPLATE_NAMES:
+        return key
     valid = ", ".join(TEMPLATE_NAMES)
-    close = difflib.get_close_matches(name.strip().lower(), TEMPLATE_NAMES, n=1, cutoff=0.5)
+    if key in VISION_TEMPLATES:
+        raise ConfigError(
+            f"template '{name}' is LLaMA-Factory's template for a vision-language (image / video / audio) model; "
+            f"images, videos and audio are not supported: tunelab fine-tunes text-only models. Valid templates: "
+            f"{valid}."
+        )
+    if key in OTHER_LF_TEMPLATES:
+        raise ConfigError(
+            f"template '{name}' is a LLaMA-Factory template that tunelab does not ship; use `template: auto`, which "
+            f"formats conversations with the model's own published chat template (what it sees at inference). "
+            f"Named templates: {valid}."
+        )
+    close = difflib.get_close_matches(key, TEMPLATE_NAMES, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"Unknown template '{name}'.{hint} Valid templates: {valid}.")
+    raise ConfigError(f"Unknown template '{name}'.{hint} Valid templates: {valid}.")
 
 
 def get_template(name: str, tokenizer: Any, *, enable_thinking: bool = False) -> ChatTemplate:
     """The chat template `name` bound to `tokenizer` (see TEMPLATE_NAMES; "auto" = the tokenizer's own)."""
-    key = str(name).strip().lower()
+    key = check_template_name(name)
     if key == "auto":
         text = _tokenizer_template(tokenizer)
         if text is None:
@@ -427,8 +479,6 @@ def get_template(name: str, tokenizer: Any, *, enable_thinking: bool = False) ->
                 f"to one of {', '.join(TEMPLATE_FILES)} to choose the conversation format."
             )
         return ChatTemplate("auto", text, tokenizer, enable_thinking=enable_thinking)
-    if key not in TEMPLATE_FILES:
-        raise _unknown_name_error(str(name))
     return ChatTemplate(
         key,
         read_chat_template(TEMPLATE_FILES[key]),
