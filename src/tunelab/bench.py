@@ -1,20 +1,29 @@
-"""`tunelab bench`: training speed and memory of tunelab's path beside the plain stack, in one process, on one GPU.
+"""`tunelab bench`: training speed and memory of tunelab's fast and plain paths (and the plain stack), one GPU.
 
-    tunelab bench --arch qwen2.5-7b --model-dir /tmp/q7b --shapes 4x1024,1x1024 --variants plain,tunelab
+    tunelab bench --arch qwen2.5-7b --method qlora --path fast,plain --shapes 4x1024,1x1024,2x4096
+    tunelab bench --arch qwen2.5-7b --variants plain-autocast,tunelab-fast --profiles full,alpaca,alpaca-packed
 
 Method (the same as the peers' figures in the README): a random-init model of the published architecture is
-saved as safetensors and loaded with from_pretrained (4-bit NF4 + double quantization, bf16 compute); LoRA r=8,
-alpha=16, dropout 0 on every linear layer; gradient checkpointing (non-reentrant); fused AdamW; full-length
-random token sequences with labels = inputs; 13 optimizer steps, the median of the last 10; peak =
-torch.cuda.max_memory_allocated over the steps. Speed and memory do not depend on the weights' values.
+saved as safetensors and loaded with from_pretrained (qlora: 4-bit NF4 + double quantization, bf16 compute;
+lora: bf16 weights); LoRA r=8, alpha=16, dropout 0 on every linear layer; gradient checkpointing
+(non-reentrant); fused AdamW; full-length random token sequences with labels = inputs; 13 optimizer steps, the
+median of the last 10; peak = torch.cuda.max_memory_allocated (and _reserved) over the steps. Speed and memory
+do not depend on the weights' values. Each case runs in its own process.
 
-Variants:
-  plain    transformers + PEFT + bitsandbytes, model(**batch).loss, a hand-written loop (what the peers measured)
-  tunelab  tunelab's loader (tunelab.model.loader) and TunelabTrainer (the code `tunelab train` runs)
-  tunelab+liger  the same with enable_liger_kernel (Liger's RMSNorm/RoPE/SwiGLU)
-  alpaca   appended to a variant name (plain:alpaca, tunelab:alpaca): the alpaca-like length profile (batch padded
-           to its longest sample, prompt tokens masked); reports real (non-pad) tokens per second.
-Results are printed as a table and written as JSON (--out).
+Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
+  tunelab-fast   tunelab's loader and TunelabTrainer (what `tunelab train` runs) with use_fast_kernels: true
+  tunelab-plain  the same with use_fast_kernels: false (PEFT's LoRA layers over bitsandbytes)
+  tunelab        the same with use_fast_kernels left to auto
+  plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
+  plain          the same without autocast;  plain-trainer: the plain model in the stock transformers Trainer
+  +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
+  :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
+           longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
+Each case prints one JSON line (tokens/s, step time, peak allocated and reserved GiB, MFU against --matmul-tflops,
+the loss and gradient norm of every step); a table is printed last and everything is written as JSON (--out).
+MFU counts 6 FLOP per layer weight per token (forward, checkpoint recompute, activation gradient; the frozen base
+gets no weight gradient), 4 per output-head weight (no recompute), and causal attention (8 x seq/2 x heads x
+head_dim per layer and token, same three passes); the LoRA matmuls are left out (<0.5%).
 """
 from __future__ import annotations
 
@@ -25,31 +34,52 @@ import statistics
 import time
 from typing import Any
 
+QWEN2 = dict(model_type="qwen2", max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 ARCHS: dict[str, dict[str, Any]] = {
-    # published configs (speed and memory depend on the shapes only)
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
-                       rope_theta=1000000.0, rms_norm_eps=1e-6),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=151936, tie_word_embeddings=False),
+    # published configs (hidden, intermediate, layers, heads, KV heads, vocab, tied head); speed and memory depend
+    # on the shapes only, so no weights are downloaded
+    "qwen2.5-0.5b": dict(QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(QWEN2, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(QWEN2, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(QWEN2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=False),
 }
 
 
+def flops_per_token(arch: str, seq: int) -> float:
+    """Training FLOPs per token with gradient checkpointing and a frozen base (see the module docstring)."""
+    a = ARCHS[arch]
+    h, inter, layers = a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
+    head_dim = a.get("head_dim", h // a["num_attention_heads"])
+    q, kv = a["num_attention_heads"] * head_dim, a["num_key_value_heads"] * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
+    attention = 8 * (seq / 2) * q  # QK^T and PV, 2 FLOP per MAC, causal half, x (forward + recompute + 2 backward)
+    return 6 * layers * per_layer + 4 * h * a["vocab_size"] + layers * attention
+
+
 def build_random_model(arch: str, out_dir: str) -> str:
-    """Save a random-init Qwen2 model of the architecture (bf16 safetensors); reuse it if already there."""
+    """Save a random-init model of the architecture (bf16 safetensors); reuse it if already there."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
-    config = Qwen2Config(**ARCHS[arch], torch_dtype="bfloat16")
+    fields = dict(ARCHS[arch])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields, torch_dtype="bfloat16")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out_dir, max_shard_size="5GB")
     del model
     gc.collect()
@@ -87,34 +117,41 @@ def synthetic_samples(kind: str, batch: int, seq: int, steps: int, vocab: int, s
     return out
 
 
-def _bench_config(model_dir: str, variant: str):
+def _bench_config(model_dir: str, variant: str, method: str):
     from tunelab.config import load_config
 
+    fast = None if variant.startswith("tunelab+") or variant == "tunelab" else variant.startswith("tunelab-fast")
+    quant = {"quantization_bit": 4, "quantization_type": "nf4", "double_quantization": True} if method == "qlora" else {}
     return load_config({
-        "model_name_or_path": model_dir, "quantization_bit": 4, "quantization_type": "nf4", "double_quantization": True,
+        "model_name_or_path": model_dir, **quant, "do_train": True,
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all", "bf16": True,
-        "optim": "adamw_torch_fused", "learning_rate": 1e-4, "enable_liger_kernel": False if "noliger" in variant else (True if "+liger" in variant else None),
-        "output_dir": "/tmp/tunelab-bench-out", "report_to": "none", "save_strategy": "no", "logging_steps": 1000,
+        "optim": "adamw_torch_fused", "learning_rate": 1e-4, "use_fast_kernels": fast,
+        "enable_liger_kernel": False if "noliger" in variant else (True if "+liger" in variant else None),
+        "output_dir": "/tmp/tunelab-bench-out", "report_to": "none", "save_strategy": "no", "logging_steps": 1,
     })
 
 
-def plain_model(model_dir: str):
-    """The plain stack's model: from_pretrained(4-bit NF4, double quant, bf16) + PEFT LoRA r=8 on all linear layers."""
+def plain_model(model_dir: str, method: str = "qlora"):
+    """The plain stack's model: from_pretrained (qlora: 4-bit NF4, double quant, bf16) + PEFT LoRA r=8 on all linear layers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0},
-                                                 attn_implementation="sdpa")
+    kw = {}
+    if method == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa", **kw)
+    for p in model.parameters():
+        p.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -> list[float]:
+def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -> dict[str, list[float]]:
     """Forward, backward, clip, fused AdamW step; each step timed between CUDA synchronisations."""
     import torch
 
@@ -124,7 +161,7 @@ def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     collate = Collator(pad_token_id=0)
-    times = []
+    times, losses, norms = [], [], []
     torch.cuda.reset_peak_memory_stats()
     for i in range(0, len(samples), batch):
         b = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(samples[i : i + batch]).items()}
@@ -133,68 +170,61 @@ def hand_loop(model, samples: list[dict], batch: int, loss_fn, autocast: bool) -
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model, b)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        norms.append(norm.item())
     del opt
-    return times
+    return {"times": times, "losses": losses, "grad_norms": norms}
 
 
-def run_plain(model_dir: str, samples: list[dict], batch: int, autocast: bool = False) -> list[float]:
+def run_plain(model_dir: str, samples: list[dict], batch: int, autocast: bool, method: str) -> dict[str, Any]:
     """The plain stack in a hand-written loop: model(**batch).loss."""
-    model = plain_model(model_dir)
+    model = plain_model(model_dir, method)
+
     def loss_fn(m, b):
         return m(**{k: v for k, v in b.items() if k not in ("loss_rows", "num_tokens")}).loss
 
-    times = hand_loop(model, samples, batch, loss_fn, autocast)
+    out = hand_loop(model, samples, batch, loss_fn, autocast)
     del model
-    return times
+    return out
 
 
-def run_tunelab_loop(model_dir: str, samples: list[dict], batch: int, variant: str) -> list[float]:
-    """tunelab's loader and loss in the same hand-written loop as the plain stack (isolates the Trainer's cost)."""
-    from tunelab.config.resolve import resolve
-    from tunelab.model.kernels import forward_hidden, fused_linear_cross_entropy
-    from tunelab.model.loader import load_model
-
-    cfg = _bench_config(model_dir, variant)
-    model = load_model(cfg, resolve(cfg), for_training=True)
-
-    def loss_fn(m, b):
-        hidden, weight = forward_hidden(m, b)
-        return fused_linear_cross_entropy(hidden, weight, b["labels"], loss_rows=b.get("loss_rows"))
-
-    times = hand_loop(model, samples, batch, loss_fn, autocast=True)
-    del model
-    return times
-
-
-def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, pack_to: int | None = None) -> list[float]:
+def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, method: str,
+                pack_to: int | None = None) -> dict[str, Any]:
     """tunelab's path: its loader and TunelabTrainer (the code `tunelab train` runs), timed per optimizer step."""
     import torch
     from transformers import TrainerCallback
 
     from tunelab.config.resolve import resolve
-    from tunelab.data.collator import Collator
+    from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import EncodedSet
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.train.workflow import training_arguments
 
-    from tunelab.data.collator import PackedSet
+    if "+ce" in variant:  # e.g. +ce1024: the fused loss's logits chunk budget in MiB (default 256)
+        from tunelab.model import kernels
 
+        kernels.CHUNK_BUDGET_BYTES = int(variant.split("+ce")[1].split("+")[0]) << 20
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
     collator = Collator(0, 8)
-    cfg = _bench_config(model_dir, variant).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch)
+    cfg = _bench_config(model_dir, variant, method).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch)
     resolved = resolve(cfg)
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
-    model = plain_model(model_dir) if stock else load_model(cfg, resolved, for_training=True)
-    times: list[float] = []
+    from transformers import set_seed
 
+    set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
+    t_load = time.perf_counter()
+    model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
+    load_s = time.perf_counter() - t_load
+    out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "load_s": round(load_s, 1),
+                           "fast_path": getattr(model, "tunelab_fast_path", None)}
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
@@ -203,19 +233,27 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, p
         def on_step_begin(self, args, state, control, **kw):
             torch.cuda.synchronize()
             if profile_dir and state.global_step == 5:
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
+            out["times"].append(time.perf_counter() - self.t0)
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
-                table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-                with open(os.path.join(profile_dir, variant.replace(":", "_").replace("+", "_") + ".txt"), "w") as fh:
-                    fh.write(table)
+                name = os.path.join(profile_dir, variant.replace(":", "_").replace("+", "_") + ".txt")
+                with open(name, "w") as fh:
+                    fh.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))
+                    fh.write("\n\nby self CUDA time\n")
+                    fh.write(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45))
                 self.prof = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                out["losses"].append(logs["loss"])
+                out["grad_norms"].append(logs.get("grad_norm"))
 
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.reset_peak_memory_stats()
@@ -230,18 +268,15 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, p
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
         trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    print(json.dumps({"variant": variant, "checkpointing": getattr(base, "is_gradient_checkpointing", None),
-                      "liger_rmsnorm": type(base.model.norm).__name__, "loss": getattr(trainer, "loss_impl", "model"),
-                      "args_checkpointing": getattr(args, "gradient_checkpointing", None)}), flush=True)
     trainer.train()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
     del trainer, model
-    return times
+    return out
 
 
-def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int = 13) -> dict[str, Any]:
+def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int = 13, method: str = "qlora",
+                arch: str | None = None, matmul_tflops: float = 790.0) -> dict[str, Any]:
     """One measurement. `profile` after a colon: alpaca (padded batches) or alpaca-packed (samples packed into rows)."""
     import torch
 
@@ -251,15 +286,17 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     # packing puts ~3.4 alpaca-like samples in a 1024-token row: draw enough samples for `steps` full batches
     n_steps = steps * max(1, int(seq / 250)) if packed else steps
     samples = synthetic_samples(kind, batch, seq, n_steps, vocab=150000)
-    if name.startswith("plain-trainer"):
-        times = run_tunelab(model_dir, samples, batch, name)
+    if name.startswith("plain-trainer") or name.startswith("tunelab"):
+        run = run_tunelab(model_dir, samples, batch, name, method, pack_to=seq if packed else None)
     elif name.startswith("plain"):
-        times = run_plain(model_dir, samples, batch, autocast="autocast" in name)
-    elif name.startswith("tunelab-loop"):
-        times = run_tunelab_loop(model_dir, samples, batch, name)
+        run = run_plain(model_dir, samples, batch, "autocast" in name, method)
     else:
-        times = run_tunelab(model_dir, samples, batch, name, pack_to=seq if packed else None)
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"unknown bench variant '{name}': use tunelab-fast, tunelab-plain, tunelab, plain-autocast, plain or plain-trainer.")
+    times = run.pop("times")
     peak = torch.cuda.max_memory_allocated() / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30
     gc.collect()
     torch.cuda.empty_cache()
     tail = times[3:] if len(times) > 3 else times
@@ -277,24 +314,38 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
             lengths = [len(s["input_ids"]) for s in samples]
         real_tokens = [sum(lengths[i : i + batch]) for i in range(0, len(lengths), batch)][: len(times)]
         tokens_per_s = round(sum(real_tokens[3:]) / sum(tail), 1)
-    return {"variant": variant, "batch": batch, "seq": seq, "steps": len(times), "median_step_s": round(step, 4),
-            "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2), "profile": profile or "full",
-            "step_times": [round(t, 4) for t in times]}
+    mfu = round(tokens_per_s * flops_per_token(arch, seq) / (matmul_tflops * 1e12), 4) if arch in ARCHS else None
+    return {"variant": variant, "arch": arch, "method": method, "batch": batch, "seq": seq, "steps": len(times),
+            "median_step_s": round(step, 4), "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2),
+            "reserved_gib": round(reserved, 2), "mfu": mfu, "matmul_tflops": matmul_tflops, "profile": profile or "full",
+            "step_times": [round(t, 4) for t in times],
+            "losses": [round(x, 5) for x in run.pop("losses")],
+            "grad_norms": [None if x is None else round(float(x), 5) for x in run.pop("grad_norms")], **run}
 
 
-def _run_isolated(variant: str, model_dir: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+def _run_isolated(variant: str, model_dir: str, batch: int, seq: int, steps: int, method: str, arch: str,
+                  matmul_tflops: float) -> dict[str, Any]:
     """Each measurement in its own process: a fresh CUDA context and allocator, and no monkey-patching (Liger
     patches transformers' classes process-wide) leaking from one variant into the next."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "tunelab.bench", "--single", variant, "--model-dir", model_dir,
-           "--shapes", f"{batch}x{seq}", "--steps", str(steps)]
+    cmd = [sys.executable, "-m", "tunelab.bench", "--single", variant, "--model-dir", model_dir, "--arch", arch,
+           "--method", method, "--shapes", f"{batch}x{seq}", "--steps", str(steps), "--matmul-tflops", str(matmul_tflops)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith('{"variant"') and '"tokens_per_s"' in line:
             return json.loads(line)
-    raise RuntimeError(f"bench of {variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return {"variant": variant, "arch": arch, "method": method, "batch": batch, "seq": seq, "error": (out.stderr or out.stdout)[-3000:]}
+
+
+def _variants(args) -> list[str]:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else []
+    names += [f"tunelab-{p.strip()}" for p in (args.path or "").split(",") if p.strip()]
+    if not names:
+        names = ["tunelab-fast", "tunelab-plain"]
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    return [n if ":" in n or p == "full" else f"{n}:{p}" for p in profiles for n in names]
 
 
 def main(argv: list[str]) -> int:
@@ -302,11 +353,15 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="tunelab bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="qwen2.5-7b", choices=sorted(ARCHS))
+    p.add_argument("--method", default="qlora", choices=["qlora", "lora"], help="qlora: NF4 4-bit base; lora: bf16 base")
+    p.add_argument("--path", default=None, help="comma list of fast,plain: tunelab with use_fast_kernels true / false")
     p.add_argument("--model-dir", default=None, help="where the random-init model is saved (default /tmp/tunelab-bench-<arch>)")
     p.add_argument("--shapes", default="4x1024", help="comma list of BATCHxSEQ")
-    p.add_argument("--variants", default="plain-autocast,tunelab")
+    p.add_argument("--variants", default=None, help="comma list (see above); default tunelab-fast,tunelab-plain")
+    p.add_argument("--profiles", default="full", help="comma list of full, alpaca, alpaca-packed")
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--repeat", type=int, default=1, help="measure the variant list this many times, alternating")
+    p.add_argument("--matmul-tflops", type=float, default=790.0, help="the bf16 matmul rate MFU is stated against (H200/H100 measured: 790)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: one measurement in this process
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -319,7 +374,7 @@ def main(argv: list[str]) -> int:
     model_dir = args.model_dir or f"/tmp/tunelab-bench-{args.arch}"
     if args.single:
         batch, seq = (int(x) for x in args.shapes.lower().split("x"))
-        print(json.dumps(run_variant(args.single, model_dir, batch, seq, args.steps)), flush=True)
+        print(json.dumps(run_variant(args.single, model_dir, batch, seq, args.steps, args.method, args.arch, args.matmul_tflops)), flush=True)
         return 0
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         import subprocess
@@ -330,13 +385,18 @@ def main(argv: list[str]) -> int:
     for shape in args.shapes.split(","):
         batch, seq = (int(x) for x in shape.lower().split("x"))
         for _ in range(args.repeat):
-            for variant in args.variants.split(","):
-                r = _run_isolated(variant.strip(), model_dir, batch, seq, args.steps)
+            for variant in _variants(args):
+                r = _run_isolated(variant, model_dir, batch, seq, args.steps, args.method, args.arch, args.matmul_tflops)
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{'variant':<24}{'shape':>10}{'tokens/s':>12}{'peak GiB':>10}{'step s':>9}")
+    print(f"\n{args.arch} {args.method}\n{'variant':<30}{'shape':>10}{'tokens/s':>10}{'peak GiB':>9}{'rsv GiB':>8}{'step s':>8}{'MFU':>6}")
     for r in results:
-        print(f"{r['variant']:<24}{str(r['batch']) + 'x' + str(r['seq']):>10}{r['tokens_per_s']:>12,.0f}{r['peak_gib']:>10.2f}{r['median_step_s']:>9.3f}")
+        shape = f"{r['batch']}x{r['seq']}"
+        if "error" in r:
+            print(f"{r['variant']:<30}{shape:>10}  failed: {r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else '?'}")
+            continue
+        print(f"{r['variant']:<30}{shape:>10}{r['tokens_per_s']:>10,.0f}{r['peak_gib']:>9.2f}{r['reserved_gib']:>8.2f}"
+              f"{r['median_step_s']:>8.3f}{(r['mfu'] or 0):>6.1%}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}, fh, indent=2)

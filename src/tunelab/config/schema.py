@@ -41,6 +41,9 @@ class ModelArgs:
     enable_liger_kernel: Optional[bool] = opt(
         None, "Liger Kernel's RMSNorm/RoPE/SwiGLU: null = on for CUDA GPUs when liger-kernel is installed, true = required, false = off."
     )
+    use_fast_kernels: Optional[bool] = opt(
+        None, "tunelab's fast LoRA/QLoRA training path (fused LoRA projections): null = on where it applies (CUDA, Qwen2/Qwen3/Llama LoRA), false = the plain path, true = required."
+    )
     use_unsloth: bool = opt(False, "Accepted for LLaMA-Factory compatibility; tunelab uses its own kernel selection, so this only prints a note.")
     low_cpu_mem_usage: bool = opt(True, "Load weights without a full extra copy in RAM.")
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = opt("auto", "Weights dtype for chat/eval/export inference.")

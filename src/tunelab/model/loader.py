@@ -266,7 +266,11 @@ def load_model(cfg: Config, resolved: Resolved, *, for_training: bool):
     model = load_base_model(cfg, resolved)
     apply_kernels(model, cfg, resolved)
     if for_training:
-        return prepare_for_training(model, cfg, resolved)
+        from tunelab.model.fast import apply_fast_path
+
+        model = prepare_for_training(model, cfg, resolved)
+        model.tunelab_fast_path = apply_fast_path(model, cfg, resolved)  # after the adapters: it patches their layers
+        return model
     if cfg.adapter_name_or_path:
         model = attach_lora(model, cfg, resolved, is_trainable=False)
     model.eval()

@@ -1,0 +1,138 @@
+"""The fast training path: which models it covers, and installing it on a PEFT LoRA model.
+
+    on, reason = fast_path_decision(model, cfg, resolved)   # e.g. (False, "the device is cpu: it needs a CUDA GPU")
+    applied = apply_fast_path(model, cfg, resolved)         # ["fast-lora(196 projections)"] or []
+
+The decision is made once, after the adapters are attached, and logged; `use_fast_kernels` in the config
+forces it (false: always the plain path; true: an error naming the reason when it cannot apply; null, the
+default: on where it applies). What it installs (one file per fused op, each beside its torch reference):
+
+* lora.py: each LoRA projection (q, k, v, o, gate, up, down) as one autograd function over the frozen NF4 or
+  16-bit base weight: dequantize once per use, LoRA product added in the same GEMM, hand-written backward.
+
+Coverage: CUDA; LoRA (not DoRA), lora_dropout 0, one adapter, base layers bitsandbytes 4-bit or plain 16-bit
+linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense) and Llama. Anything else keeps PEFT's layers.
+A patched layer falls back to PEFT's own forward whenever a call is outside that (adapters disabled or merged,
+several active adapters, no gradient: evaluation and generation keep bitsandbytes' fast inference kernels).
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("qwen2", "qwen3", "llama")
+
+
+def fast_path_decision(model, cfg, resolved) -> tuple[bool, str]:
+    """(on, reason): whether the fast path applies to this model, config and device, and why (for the log)."""
+    wanted = getattr(cfg, "use_fast_kernels", None)
+    if wanted is False:
+        return False, "use_fast_kernels: false"
+    if resolved.device != "cuda":
+        return False, f"the device is {resolved.device}: the fast path needs a CUDA GPU"
+    if cfg.finetuning_type != "lora":
+        return False, f"finetuning_type {cfg.finetuning_type}: the fast path covers LoRA"
+    if cfg.use_dora:
+        return False, "use_dora: DoRA is not fused"
+    if cfg.lora_dropout:
+        return False, f"lora_dropout {cfg.lora_dropout}: only dropout 0 is fused"
+    if cfg.quantization_bit == 8:
+        return False, "quantization_bit 8: the fast path covers 4-bit and 16-bit base weights"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return False, f"architecture {model_type} is not covered yet (covered: {', '.join(ARCHITECTURES)})"
+    return True, f"{model_type} LoRA on {resolved.device_name}"
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    """Replaces a PEFT LoRA layer's forward: the fused function when the call is the plain training case."""
+    import torch
+
+    if args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled():
+        return self._tunelab_plain_forward(x, *args, **kwargs)
+    active = self.active_adapters
+    if len(active) != 1 or active[0] != self._tunelab_adapter:
+        return self._tunelab_plain_forward(x, *args, **kwargs)
+    from tunelab.model.fast.lora import lora_linear
+
+    name = self._tunelab_adapter
+    base = self.get_base_layer()
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self._tunelab_dtype
+    return lora_linear(x, weight, quant_state, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name], dtype)
+
+
+def _patchable(module) -> str | None:
+    """The adapter name if this PEFT layer fits the fused function, else None."""
+    import torch
+
+    base = module.get_base_layer()
+    names = list(module.lora_A.keys())
+    if len(names) != 1 or getattr(module, "lora_variant", {}).get(names[0]) is not None:
+        return None
+    name = names[0]
+    if not isinstance(module.lora_dropout[name], torch.nn.Identity) or getattr(module, "fan_in_fan_out", False):
+        return None
+    if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        return name if type(base).__name__ == "Linear4bit" else None
+    if type(base) is torch.nn.Linear and not weight.requires_grad and weight.dtype in (torch.bfloat16, torch.float16):
+        return name
+    return None
+
+
+def patch_lora_layers(model) -> int:
+    """Route every fitting PEFT LoRA linear layer through the fused function; returns how many were patched."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or hasattr(module, "_tunelab_plain_forward"):
+            continue
+        name = _patchable(module)
+        if name is None:
+            continue
+        weight = module.get_base_layer().weight
+        qs = getattr(weight, "quant_state", None)
+        module._tunelab_adapter = name
+        module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
+        module._tunelab_plain_forward = module.forward
+        module.forward = types.MethodType(_fast_forward, module)
+        count += 1
+    return count
+
+
+def unpatch_lora_layers(model) -> None:
+    """Give every patched layer its PEFT forward back."""
+    for module in model.modules():
+        if hasattr(module, "_tunelab_plain_forward"):
+            module.forward = module._tunelab_plain_forward
+            del module._tunelab_plain_forward
+
+
+def apply_fast_path(model, cfg, resolved) -> list[str]:
+    """Install the fast path where it applies (logged either way); returns what was applied."""
+    from tunelab.errors import ConfigError
+
+    on, reason = fast_path_decision(model, cfg, resolved)
+    if not on:
+        if getattr(cfg, "use_fast_kernels", None) is True:
+            raise ConfigError(f"use_fast_kernels: true, but the fast path cannot apply here: {reason}. "
+                              "Set use_fast_kernels: null (auto) or false.")
+        logger.info("fast path: off (%s)", reason)
+        return []
+    count = patch_lora_layers(model)
+    if count == 0:
+        logger.info("fast path: off (no LoRA layer fits the fused projection)")
+        return []
+    logger.info("fast path: on (%s): %d LoRA projections fused", reason, count)
+    return [f"fast-lora({count} projections)"]

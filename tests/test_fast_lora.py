@@ -1,0 +1,209 @@
+"""The fast path's fused LoRA projection (tunelab.model.fast.lora) against its torch reference and against PEFT,
+forward and backward, and the fast path's selection (off on CPU with the reason, forced off, required).
+
+CPU tests use bitsandbytes' CPU backend for the real NF4 layer; the same checks run on the GPU in bf16 and fp16
+(marked gpu). Tolerances: float32 compute agrees to rounding (1e-5 relative); bf16/fp16 operands to 1e-2
+relative (each side rounds its bf16 products differently: the fused op accumulates the LoRA term in fp32).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from tunelab.model.fast import fast_path_decision, patch_lora_layers, unpatch_lora_layers
+from tunelab.model.fast.lora import lora_linear, lora_linear_reference
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _nf4_layer(fan_in, fan_out, device, dtype=torch.bfloat16, seed=0):
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    layer = bnb.nn.Linear4bit(fan_in, fan_out, bias=True, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=True, quant_storage=dtype)
+    layer.weight = bnb.nn.Params4bit((torch.randn(fan_out, fan_in, generator=g) * 0.05).to(dtype), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True, quant_storage=dtype)
+    layer.bias = torch.nn.Parameter((torch.randn(fan_out, generator=g) * 0.05).to(dtype), requires_grad=False)
+    layer = layer.to(device)
+    if device == "cpu":
+        layer(torch.zeros(1, fan_in, dtype=dtype))  # the CPU backend quantizes on first use
+    return layer
+
+
+def _lora(fan_in, fan_out, rank, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(rank, fan_in, generator=g) * 0.1).to(device).requires_grad_(True)
+    b = (torch.randn(fan_out, rank, generator=g) * 0.1).to(device).requires_grad_(True)
+    return a, b
+
+
+def _rel(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _check(weight, quant_state, bias, device, dtype, seed, tol):
+    fan_out, fan_in = quant_state.shape if quant_state is not None else weight.shape
+    a, b = _lora(fan_in, fan_out, 8, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(3, 37, fan_in, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    gy = torch.randn(3, 37, fan_out, generator=g).to(device=device, dtype=dtype)
+    y = lora_linear(x, weight, quant_state, bias, a, b, 2.0, dtype)
+    grads = torch.autograd.grad(y, (x, a, b), gy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = lora_linear_reference(x_ref, weight, quant_state, bias, a, b, 2.0, dtype)
+    refs = torch.autograd.grad(y_ref, (x_ref, a, b), gy)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert grads[0].dtype == dtype and grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
+    for got, ref in zip((y, *grads), (y_ref, *refs)):
+        assert torch.isfinite(got).all()
+        assert _rel(got, ref) < tol
+
+
+def test_fused_nf4_projection_matches_reference_fp32_cpu():
+    layer = _nf4_layer(64, 96, "cpu")
+    _check(layer.weight, layer.weight.quant_state, layer.bias, "cpu", torch.float32, seed=1, tol=1e-5)
+
+
+def test_fused_dense_projection_matches_reference_bf16_cpu():
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(48, 40, generator=g) * 0.05).bfloat16()
+    _check(w, None, None, "cpu", torch.bfloat16, seed=4, tol=1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_nf4_and_dense_projection_match_reference_on_gpu(dtype):
+    layer = _nf4_layer(512, 1536, "cuda", dtype=dtype, seed=5)
+    _check(layer.weight, layer.weight.quant_state, layer.bias, "cuda", dtype, seed=6, tol=1e-2)
+    w = (torch.randn(768, 512, device="cuda") * 0.05).to(dtype)
+    _check(w, None, None, "cuda", dtype, seed=7, tol=1e-2)
+
+
+def _tiny_peft(device, quantized: bool):
+    """A 2-layer hidden-64 Qwen2 with LoRA r=8 on all seven projections (B nonzero so every gradient is live)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    if quantized:
+        import bitsandbytes as bnb
+
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, lin in list(parent.named_children()):
+                    if isinstance(lin, torch.nn.Linear):
+                        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                              compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                              quant_storage=torch.bfloat16)
+                        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True, quant_storage=torch.bfloat16)
+                        if lin.bias is not None:
+                            q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                        setattr(parent, name, q)
+    model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).mul(0.05).to(device)
+    return model
+
+
+def _step(model, ids, device):
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, params)
+
+
+def _whole_step_fast_vs_plain(device, quantized):
+    model = _tiny_peft(device, quantized)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(9)).to(device)
+    loss_plain, grads_plain = _step(model, ids, device)
+    assert patch_lora_layers(model) == 14  # 7 projections x 2 layers
+    loss_fast, grads_fast = _step(model, ids, device)
+    assert abs(loss_fast.item() - loss_plain.item()) < 2e-3 * loss_plain.item()
+    for gf, gp in zip(grads_fast, grads_plain):
+        assert _rel(gf, gp) < 3e-2
+    unpatch_lora_layers(model)
+    loss_again, _ = _step(model, ids, device)  # unpatched: PEFT's forward again, the plain loss again
+    assert abs(loss_again.item() - loss_plain.item()) <= 1e-6 * loss_plain.item()
+
+
+def test_whole_step_fast_matches_plain_cpu_nf4():
+    _whole_step_fast_vs_plain("cpu", quantized=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [True, False])
+def test_whole_step_fast_matches_plain_on_gpu(quantized):
+    _whole_step_fast_vs_plain("cuda", quantized)
+
+
+def test_patched_layer_keeps_peft_forward_without_grad():
+    model = _tiny_peft("cpu", quantized=False)
+    patch_lora_layers(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    calls = []
+    plain = layer._tunelab_plain_forward
+    layer._tunelab_plain_forward = lambda *a, **k: calls.append(1) or plain(*a, **k)
+    with torch.no_grad():
+        layer(x)
+    assert calls == [1]  # generation/evaluation: PEFT's own path (bitsandbytes' inference kernels)
+    layer(x.requires_grad_(True))
+    assert calls == [1]  # training: the fused function
+
+
+def _cfg(**kw):
+    base = dict(use_fast_kernels=None, finetuning_type="lora", use_dora=False, lora_dropout=0.0, quantization_bit=4)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def _model(model_type):
+    return types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type))
+
+
+CUDA = types.SimpleNamespace(device="cuda", device_name="NVIDIA H200")
+
+
+@pytest.mark.parametrize("cfg, resolved, model_type, expect", [
+    (_cfg(), types.SimpleNamespace(device="cpu", device_name="CPU"), "qwen2", "the device is cpu: the fast path needs a CUDA GPU"),
+    (_cfg(use_fast_kernels=False), CUDA, "qwen2", "use_fast_kernels: false"),
+    (_cfg(lora_dropout=0.1), CUDA, "qwen2", "lora_dropout 0.1: only dropout 0 is fused"),
+    (_cfg(use_dora=True), CUDA, "qwen2", "use_dora: DoRA is not fused"),
+    (_cfg(quantization_bit=8), CUDA, "qwen2", "quantization_bit 8: the fast path covers 4-bit and 16-bit base weights"),
+    (_cfg(finetuning_type="full"), CUDA, "qwen2", "finetuning_type full: the fast path covers LoRA"),
+    (_cfg(), CUDA, "gemma2", "architecture gemma2 is not covered yet (covered: qwen2, qwen3, llama)"),
+])
+def test_decision_off_with_reason(cfg, resolved, model_type, expect):
+    assert fast_path_decision(_model(model_type), cfg, resolved) == (False, expect)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_decision_on_for_covered_architectures(model_type):
+    assert fast_path_decision(_model(model_type), _cfg(), CUDA) == (True, f"{model_type} LoRA on NVIDIA H200")
+
+
+def test_required_fast_path_on_cpu_is_an_error_and_auto_logs_off(caplog):
+    import logging
+
+    from tunelab.errors import ConfigError
+    from tunelab.model.fast import apply_fast_path
+
+    cpu = types.SimpleNamespace(device="cpu", device_name="CPU")
+    with pytest.raises(ConfigError, match="use_fast_kernels: true, but the fast path cannot apply here: the device is cpu"):
+        apply_fast_path(_model("qwen2"), _cfg(use_fast_kernels=True), cpu)
+    with caplog.at_level(logging.INFO, logger="tunelab.model.fast"):
+        assert apply_fast_path(_model("qwen2"), _cfg(), cpu) == []
+    assert "fast path: off (the device is cpu: the fast path needs a CUDA GPU)" in caplog.text
