@@ -355,3 +355,96 @@ def test_val_size_scores_the_split_training_held_out(mc_engine, quickstart, tmp_
     encoded = [mc_engine.template.encode_supervised(c, cfg.cutoff_len)[0] for c in convs]
     assert len(convs) == len(training_eval) > 0
     assert encoded == training_eval.input_ids
+
+
+# ----------------------------------------------------------------------------------------------- benchmark folders as shipped
+def _zip(path, files: dict):
+    import zipfile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, rows in files.items():
+            zf.writestr(name, rows)
+
+
+def _csv_text(rows, header=None) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    if header:
+        w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _load(tmp_path, task, task_dir, **kw):
+    from tunelab.eval.choice import load_benchmark
+
+    cfg = load_config({"model_name_or_path": "unused", "task": task, "task_dir": str(task_dir), "n_shot": 2,
+                       "output_dir": str(tmp_path / "out"), **kw})
+    return load_benchmark(cfg)
+
+
+def _summary(loaded):
+    return {k: (len(shots), len(qs), qs[0].answer) for k, (shots, qs) in loaded.data.items()}
+
+
+def test_llamafactory_evaluation_folder_as_shipped(tmp_path, monkeypatch):
+    """LLaMA-Factory's evaluation/: mmlu/mmlu.zip (data/<split>/<subject>_<split>.csv, no header), ceval/ceval.zip
+    (<split>/<subject>_<split>.csv with a header), cmmlu/cmmlu.zip (<split>/<subject>.csv, index column), each beside
+    its mapping.json. Read from the archives as they are; the archives are extracted once into the cache."""
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    ev = tmp_path / "evaluation"
+    mmlu = {f"data/{split}/{s}_{split}.csv": _csv_text(_questions(s, n)) for s in ("algebra", "law")
+            for split, n in (("dev", 3), ("val", 4), ("test", 5))}
+    _zip(str(ev / "mmlu" / "mmlu.zip"), mmlu)
+    (ev / "mmlu" / "mapping.json").write_text(json.dumps({"algebra": {"name": "abstract algebra", "category": "STEM"},
+                                                          "law": {"name": "law", "category": "Humanities"}}))
+    (ev / "mmlu" / "mmlu.py").write_text("# LLaMA-Factory's datasets loading script, not read\n")
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    ceval = {f"{split}/physics_{split}.csv": _csv_text([[k, *r, ""] for k, r in enumerate(_questions("physics", n))],
+                                                       header) for split, n in (("dev", 2), ("val", 6), ("test", 1))}
+    _zip(str(ev / "ceval" / "ceval.zip"), ceval)
+    (ev / "ceval" / "mapping.json").write_text(json.dumps({"physics": {"name": "物理", "category": "STEM"}}))
+    cmmlu = {f"{split}/anatomy.csv": _csv_text([[k, *r] for k, r in enumerate(_questions("anatomy", n))],
+                                              ["", "Question", "A", "B", "C", "D", "Answer"])
+             for split, n in (("dev", 2), ("test", 7))}
+    _zip(str(ev / "cmmlu" / "cmmlu.zip"), cmmlu)
+    (ev / "cmmlu" / "mapping.json").write_text(json.dumps({"anatomy": {"name": "解剖学", "category": "STEM"}}))
+
+    loaded = _load(tmp_path, "mmlu", ev)
+    assert _summary(loaded) == {"algebra": (2, 5, "A"), "law": (2, 5, "A")}
+    assert [s.name for s in loaded.bench.subjects] == ["abstract algebra", "law"]
+    assert loaded.bench.root.startswith(str(tmp_path / "cache" / "benchmarks" / "mmlu.zip-"))
+    assert _summary(_load(tmp_path, "mmlu_val", ev)) == {"algebra": (2, 4, "A"), "law": (2, 4, "A")}
+    assert _summary(_load(tmp_path, "ceval", ev)) == {"physics": (2, 6, "A")}  # C-Eval: val by default
+    cm = _load(tmp_path, "cmmlu", ev)
+    assert _summary(cm) == {"anatomy": (2, 7, "A")} and cm.bench.lang == "zh"
+    assert cm.data["anatomy"][1][0].question == _questions("anatomy", 1)[0][0]
+    assert sorted(os.listdir(ev / "mmlu")) == ["mapping.json", "mmlu.py", "mmlu.zip"]  # nothing written there
+
+
+def test_original_benchmark_layouts_extracted_or_archived(tmp_path, monkeypatch):
+    """MMLU's own data.tar (data/dev/<subject>_dev.csv), extracted or not; CMMLU's own folders (<split>/<subject>.csv)."""
+    import tarfile
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    for split, n in (("dev", 3), ("test", 4)):
+        _write_csv(str(tmp_path / "orig" / "mmlu" / "data" / split / f"virology_{split}.csv"), _questions("virology", n))
+        _write_csv(str(tmp_path / "orig" / "cmmlu" / split / "arts.csv"),
+                   [[k, *r] for k, r in enumerate(_questions("arts", n))], ["", "Question", "A", "B", "C", "D", "Answer"])
+    assert _summary(_load(tmp_path, "mmlu", tmp_path / "orig")) == {"virology": (2, 4, "A")}
+    cm = _load(tmp_path, "cmmlu", tmp_path / "orig")
+    assert _summary(cm) == {"arts": (2, 4, "A")} and cm.bench.subjects[0].category == "arts"
+    os.makedirs(tmp_path / "tarred" / "mmlu")
+    with tarfile.open(tmp_path / "tarred" / "mmlu" / "data.tar", "w") as tf:
+        tf.add(tmp_path / "orig" / "mmlu" / "data", arcname="data")
+    assert _summary(_load(tmp_path, "mmlu", tmp_path / "tarred")) == {"virology": (2, 4, "A")}
+
+
+def test_archive_without_split_folders_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    _zip(str(tmp_path / "ev" / "mmlu" / "mmlu.zip"), {"readme.txt": "nothing here"})
+    with pytest.raises(DataError, match=r"mmlu.zip' holds no dev/, val/ or test/ folder of subject CSV files"):
+        _load(tmp_path, "mmlu", tmp_path / "ev")

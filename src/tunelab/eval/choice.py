@@ -9,6 +9,13 @@ Data layout (LLaMA-Factory's `evaluation/` folder, the benchmarks' own CSVs):
     <task_dir>/<task>/mapping.json                       optional: {"<subject>": {"name": ..., "category": ...}}
     <task_dir>/<task>/{dev,val,test}/<subject>_{dev,val,test}.csv
 
+The split folders are also found as the benchmarks ship them, extracted or still archived: under a `data/`
+subfolder (MMLU's own data.tar: data/dev/abstract_algebra_dev.csv), inside one archive in the task folder (.zip, .tar,
+.tar.gz: LLaMA-Factory's evaluation/mmlu/mmlu.zip, ceval/ceval.zip, cmmlu/cmmlu.zip beside their mapping.json, or
+the originals), and with files named `<subject>.csv`, without the split (CMMLU's dev/ and test/). An archive is
+extracted once into tunelab's cache (`$TUNELAB_CACHE/benchmarks`, else ~/.cache/tunelab/benchmarks), keyed by the
+archive's path, size and time; the user's folder is never written to.
+
 A CSV has a header naming question, A, B, C, D (more letters allowed) and answer (C-Eval and CMMLU; other columns
 such as id or explanation are ignored), or no header and exactly six columns question, A, B, C, D, answer (MMLU).
 Without mapping.json every subject file of the split is a subject and its own category.
@@ -71,13 +78,18 @@ class Subject:
 @dataclass
 class Benchmark:
     task: str
-    folder: str
+    folder: str  # the task folder (mapping.json)
     split: str
     lang: str
     subjects: list[Subject] = field(default_factory=list)
+    root: str = ""  # the folder holding the split folders: `folder` itself, its data/, or an extracted archive
 
     def csv_path(self, subject: str, split: str) -> str:
-        return os.path.join(self.folder, split, f"{subject}_{split}.csv")
+        """<subject>_<split>.csv, or <subject>.csv where only that exists (CMMLU names files without the split)."""
+        base = os.path.join(self.root or self.folder, split)
+        named = os.path.join(base, f"{subject}_{split}.csv")
+        bare = os.path.join(base, f"{subject}.csv")
+        return bare if not os.path.isfile(named) and os.path.isfile(bare) else named
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -102,17 +114,80 @@ def find_benchmark(task: str, task_dir: str, eval_split: str | None = None, lang
     split = SPLIT_ALIASES.get(split, split) if split else DEFAULT_SPLIT.get(name, "test")
     if split not in SPLITS:
         raise ConfigError(f"eval_split={split!r} is not a split of a multiple-choice benchmark: use val or test (or dev).")
-    if not os.path.isdir(os.path.join(folder, split)):
-        present = [s for s in SPLITS if os.path.isdir(os.path.join(folder, s))]
-        raise DataError(f"The benchmark folder '{folder}' has no '{split}/' split folder (it has: "
+    root = _data_root(folder, name)
+    if not os.path.isdir(os.path.join(root, split)):
+        present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
+        where = folder if root == folder else f"{root} (in {folder})"
+        raise DataError(f"The benchmark folder '{where}' has no '{split}/' split folder (it has: "
                         f"{', '.join(present) or 'none'}). Set eval_split to one of those.")
-    bench = Benchmark(task=name, folder=folder, split=split, lang=lang or BENCHMARK_LANG.get(name, "en"))
+    bench = Benchmark(task=name, folder=folder, split=split, lang=lang or BENCHMARK_LANG.get(name, "en"), root=root)
     bench.subjects = _subjects(bench)
     return bench
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def _has_splits(folder: str) -> bool:
+    return any(os.path.isdir(os.path.join(folder, s)) for s in SPLITS)
+
+
+def _data_root(folder: str, task: str) -> str:
+    """Where the split folders are: the task folder, its data/ (MMLU's own layout), or an archive inside it."""
+    for candidate in (folder, os.path.join(folder, "data")):
+        if _has_splits(candidate):
+            return candidate
+    archives = sorted(f for f in os.listdir(folder) if f.lower().endswith(ARCHIVE_SUFFIXES))
+    if not archives:
+        return folder
+    preferred = [f for f in archives if f.lower().startswith((task.lower() + ".", "data."))]
+    archive = os.path.join(folder, (preferred or archives)[0])
+    extracted = _extract(archive)
+    roots = sorted((d for d, _, _ in os.walk(extracted) if _has_splits(d)), key=lambda d: (d.count(os.sep), d))
+    if not roots:
+        raise DataError(f"The archive '{archive}' holds no dev/, val/ or test/ folder of subject CSV files, so it is "
+                        "not a multiple-choice benchmark in the MMLU / C-Eval / CMMLU layout.")
+    logger.info("reading %s from the archive %s (extracted into %s)", task, archive, roots[0])
+    return roots[0]
+
+
+def _extract(archive: str) -> str:
+    """The archive extracted into tunelab's cache, once per (path, size, mtime); atomic (temp folder + rename)."""
+    import hashlib
+    import shutil
+    import tarfile
+    import tempfile
+    import zipfile
+
+    stat = os.stat(archive)
+    key = hashlib.sha256(f"{os.path.abspath(archive)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("TUNELAB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache")), "tunelab"), "benchmarks")
+    target = os.path.join(cache, f"{os.path.basename(archive)}-{key}")
+    if os.path.isdir(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".extract-")
+    try:
+        if archive.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)  # zipfile drops absolute paths and ".." parts
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")  # no absolute paths, links out of the folder, devices
+        os.replace(tmp, target)
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(target):  # another run extracted it at the same time
+            return target
+        raise DataError(f"Cannot read the benchmark archive '{archive}': {exc}.") from None
+    return target
+
+
 def _subjects(bench: Benchmark) -> list[Subject]:
     mapping_path = os.path.join(bench.folder, "mapping.json")
+    if not os.path.isfile(mapping_path) and bench.root:
+        mapping_path = os.path.join(bench.root, "mapping.json")
     if os.path.isfile(mapping_path):
         try:
             with open(mapping_path, encoding="utf-8") as fh:
@@ -126,11 +201,15 @@ def _subjects(bench: Benchmark) -> list[Subject]:
             info = info if isinstance(info, dict) else {"category": str(info)}
             subjects.append(Subject(key, str(info.get("name", key.replace("_", " "))), str(info.get("category", key))))
     else:
+        split_dir = os.path.join(bench.root or bench.folder, bench.split)
         suffix = f"_{bench.split}.csv"
-        files = sorted(f for f in os.listdir(os.path.join(bench.folder, bench.split)) if f.endswith(suffix))
+        csvs = sorted(f for f in os.listdir(split_dir) if f.endswith(".csv"))
+        files = [f for f in csvs if f.endswith(suffix)]
+        if not files:  # CMMLU: dev/<subject>.csv, test/<subject>.csv
+            files, suffix = csvs, ".csv"
         subjects = [Subject(f[: -len(suffix)], f[: -len(suffix)].replace("_", " "), f[: -len(suffix)]) for f in files]
         if not subjects:
-            raise DataError(f"'{os.path.join(bench.folder, bench.split)}' holds no <subject>{suffix} file.")
+            raise DataError(f"'{split_dir}' holds no <subject>_{bench.split}.csv (or <subject>.csv) file.")
     for s in subjects:
         path = bench.csv_path(s.key, bench.split)
         if not os.path.isfile(path):
