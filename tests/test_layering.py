@@ -10,8 +10,9 @@ import pathlib
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "tunelab"
 RANK = {
     "utils": 0, "errors": 0, "config": 1, "data": 2, "model": 2, "estimate": 2,
-    "train": 3, "infer": 3, "export": 3, "eval": 3, "datatools": 3,
+    "train": 3, "infer": 3, "serve": 3, "export": 3, "eval": 3, "datatools": 3,
     "commands": 4, "cli": 4, "bench": 4, "__init__": 4, "__main__": 4,
+    "webui": 4,
 }
 
 

@@ -18,11 +18,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tunelab.commands.train", "fine-tune a model with LoRA / QLoRA / freeze / full (SFT)"),
     "chat": ("tunelab.commands.chat", "talk to a base or fine-tuned model (interactive or --prompt)"),
+    "api": ("tunelab.commands.api", "serve base + fine-tuned models over an OpenAI-compatible HTTP API"),
     "export": ("tunelab.commands.export", "merge a LoRA adapter into its base model and save it"),
     "eval": ("tunelab.commands.eval", "evaluate: predict (BLEU/ROUGE), perplexity, mmlu/cmmlu/ceval, compare"),
     "data": ("tunelab.commands.data", "convert, split, validate, inspect and register datasets"),
     "bench": ("tunelab.commands.bench", "measure training speed and memory against the plain stack (GPU)"),
     "estimate": ("tunelab.commands.estimate", "predict GPU memory of a training run from the model config; what fits a card"),
+    "webui": ("tunelab.commands.webui", "the browser UI: data, train, evaluate, chat, export (English / 中文)"),
+    "webchat": ("tunelab.commands.webchat", "the browser chat alone, for the model a config names"),
     "quickstart": ("tunelab.commands.quickstart", "write the offline tiny model and demo data used by examples/quickstart.yaml"),
     "env": ("tunelab.commands.env", "print versions of Python, torch, CUDA, GPUs and libraries (for bug reports)"),
 }
