@@ -56,7 +56,7 @@ def _is_training_config(path: str) -> bool:
 
 
 def build(args) -> tuple:
-    """(shape, setup, notes) from the arguments: a training config with flags on top, or a model with flags."""
+    """(shape, setup, notes, batch auto?, gradient accumulation) from the arguments: a training config with flags on top, or a model with flags."""
     from dataclasses import replace
 
     from tunelab.estimate import Setup, model_shape
@@ -67,11 +67,11 @@ def build(args) -> tuple:
 
         cfg = load_config([args.model, *args.overrides])
         shape, setup, notes = setup_from_config(cfg)
-        auto = cfg.per_device_train_batch_size == "auto"
+        auto, accum = cfg.per_device_train_batch_size == "auto", cfg.gradient_accumulation_steps
     else:
         if args.overrides:
             raise ConfigError(f"'{args.overrides[0]}': key=value overrides apply to a training config (.yaml), not to a model.")
-        shape, setup, notes, auto = model_shape(args.model), Setup(bits=None, batch=4, seq=1024, liger=liger_default()), [], False
+        shape, setup, notes, auto, accum = model_shape(args.model), Setup(bits=None, batch=4, seq=1024, liger=liger_default()), [], False, 1
         setup = replace(setup, method=args.method or "qlora")
     changes = {k: v for k, v in dict(method=args.method, rank=args.rank, batch=args.batch, seq=args.cutoff_len,
                                      grad_ckpt=args.grad_ckpt, optim=args.optim, attn=args.attn, liger=args.liger).items() if v is not None}
@@ -90,7 +90,7 @@ def build(args) -> tuple:
         setup = replace(setup, bits=None)
     if "batch" in changes and not args.packing:
         setup = replace(setup, mask=setup.mask and setup.batch > 1)
-    return shape, setup, notes, auto
+    return shape, setup, notes, auto, accum
 
 
 def main(argv: list[str]) -> int:
@@ -99,12 +99,12 @@ def main(argv: list[str]) -> int:
     from tunelab.estimate.fit import fit, parse_gpu
     from tunelab.estimate.report import fit_json, fit_table, table
 
-    shape, setup, notes, auto = build(args)
+    shape, setup, notes, auto, accum = build(args)
     gpu = parse_gpu(args.gpu) if args.gpu else None
     if auto and gpu is None:
         notes.append("per_device_train_batch_size: auto is chosen on the GPU at train time; estimated here at batch 1 (add --gpu to see the choice).")
     est = estimate(shape, setup)
-    plan = fit(shape, setup, gpu) if gpu else None
+    plan = fit(shape, setup, gpu, accumulation=accum) if gpu else None
     if args.json:
         out = est.to_json()
         out["notes"] = notes

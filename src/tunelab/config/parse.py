@@ -282,7 +282,7 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.learning_rate > 0, f"learning_rate must be positive, got {cfg.learning_rate}.")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
-        _check(getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}.")
+        _check(getattr(cfg, key) == "auto" or getattr(cfg, key) >= 1, f"{key} must be at least 1, got {getattr(cfg, key)}.")
     _check(0.0 <= cfg.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}.")
     _check(cfg.max_steps != 0, "max_steps=0 trains nothing: use a positive number, or -1 to train by num_train_epochs.")
     _check(cfg.max_steps > 0 or cfg.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is not set.")

@@ -109,7 +109,9 @@ class TrainArgs:
     resume_from_checkpoint: Optional[Union[bool, str]] = opt(None, "A checkpoint folder, or true for the latest in output_dir.")
     num_train_epochs: float = opt(3.0, "Epochs (ignored when max_steps > 0).")
     max_steps: int = opt(-1, "Total optimizer steps (overrides num_train_epochs when > 0).")
-    per_device_train_batch_size: int = opt(1, "Samples per batch.")
+    per_device_train_batch_size: Union[int, Literal["auto"]] = opt(
+        1, "Samples per batch; auto: the largest power of two (up to 64) that tunelab's memory estimate fits into the GPU's free memory (1 on a CPU)."
+    )
     per_device_eval_batch_size: int = opt(1, "Samples per evaluation batch.")
     gradient_accumulation_steps: int = opt(1, "Batches per optimizer step.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")

@@ -32,7 +32,6 @@ from tunelab.estimate.archs import ModelShape
 RESERVED_FRACTION = 0.03
 RESERVED_FIXED = 0.15 * T.GiB
 CUDA_CONTEXT = 0.55 * T.GiB
-FUSED_CHUNK_BUDGET = 1 << 30  # tunelab.model.kernels._chunk_rows: one fp32 chunk of logits within 1 GiB
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,9 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     if u.plain:
         loss = Row("logits", "logits and loss (full vocab x tokens)", T.plain_loss_bytes(shape, n, b), "3 x fp32 N x V in the loss backward")
     else:
-        rows = max(64, min(8192, FUSED_CHUNK_BUDGET // (4 * shape.vocab)))
+        from tunelab.model.kernels import _chunk_rows  # the fused loss's own chunking (no torch import)
+
+        rows = _chunk_rows(shape.vocab)
         loss = Row("logits", f"fused loss: one chunk of {min(rows, labelled)} rows", T.fused_loss_bytes(shape, labelled, b, rows),
                    "tunelab.model.kernels, labelled rows only")
     moments = {"loss": common + [loss, Row("temporaries", "final norm and hidden states", final)]}

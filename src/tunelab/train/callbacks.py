@@ -2,8 +2,8 @@
 
 trainer_log.jsonl has one JSON object per logging step (and per evaluation) with LLaMA-Factory's keys
 (current_steps, total_steps, loss, eval_loss, lr, epoch, percentage, elapsed_time, remaining_time) plus
-tokens_per_second and gpu_memory_gib. On resume, records past the resumed step are dropped so the log reads
-as one run.
+tokens_per_second, gpu_memory_gib (peak allocated) and gpu_memory_reserved_gib (peak reserved). On resume,
+records past the resumed step are dropped so the log reads as one run.
 
 A graceful stop: the first SIGTERM during training (what `kill PID` and the web UI's Stop button send) finishes the
 current optimizer step, logs it, saves a complete checkpoint and ends the run with a TrainingError sentence naming
@@ -38,6 +38,15 @@ def gpu_memory_gib() -> float | None:
 
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return None
+
+
+def gpu_memory_reserved_gib() -> float | None:
+    """Peak memory the caching allocator reserved (what nvidia-smi sees, less the CUDA context)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return None
 
 
@@ -99,6 +108,7 @@ class LogCallback(TrainerCallback):
             "remaining_time": _fmt_time(remaining),
             "tokens_per_second": round(tps, 1),
             "gpu_memory_gib": gpu_memory_gib(),
+            "gpu_memory_reserved_gib": gpu_memory_reserved_gib(),
         }
         if "grad_norm" in logs:
             record["grad_norm"] = logs["grad_norm"]

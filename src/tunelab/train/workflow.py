@@ -207,6 +207,38 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
+def resolve_batch_size(cfg: Config, resolved: Resolved) -> Config:
+    """per_device_train_batch_size: auto -> the memory estimate's choice on the GPU at hand (logged); else cfg as is."""
+    if cfg.per_device_train_batch_size != "auto":
+        return cfg
+    from tunelab.estimate.runtime import auto_batch
+
+    batch, reason = auto_batch(cfg, resolved.device)
+    logger.info("per_device_train_batch_size: auto -> %d (%s)", batch, reason)
+    return cfg.replace(per_device_train_batch_size=batch)
+
+
+def warn_if_too_big(cfg: Config, resolved: Resolved) -> None:
+    """Before the model loads: warn when the memory estimate exceeds the GPU's free memory (one process, unsharded)."""
+    if getattr(cfg, "fsdp", None) or cfg.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from tunelab.estimate.runtime import fit_warning
+
+    warning = fit_warning(cfg, resolved.device)
+    if warning:
+        logger.warning(warning)
+
+
+def peak_memory() -> dict[str, float]:
+    """The run's real peak GPU memory, allocated and reserved (what `tunelab estimate` predicts), for the results."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     """The whole SFT run. Returns the final metrics (also written to all_results.json)."""
     from tunelab.data.collator import Collator, PackedSet
@@ -232,6 +264,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     if "swanlab" in resolved.report_to:
         setup_swanlab(cfg)
     output_dir = resolved.output_dir
+    cfg = resolve_batch_size(cfg, resolved)  # per_device_train_batch_size: auto -> a number, before anything uses it
 
     # 1. tokenizer, template, data (before the model: data errors surface in seconds, not after a 20 s load)
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, revision=cfg.model_revision)
@@ -249,6 +282,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     if resume and checkpoint_step(resume) >= planned_steps(cfg, len(data.train)):
         return finish_from_checkpoint(cfg, resume, tokenizer, output_dir)
     set_seed(cfg.seed)  # the adapter's initialisation is random too: the seed must cover it
+    warn_if_too_big(cfg, resolved)
     model = load_model(cfg, resolved, for_training=True)
     loss_impl = select_loss(model)
     logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
@@ -282,6 +316,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     save_final(trainer, tokenizer, output_dir)
     metrics = dict(result.metrics)
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics.update(peak_memory())
     trainer.save_metrics("train", metrics)
     if data.eval is not None:  # the final evaluation, unless the last step was just evaluated
         done = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]

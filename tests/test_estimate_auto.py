@@ -1,0 +1,89 @@
+"""per_device_train_batch_size: auto (the estimate picks the batch on the GPU at hand; 1 on a CPU), the warning before a
+run that will not fit, and the real peak memory a run records (GPU test)."""
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import pytest
+from helpers_train import base_config, isolated_env, read_json, read_jsonl, tiny_model, toy_records, write_dataset_dir  # noqa: F401
+
+from tunelab.config import load_config
+from tunelab.estimate import Setup, estimate, model_shape
+from tunelab.estimate import runtime
+from tunelab.estimate.terms import GiB
+
+QLORA_7B = {"model_name_or_path": "Qwen/Qwen2.5-7B-Instruct", "quantization_bit": 4, "cutoff_len": 1024,
+            "per_device_train_batch_size": "auto", "do_train": True, "dataset": "x"}
+
+
+def test_auto_is_a_valid_value_and_other_words_are_not():
+    assert load_config(QLORA_7B).per_device_train_batch_size == "auto"
+    with pytest.raises(Exception, match="expected an integer or one of 'auto'"):
+        load_config({**QLORA_7B, "per_device_train_batch_size": "max"})
+
+
+def test_auto_on_a_gpu_picks_the_largest_batch_that_fits(monkeypatch):
+    from tunelab.train.workflow import resolve_batch_size
+
+    free = 22 * GiB  # a 24 GiB card with its context and a display on it
+    monkeypatch.setattr(runtime, "free_gpu_bytes", lambda: free)
+    cfg = resolve_batch_size(load_config(QLORA_7B), types.SimpleNamespace(device="cuda"))
+    batch = cfg.per_device_train_batch_size
+    shape = model_shape("Qwen/Qwen2.5-7B-Instruct")
+    need = lambda b: estimate(shape, Setup(batch=b, seq=1024, mask=b > 1, liger=runtime.setup_from_config(cfg)[1].liger)).nvidia_smi  # noqa: E731
+    budget = free - runtime.MARGIN + runtime.CUDA_CONTEXT
+    assert batch in (1, 2, 4, 8, 16, 32, 64) and batch >= 4
+    assert need(batch) <= budget < need(2 * batch)
+
+
+def test_auto_on_a_cpu_is_batch_one_and_logged(caplog):
+    from tunelab.train.workflow import resolve_batch_size
+
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        cfg = resolve_batch_size(load_config(QLORA_7B), types.SimpleNamespace(device="cpu"))
+    assert cfg.per_device_train_batch_size == 1
+    assert "per_device_train_batch_size: auto -> 1" in caplog.text
+
+
+def test_warning_names_the_setting_to_change(monkeypatch):
+    monkeypatch.setattr(runtime, "free_gpu_bytes", lambda: 12 * GiB)
+    cfg = load_config({**QLORA_7B, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2})
+    text = runtime.fit_warning(cfg, "cuda")
+    assert text and "12.0 GiB free" in text and "per_device_train_batch_size: " in text
+    batch = int(text.split("per_device_train_batch_size: ")[1].split(" ")[0])
+    assert batch < 16 and f"gradient_accumulation_steps: {16 * 2 // batch}" in text
+    assert runtime.fit_warning(load_config({**QLORA_7B, "per_device_train_batch_size": 1}), "cuda") is None
+    assert runtime.fit_warning(cfg, "cpu") is None
+
+
+def test_a_cpu_run_with_batch_auto_trains_at_batch_one(tiny_model, tmp_path, caplog):  # noqa: F811
+    import tunelab
+
+    data = write_dataset_dir(tmp_path / "data", {"toy": ("alpaca", toy_records(4))})
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        tunelab.run(base_config(tiny_model, data, out, per_device_train_batch_size="auto", max_steps=1, save_strategy="no"))
+    assert "per_device_train_batch_size: auto -> 1" in caplog.text
+    assert read_json(os.path.join(out, "all_results.json"))["train_samples_per_second"] > 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_a_gpu_run_records_its_peak_memory(tiny_model, tmp_path):  # noqa: F811
+    import tunelab
+
+    data = write_dataset_dir(tmp_path / "data", {"toy": ("alpaca", toy_records(8))})
+    out = str(tmp_path / "out")
+    tunelab.run(base_config(tiny_model, data, out, max_steps=2, save_strategy="no", bf16=True))
+    results = read_json(os.path.join(out, "all_results.json"))
+    assert 0 < results["peak_memory_allocated_gib"] <= results["peak_memory_reserved_gib"]
+    log = [r for r in read_jsonl(os.path.join(out, "trainer_log.jsonl")) if "loss" in r]
+    assert log and all(r["gpu_memory_reserved_gib"] >= r["gpu_memory_gib"] > 0 for r in log)

@@ -1,0 +1,48 @@
+"""The accuracy table of docs/estimate.md from a tools/estimate_measure.py result, beside the other ways to guess.
+
+    python tools/estimate_table.py measure.json
+
+Columns: measured peak allocated, tunelab estimate (and its error), the "paper arithmetic" of the tutorials
+(every weight at the method's bytes + 16 B per LoRA parameter for weight, gradient and AdamW states; no
+activations), LLaMA-Factory's static README table, and accelerate estimate-memory's figure (its "Total Size" for
+the weights' dtype: it prints N/A for training a 4-bit model and models neither LoRA nor activations).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from tunelab.estimate import model_shape
+from tunelab.estimate import terms as T
+
+ARCHS = {"qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}
+# LLaMA-Factory README, "Hardware Requirement" (GB): 7B column; other sizes from its xB column (LoRA 2x, QLoRA-4 x/2)
+LLAMA_FACTORY = {("qwen2.5-7b", "lora"): 16, ("qwen2.5-7b", "qlora"): 6, ("qwen2.5-1.5b", "lora"): 3, ("qwen2.5-1.5b", "qlora"): 0.75}
+# accelerate estimate-memory "Total Size" (tools/estimate_accelerate.py): float16 and int4 rows
+ACCELERATE = {("qwen2.5-7b", "lora"): "13.17 GB", ("qwen2.5-7b", "qlora"): "3.29 GB (training: N/A)",
+              ("qwen2.5-1.5b", "lora"): "2.88 GB", ("qwen2.5-1.5b", "qlora"): "736 MB (training: N/A)"}
+
+
+def paper(arch: str, method: str) -> float:
+    s = model_shape(ARCHS[arch])
+    per = 0.5 if method == "qlora" else 2.0
+    return (per * T.total_params(s) + 16 * T.lora_params(s, 8, T.LORA_TARGETS)) / T.GiB
+
+
+def main(path: str) -> int:
+    doc = json.load(open(path))
+    rows = [r for r in doc["records"] if "peak_allocated_gib" in r]
+    print("| model | method | stack | batch x tokens | measured GiB | tunelab estimate | error | reserved (measured / predicted) | paper arithmetic | LLaMA-Factory | accelerate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["arch"], r["method"], r["stack"], r["batch"] * r["seq"])):
+        key = (r["arch"], r["method"])
+        print(f"| {r['arch']} | {'QLoRA 4-bit' if r['method'] == 'qlora' else 'LoRA 16-bit'} | {r['stack']} | {r['batch']} x {r['seq']} | "
+              f"{r['peak_allocated_gib']:.2f} | {r['predicted_allocated_gib']:.2f} | {r['error_pct']:+.1f}% | "
+              f"{r['peak_reserved_gib']:.2f} / {r['predicted_reserved_gib']:.2f} | {paper(*key):.2f} | {LLAMA_FACTORY[key]} GB | {ACCELERATE[key]} |")
+    worst = max(abs(r["error_pct"]) for r in rows)
+    print(f"\n{len(rows)} cases, largest error {worst:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
