@@ -88,7 +88,7 @@ def samples(batch: int, seq: int, vocab: int) -> list[dict]:
     return out
 
 
-def plain_model(model_dir: str, method: str):
+def plain_model(model_dir: str, method: str, ckpt: bool = True):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -98,7 +98,8 @@ def plain_model(model_dir: str, method: str):
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa", **kw)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -126,17 +127,18 @@ def measure_plain(model, batch: int, seq: int, vocab: int, opt) -> None:
     torch.cuda.synchronize()
 
 
-def tunelab_config(model_dir: str, method: str, batch: int = 1):
+def tunelab_config(model_dir: str, method: str, batch: int = 1, ckpt: bool = True):
     from tunelab.config import load_config
 
     quant = {"quantization_bit": 4, "quantization_type": "nf4", "double_quantization": True} if method == "qlora" else {}
     return load_config({"model_name_or_path": model_dir, **quant, "do_train": True, "lora_rank": 8, "lora_alpha": 16,
                         "lora_dropout": 0.0, "lora_target": "all", "bf16": True, "optim": "adamw_torch_fused",
                         "learning_rate": 1e-4, "output_dir": "/tmp/tunelab-estimate-out", "report_to": "none",
-                        "save_strategy": "no", "logging_steps": 1000, "max_steps": STEPS, "per_device_train_batch_size": batch})
+                        "save_strategy": "no", "logging_steps": 1000, "max_steps": STEPS, "per_device_train_batch_size": batch,
+                        "disable_gradient_checkpointing": not ckpt})
 
 
-def measure_tunelab(model, model_dir: str, method: str, batch: int, seq: int, vocab: int) -> None:
+def measure_tunelab(model, model_dir: str, method: str, batch: int, seq: int, vocab: int, ckpt: bool = True) -> None:
     import torch
     from transformers import TrainerCallback
 
@@ -147,7 +149,7 @@ def measure_tunelab(model, model_dir: str, method: str, batch: int, seq: int, vo
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.train.workflow import training_arguments
 
-    cfg = tunelab_config(model_dir, method, batch)
+    cfg = tunelab_config(model_dir, method, batch, ckpt)
     data = samples(batch, seq, vocab)
     train_set = EncodedSet([s["input_ids"] for s in data], [s["labels"] for s in data])
 
@@ -165,20 +167,20 @@ def measure_tunelab(model, model_dir: str, method: str, batch: int, seq: int, vo
     del trainer
 
 
-def job(arch: str, method: str, stack: str, model_dir: str, shapes) -> None:
+def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool = True) -> None:
     """One process: load once, every shape in turn; one JSON line per shape."""
     import torch
 
     t0 = time.time()
     if stack == "plain":
-        model = plain_model(model_dir, method)
+        model = plain_model(model_dir, method, ckpt)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         kernels = "plain"
     else:
         from tunelab.config.resolve import resolve
         from tunelab.model.loader import load_model
 
-        cfg = tunelab_config(model_dir, method)
+        cfg = tunelab_config(model_dir, method, ckpt=ckpt)
         model = load_model(cfg, resolve(cfg), for_training=True)
         base = model.get_base_model()
         kernels = type(base.model.norm).__name__
@@ -189,12 +191,12 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        rec = {"arch": arch, "method": method, "stack": stack, "batch": batch, "seq": seq, "kernels": kernels}
+        rec = {"arch": arch, "method": method, "stack": stack, "batch": batch, "seq": seq, "kernels": kernels, "ckpt": ckpt}
         try:
             if stack == "plain":
                 measure_plain(model, batch, seq, vocab, opt)
             else:
-                measure_tunelab(model, model_dir, method, batch, seq, vocab)
+                measure_tunelab(model, model_dir, method, batch, seq, vocab, ckpt)
             rec.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3), smi_mib=smi_used_mib())
         except torch.OutOfMemoryError:
@@ -207,7 +209,8 @@ def predict(rec: dict, liger: bool) -> dict:
     from tunelab.estimate.terms import GiB
 
     u = Setup(method=rec["method"], bits=4 if rec["method"] == "qlora" else None, batch=rec["batch"], seq=rec["seq"],
-              plain=rec["stack"] == "plain", liger=liger and rec["stack"] == "tunelab", optim="adamw_torch_fused")
+              plain=rec["stack"] == "plain", liger=liger and rec["stack"] == "tunelab", optim="adamw_torch_fused",
+              grad_ckpt=rec.get("ckpt", True))
     est = estimate(model_shape(ARCHS[rec["arch"]]), u)
     return {"predicted_allocated_gib": round(est.peak_allocated / GiB, 3), "predicted_reserved_gib": round(est.peak_reserved / GiB, 3),
             "predicted_smi_gib": round(est.nvidia_smi / GiB, 3), "predicted_phase": est.phase}
@@ -226,7 +229,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--root", default="/tmp/tunelab-estimate-models")
     p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--jobs", default=None, help="comma-free list of arch:method:stack[:nockpt] (default: every combination)")
+    p.add_argument("--shapes", default=None, help="comma list of BxT (default 1x512,1x1024,4x1024,2x4096)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", default=None, help=argparse.SUPPRESS)
     p.add_argument("--context", action="store_true", help=argparse.SUPPRESS)
@@ -238,8 +243,9 @@ def main() -> int:
         print(json.dumps(context()), flush=True)
         return 0
     if args.job:
-        arch, method, stack = args.job.split(",")
-        job(arch, method, stack, os.path.join(args.root, arch), SHAPES)
+        arch, method, stack, *flags = args.job.split(",")
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+        job(arch, method, stack, os.path.join(args.root, arch), shapes, ckpt="nockpt" not in flags)
         return 0
     me = [sys.executable, os.path.abspath(__file__), "--root", args.root]
     t0 = time.time()
@@ -249,9 +255,12 @@ def main() -> int:
         list(pool.map(lambda a: _run(me + ["--out", args.out, "--build", a]), archs))
     print(json.dumps({"context": ctx, "built_s": round(time.time() - t0, 1)}), flush=True)
     jobs = [(a, m, s) for a in reversed(archs) for m in ("lora", "qlora") for s in ("plain", "tunelab")]
+    if args.jobs:
+        jobs = [tuple(j.split(":")) for j in args.jobs.split()]
+    extra = ["--shapes", args.shapes] if args.shapes else []
     records: list[dict] = []
     with cf.ThreadPoolExecutor(args.workers) as pool:
-        for recs in pool.map(lambda j: _run(me + ["--out", args.out, "--job", ",".join(j)]), jobs):
+        for recs in pool.map(lambda j: _run(me + ["--out", args.out, "--job", ",".join(j)] + extra), jobs):
             for r in recs:
                 print(json.dumps(r), flush=True)
             records += recs

@@ -22,7 +22,7 @@ OPTIMS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_3
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab estimate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="hub id, model folder, config.json, or a training config (.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of a training config")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides of a training config")
     p.add_argument("--method", choices=("full", "freeze", "lora", "qlora"), default=None, help="default qlora")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="base weights of qlora (default 4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
@@ -94,7 +94,7 @@ def build(args) -> tuple:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     from tunelab.estimate import estimate
     from tunelab.estimate.fit import fit, parse_gpu
     from tunelab.estimate.report import fit_json, fit_table, table

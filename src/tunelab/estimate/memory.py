@@ -180,7 +180,8 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
         rows = _chunk_rows(shape.vocab)
         loss = Row("logits", f"fused loss: one chunk of {min(rows, labelled)} rows", T.fused_loss_bytes(shape, labelled, b, rows),
                    "tunelab.model.kernels, labelled rows only")
-    moments = {"loss": common + [loss, Row("temporaries", "final norm and hidden states", final)]}
+    casts = Row("temporaries", "final norm, hidden states, autocast weight copies", final + T.autocast_copies(trainable, b))
+    moments = {"loss": common + [loss, casts]}
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
     temp = T.r512(T.layer_backward_temp(shape, k, b) * n) + T.dequant_temp(shape, u.bits if u.method == "qlora" else None, b)
     grads_one_layer = trainable // shape.layers if u.method in ("lora", "qlora") else 0

@@ -223,11 +223,18 @@ def fused_loss_bytes(s: ModelShape, labelled: int, b: int, chunk_rows: int) -> i
     """tunelab's fused linear + cross-entropy (tunelab.model.kernels) over the labelled rows only, a chunk of
     `chunk_rows` at a time: the chunk's fp32 logits (4 V per row) and logsumexp's fp32 temporary (4 V); from the
     second chunk on, the previous chunk's b-byte probabilities are still referenced while the next chunk's
-    logits are computed (b V more). Plus the labelled rows of the hidden states gathered (b H per row) and their
-    gradient (b H per row), kept until backward."""
+    logits are computed (b V more). Plus the labelled rows of the hidden states gathered (b H per row), their
+    gradient (b H per row, kept until backward) and the shifted, flattened hidden states (b H per row: reshape
+    copies them when batch > 1)."""
     rows = min(labelled, chunk_rows)
     per_row = (8 if labelled <= chunk_rows else 8 + b) * s.vocab
-    return r512(per_row * rows) + 2 * r512(b * labelled * s.hidden)
+    return r512(per_row * rows) + 3 * r512(b * labelled * s.hidden)
+
+
+def autocast_copies(trainable: int, b: int) -> int:
+    """Mixed precision casts each fp32 trainable weight to b bytes once per forward and caches the copy until the
+    autocast region ends (the loss is computed inside it): b bytes per trainable parameter at the loss."""
+    return b * trainable if b < 4 else 0
 
 
 def mask_bytes(batch: int, seq: int) -> int:
