@@ -207,3 +207,11 @@ def test_required_fast_path_on_cpu_is_an_error_and_auto_logs_off(caplog):
     with caplog.at_level(logging.INFO, logger="tunelab.model.fast"):
         assert apply_fast_path(_model("qwen2"), _cfg(), cpu) == []
     assert "fast path: off (the device is cpu: the fast path needs a CUDA GPU)" in caplog.text
+
+
+def test_patching_adds_no_module_or_state_dict_key():
+    model = _tiny_peft("cpu", quantized=False)
+    keys = list(model.state_dict())
+    names = [n for n, _ in model.named_modules()]
+    patch_lora_layers(model)
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_modules()] == names

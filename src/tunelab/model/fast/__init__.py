@@ -59,12 +59,11 @@ def _fast_forward(self, x, *args, **kwargs):
     from tunelab.model.fast.lora import lora_linear
 
     name = self._tunelab_adapter
-    base = self.get_base_layer()
-    weight = base.weight
+    weight = self._tunelab_base.weight
     quant_state = getattr(weight, "quant_state", None)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self._tunelab_dtype
-    return lora_linear(x, weight, quant_state, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], dtype)
+    return lora_linear(x, weight, quant_state, self._tunelab_base.bias, self.lora_A[name].weight,
+                       self.lora_B[name].weight, self.scaling[name], dtype)
 
 
 def _patchable(module) -> str | None:
@@ -104,6 +103,8 @@ def patch_lora_layers(model) -> int:
         weight = module.get_base_layer().weight
         qs = getattr(weight, "quant_state", None)
         module._tunelab_adapter = name
+        # a plain attribute: nn.Module's setattr would register the base layer a second time as a submodule
+        object.__setattr__(module, "_tunelab_base", module.get_base_layer())
         module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
         module._tunelab_plain_forward = module.forward
         module.forward = types.MethodType(_fast_forward, module)
@@ -116,7 +117,7 @@ def unpatch_lora_layers(model) -> None:
     for module in model.modules():
         if hasattr(module, "_tunelab_plain_forward"):
             module.forward = module._tunelab_plain_forward
-            del module._tunelab_plain_forward
+            del module._tunelab_plain_forward, module._tunelab_base
 
 
 def apply_fast_path(model, cfg, resolved) -> list[str]:

@@ -22,7 +22,29 @@ from typing import Any
 
 
 def dense_weight(weight, quant_state, dtype):
-    """The frozen base weight as a dense [out, in] tensor of `dtype`: bitsandbytes' dequantize for 4-bit."""
+    """The frozen base weight as a dense [out, in] tensor of `dtype`: bitsandbytes' dequantize kernels for 4-bit.
+
+    Calls bitsandbytes' registered ops directly (the nested absmax first, then the 4-bit weight), which is what
+    bitsandbytes.functional.dequantize_4bit does after its argument checks; the checks cost more CPU time than
+    the kernels at these sizes and the quant state was checked when the layer was patched. The reference below
+    goes through bitsandbytes.functional, so the tests compare the two."""
+    if quant_state is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    import torch
+
+    ops = torch.ops.bitsandbytes
+    qs = quant_state
+    absmax = qs.absmax
+    if qs.nested:
+        s2 = qs.state2
+        absmax = ops.dequantize_blockwise.default(qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32)
+        absmax += qs.offset
+    w = ops.dequantize_4bit.default(weight.view(-1, 1), absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def reference_dense_weight(weight, quant_state, dtype):
+    """The same through bitsandbytes' public dequantize_4bit (with its checks)."""
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
     import bitsandbytes.functional as bnbf
@@ -35,7 +57,7 @@ def lora_linear_reference(x, weight, quant_state, bias, lora_a, lora_b, scale: f
     """The same function in plain torch ops (autograd does the backward): the reference the tests compare with."""
     import torch
 
-    w = dense_weight(weight, quant_state, dtype)
+    w = reference_dense_weight(weight, quant_state, dtype)
     xd = x.to(dtype)
     y = torch.nn.functional.linear(xd, w, None if bias is None else bias.to(dtype))
     return y + (xd @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t() * scale
