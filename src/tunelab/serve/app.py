@@ -138,8 +138,10 @@ def validate(schema: type, data: dict[str, Any]) -> Any:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "str", "list[", "dict[", "literal[", "int", "none")))
+        # The deepest location is the most specific (for a union such as content: str | [parts], the part's field);
+        # pydantic's union-member tags ('str', 'list[TextPart]') are not field names and are left out.
+        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+        where = ".".join(str(p) for p in err.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
         if err.get("type") == "extra_forbidden":
             message = f"Unknown field '{where}'."
         elif err.get("type") == "missing":
@@ -147,3 +149,6 @@ def validate(schema: type, data: dict[str, Any]) -> Any:
         else:
             message = f"Invalid value for '{where}': {err.get('msg')} (got {json.dumps(err.get('input'), default=str)[:100]})."
         raise P.APIError(400, message, param=where or None, code="invalid_value") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}

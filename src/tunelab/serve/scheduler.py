@@ -100,6 +100,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.step_seconds = 0.05  # moving average, for Retry-After
         self.steps = 0
+        self.peak_running = 0  # the largest batch so far (/health shows it)
 
     # ----- outside API ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,7 +134,7 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self.cv:
             return {"running": len(self.active), "waiting": len(self.waiting), "slots": self.decoder.max_slots,
-                    "max_queue": self.max_queue, "steps": self.steps}
+                    "max_queue": self.max_queue, "steps": self.steps, "peak_running": self.peak_running}
 
     def _retry_after(self) -> int:
         typical = max((j.max_tokens for j in self.active.values()), default=16)
@@ -183,6 +184,7 @@ class Scheduler:
             return
         with self.cv:
             self.active[slot] = job
+            self.peak_running = max(self.peak_running, len(self.active))
         self.rows[slot] = RowState(job.params, prompt=job.prompt, output=job.output)
 
     def _advance(self, pending: dict[int, Any]) -> None:

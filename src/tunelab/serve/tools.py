@@ -4,8 +4,8 @@ for whole answers and for streams.
 One parser serves both: `ToolCallParser.feed(text)` takes text pieces as they are generated and returns events
 (("content", text) or ("tool_call", {"name", "arguments"})); `finish()` flushes. The non-streamed answer is the
 parser fed the whole text at once, so a stream's events joined always equal the non-streamed answer.
-Rules: text outside the markers is content; whitespace-only content is held back until real text follows (so the
-newlines around tool calls are not sent as content); a block whose JSON does not parse, or that lacks a name, is
+Rules: text outside the markers is content; whitespace next to a call is layout, not content (trailing whitespace
+is held back until real text follows, so the newlines around tool calls are never sent); a block whose JSON does not parse, or that lacks a name, is
 kept as content text, markers and all (nothing the model wrote is dropped); an unterminated block at the end is
 content too. Arguments are sent as a JSON string, as OpenAI does.
 """
@@ -45,6 +45,7 @@ class ToolCallParser:
         self.inside = False
         self.pending_ws = ""
         self.calls = 0
+        self.emitted_after_call = False
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
@@ -70,6 +71,7 @@ class ToolCallParser:
                 else:
                     self.pending_ws = ""  # the whitespace before a call is layout, not content
                     self.calls += 1
+                    self.emitted_after_call = False
                     events.append(("tool_call", call))
 
     def finish(self) -> list[tuple[str, Any]]:
@@ -83,13 +85,20 @@ class ToolCallParser:
         return events
 
     def _content(self, text: str, events: list[tuple[str, Any]]) -> None:
+        """Emit text, holding back its trailing whitespace (layout if a call follows, content if text follows);
+        after a call, leading whitespace is layout too."""
         if not text:
             return
-        if not text.strip():
+        body = text.rstrip()
+        if not body:
             self.pending_ws += text
             return
-        events.append(("content", self.pending_ws + text))
-        self.pending_ws = ""
+        lead = self.pending_ws
+        if self.calls and not self.emitted_after_call:
+            body, lead = body.lstrip(), ""
+            self.emitted_after_call = True
+        events.append(("content", lead + body))
+        self.pending_ws = text[len(text.rstrip()) :]
 
 
 def parse_all(text: str) -> tuple[str, list[dict[str, Any]]]:
