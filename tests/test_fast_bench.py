@@ -1,0 +1,52 @@
+"""`tunelab bench` without a GPU: the --arch shapes against the published parameter counts (models built on the
+meta device, no weights), the MFU FLOP count against the real modules' weight shapes, and the case expansion."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from tunelab.bench import ARCHS, _variants, flops_per_token
+
+# Published totals and the unit of their last digit (model cards: Qwen2.5 0.49B / 1.54B / 3.09B / 7.61B / 14.7B,
+# Qwen3-8B 8.2B); a count must lie within one such unit
+PUBLISHED = {"qwen2.5-0.5b": (0.49e9, 0.01e9), "qwen2.5-1.5b": (1.54e9, 0.01e9), "qwen2.5-3b": (3.09e9, 0.01e9),
+             "qwen2.5-7b": (7.61e9, 0.01e9), "qwen2.5-14b": (14.7e9, 0.1e9), "qwen3-8b": (8.2e9, 0.1e9)}
+
+
+def _meta_model(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(ARCHS[arch])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED))
+def test_arch_shapes_give_the_published_size_and_the_flop_count(arch):
+    model = _meta_model(arch)
+    total = sum(p.numel() for p in model.parameters())  # a tied head is one tensor
+    published, unit = PUBLISHED[arch]
+    assert abs(total - published) < unit
+    layer_weights = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    head = model.get_output_embeddings().weight.numel()
+    a = ARCHS[arch]
+    q_width = a["num_attention_heads"] * a.get("head_dim", a["hidden_size"] // a["num_attention_heads"])
+    attention = a["num_hidden_layers"] * 8 * 512 * q_width
+    assert flops_per_token(arch, 1024) == 6 * layer_weights + 4 * head + attention
+
+
+def test_seven_b_flops_match_the_issue_floor():
+    # issue 9: "about 41 GFLOP per token ... about 19,000 tok/s at ~790 TFLOP/s"
+    assert 41e9 < flops_per_token("qwen2.5-7b", 1024) < 42e9
+    assert 18_500 < 790e12 / flops_per_token("qwen2.5-7b", 1024) < 19_500
+
+
+def test_case_expansion():
+    ns = argparse.Namespace(variants="plain-autocast", path="fast,plain", profiles="full,alpaca-packed")
+    assert _variants(ns) == ["plain-autocast", "tunelab-fast", "tunelab-plain", "plain-autocast:alpaca-packed",
+                             "tunelab-fast:alpaca-packed", "tunelab-plain:alpaca-packed"]
+    assert _variants(argparse.Namespace(variants=None, path=None, profiles="full")) == ["tunelab-fast", "tunelab-plain"]
