@@ -1,6 +1,6 @@
 """The one template / encoding layer: `Conversation` -> token ids (and labels), for training, chat, eval and the API.
 
-    tpl = get_template("qwen", tokenizer)               # or "qwen3", "chatml", "llama3", "default", "auto"
+    tpl = get_template("qwen", tokenizer)               # or "qwen3", "qwen3_nothink", "llama3", "chatml", "default", "auto"
     input_ids, labels = tpl.encode_supervised(conv, cutoff_len=2048)
     prompt_ids = tpl.encode_prompt(conv)                 # for generation; stop on tpl.stop_token_ids
 
@@ -15,7 +15,8 @@ How it works, and why this way:
   conversation before it ends: render(msgs[:i], add_generation_prompt=True) must be a prefix of the full text. It
   ends right after the turn's end marker (`<|im_end|>` for ChatML/Qwen, `<|eot_id|>` for Llama-3, eos for
   "default"), which is found by rendering a probe conversation, so it also works for `auto` templates. The end
-  marker IS trained (the model must learn to stop); what the template writes after it (the newline of ChatML) is not.
+  marker IS trained (the model must learn to stop); what the template writes after it (the newline of ChatML) is not:
+  generation stops at the marker, so the model never writes that newline (LLaMA-Factory trains it; docs/parity.md).
   A token is trained when its character span lies entirely inside a reply span; all other labels are -100.
 - Templates that are not prefix-stable get a template-specific fallback: Qwen3 renders an empty think block
   `<think>\n\n</think>\n\n` in the final reply but drops think blocks from earlier turns, so the generation prompt is
@@ -24,6 +25,9 @@ How it works, and why this way:
   guess a mask.
 - With enable_thinking=False, Qwen3's generation prompt holds the empty think block, so it is prompt (not trained)
   in the final reply; with enable_thinking=True the think block is part of the trained reply.
+- A reply that renders as nothing but its end marker (a tool call under a template with no tool-call format) is a
+  DataError naming the sample, never a silently trained empty turn; the training data path skips and counts such
+  samples under skip_invalid.
 - cutoff_len truncation works on (prompt, reply) token pairs, one per assistant turn, like LLaMA-Factory: each pair
   gets `infer_seqlen(len(prompt), len(reply), remaining)`; each part keeps its head; once the budget is spent the
   remaining pairs are dropped. With mask_history the budget goes to the last turn first. See `infer_seqlen`.
@@ -328,7 +332,8 @@ class ChatTemplate:
         return DataError(
             f"Cannot find where assistant message {index} starts and ends in the text of chat template "
             f"'{self.name}'{_where(conv)}: {why}. This template is not prefix-stable for this conversation, so its "
-            "training labels cannot be derived safely; use a named template (qwen, qwen3, chatml, llama3, default)."
+            "training labels cannot be derived safely; use a named template (qwen, qwen3, qwen3_nothink, llama3, chatml, "
+            "default)."
         )
 
     # ----- stop tokens -----------------------------------------------------------------------------------------
