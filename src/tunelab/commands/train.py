@@ -11,6 +11,11 @@ def main(argv: list[str]) -> int:
     cfg = command_config(argv, "train", USAGE, SECTIONS)
     if cfg is None:
         return 0
+    from tunelab.train.distributed import relaunch
+
+    code = relaunch(argv, sharded=bool(cfg.fsdp or cfg.deepspeed))  # several GPUs: one process each, under torchrun
+    if code is not None:
+        return code
     from tunelab.train.workflow import run_train
 
     run_train(cfg)

@@ -311,14 +311,47 @@ def validate(cfg: Config) -> None:
         "streaming: true is not supported by tunelab train yet: datasets are read (lazily, record by record) and "
         "tokenized into memory, then cached. Remove streaming, or use max_samples for a quick run on a huge set.",
     )
-    _check(
-        cfg.deepspeed is None,
-        "deepspeed is not supported yet: tunelab trains on one GPU for now. Remove the deepspeed key.",
-    )
+    _validate_sharding(cfg)
     _check(
         cfg.finetuning_type == "lora" or not cfg.adapter_name_or_path,
         f"adapter_name_or_path is a LoRA adapter, but finetuning_type is {cfg.finetuning_type}.",
     )
+
+
+def deepspeed_stage(path: str) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config (0 when it names none); errors name the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"deepspeed: config file '{path}' does not exist (LLaMA-Factory ships examples/deepspeed/ds_z3_config.json).")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"deepspeed: '{path}' is not a readable JSON file ({exc}).") from None
+    stage = doc.get("zero_optimization", {}).get("stage", 0) if isinstance(doc, dict) else 0
+    return int(stage) if isinstance(stage, (int, float, str)) and str(stage).isdigit() else 0
+
+
+def _validate_sharding(cfg: Config) -> None:
+    """FSDP / DeepSpeed keys: files exist, and the combinations that cannot work are refused with the alternative."""
+    _check(not (cfg.fsdp and cfg.deepspeed), "fsdp and deepspeed are both set: choose one way to shard the model.")
+    if cfg.fsdp:
+        words = set(cfg.fsdp.replace(",", " ").split())
+        allowed = {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap"}
+        _check(words <= allowed, f"fsdp: '{cfg.fsdp}' is not understood; use full_shard or shard_grad_op (optionally with offload).")
+        _check(
+            cfg.fsdp_config is None or os.path.isfile(cfg.fsdp_config),
+            f"fsdp_config: file '{cfg.fsdp_config}' does not exist.",
+        )
+    else:
+        _check(cfg.fsdp_config is None, "fsdp_config is set but fsdp is not: add fsdp: full_shard to shard with FSDP.")
+    stage = deepspeed_stage(cfg.deepspeed) if cfg.deepspeed else 0
+    if cfg.quantization_bit == 8 and (cfg.fsdp or stage == 3):
+        way = "FSDP" if cfg.fsdp else "DeepSpeed ZeRO-3"
+        raise ConfigError(
+            f"quantization_bit: 8 cannot be sharded with {way}: bitsandbytes' 8-bit weights keep their scales in a "
+            "separate state that sharding does not carry. Use quantization_bit: 4 (QLoRA, sharded in the compute "
+            "dtype), or 8-bit with plain data parallel (remove fsdp/deepspeed, or a ZeRO-2 config)."
+        )
 
 
 def load_config(source: Union[Mapping[str, Any], Iterable[str], str, None] = None, **overrides: Any) -> Config:

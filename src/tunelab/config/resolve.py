@@ -35,6 +35,8 @@ class Resolved:
     attn_implementation: str
     use_modelscope: bool
     warnings: list[str] = field(default_factory=list)
+    world_size: int = 1  # training processes (torchrun / accelerate WORLD_SIZE)
+    parallel: str = "single"  # single | ddp | fsdp | deepspeed-zero<N>
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,7 +140,20 @@ def resolve(cfg: Config) -> Resolved:
         attn_implementation=resolve_attention(cfg, device),
         use_modelscope=cfg.use_modelscope_hub or os.environ.get("USE_MODELSCOPE_HUB", "0").lower() in ("1", "true"),
         warnings=warnings,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        parallel=resolve_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
     )
+
+
+def resolve_parallel(cfg: Config, world_size: int) -> str:
+    """How the model is spread: FSDP / DeepSpeed from the config or an `accelerate launch` FSDP config, else DDP."""
+    if cfg.deepspeed:
+        from tunelab.config.parse import deepspeed_stage
+
+        return f"deepspeed-zero{deepspeed_stage(cfg.deepspeed)}"
+    if cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    return "ddp" if world_size > 1 else "single"
 
 
 def save_resolved(cfg: Config, resolved: Resolved, path: str) -> None:

@@ -159,7 +159,9 @@ class TrainArgs:
     dataloader_pin_memory: bool = opt(True, "Pin host memory for faster GPU transfer.")
     ddp_timeout: int = opt(1800, "Timeout (s) for distributed operations.")
     group_by_length: bool = opt(False, "Batch samples of similar length together (less padding).")
-    deepspeed: Optional[str] = opt(None, "Accepted for compatibility; multi-GPU is a later tunelab feature (refused for now).")
+    deepspeed: Optional[str] = opt(None, "DeepSpeed JSON config (LLaMA-Factory's ds_z2_config.json / ds_z3_config.json): ZeRO-2/3 over the GPUs (pip install 'tunelab[deepspeed]').")
+    fsdp: Optional[str] = opt(None, "Shard the model with FSDP2 over the GPUs: full_shard (or shard_grad_op, with offload to add CPU offload).")
+    fsdp_config: Optional[str] = opt(None, "JSON file of FSDP settings (transformers' fsdp_config keys; version 2 is the default).")
     plot_smoothing: float = opt(0.9, "Exponential smoothing weight of the smoothed loss curve.")
     nan_check: bool = opt(True, "Stop the run on a NaN/infinite loss, keeping the last good checkpoint.")
 

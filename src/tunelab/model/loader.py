@@ -75,7 +75,9 @@ def quantization_config(cfg: Config, compute_dtype: str):
 
 
 def device_map_for(device: str) -> Any:
-    return {"": 0} if device == "cuda" else ({"": "npu:0"} if device == "npu" else device)
+    """The whole model on this process's accelerator: its LOCAL_RANK under torchrun / accelerate (0 alone)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"": local} if device == "cuda" else ({"": f"npu:{local}"} if device == "npu" else device)
 
 
 def load_base_model(
@@ -114,10 +116,14 @@ def load_base_model(
         **common,
     )
     qconf = quantization_config(cfg, dtype) if quantize else None
+    # FSDP and ZeRO-3 place (and shard) the weights themselves; transformers refuses a device_map under ZeRO-3, and
+    # without one bitsandbytes quantizes on the current device (this rank's GPU), as LLaMA-Factory relies on.
+    sharded = getattr(resolved, "parallel", "single") in ("fsdp", "deepspeed-zero3")
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-        kwargs["device_map"] = device_map_for(device)
-    elif device != "cpu":
+        if not sharded:
+            kwargs["device_map"] = device_map_for(device)
+    elif device != "cpu" and not sharded:
         kwargs["device_map"] = device_map_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -67,6 +67,8 @@ class LogCallback(TrainerCallback):
         self.start = time.time()
         self.start_step = state.global_step
         self.start_tokens = state.num_input_tokens_seen
+        if not state.is_world_process_zero:  # the log is rank 0's file
+            return
         if state.global_step > 0 and os.path.isfile(self.path):  # resumed: keep the log of steps up to here
             kept = []
             with open(self.path, encoding="utf-8") as fh:

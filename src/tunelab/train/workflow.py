@@ -61,6 +61,7 @@ def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
     """TrainingArguments from the config; keys this transformers version lacks are left out."""
     import inspect
 
+    from tunelab.train.distributed import trainer_arguments
     from transformers import TrainingArguments
 
     eval_strategy = cfg.eval_strategy if has_eval else "no"
@@ -107,6 +108,7 @@ def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=cfg.dataloader_pin_memory and resolved.device == "cuda",
         ddp_timeout=cfg.ddp_timeout,
+        **trainer_arguments(cfg, resolved),  # DDP / FSDP / DeepSpeed settings when launched (none on one process)
         # gradient checkpointing is enabled on the model by the loader (non-reentrant), before PEFT wraps it; the
         # Trainer must not enable it again (newer transformers call the switch activation_checkpointing)
         activation_checkpointing=False,
@@ -203,8 +205,9 @@ def finish_from_checkpoint(cfg: Config, checkpoint: str, tokenizer, output_dir: 
 
 
 def save_final(trainer, tokenizer, output_dir: str) -> None:
-    trainer.save_model(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    trainer.save_model(output_dir)  # every rank: FSDP / ZeRO-3 gather the weights; rank 0 writes
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(output_dir)
 
 
 def resolve_batch_size(cfg: Config, resolved: Resolved) -> Config:
@@ -248,6 +251,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from tunelab.model.loader import load_model
     from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.callbacks import GradientHealthCallback, LogCallback
+    from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.utils.io import atomic_write_json
@@ -261,6 +265,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     for warning in resolved.warnings:
         logger.warning(warning)
     check_trackers(resolved)
+    check_distributed(cfg, resolved)
+    rank = init_distributed(resolved.device, cfg.ddp_timeout)  # one process alone: nothing to join
     if "swanlab" in resolved.report_to:
         setup_swanlab(cfg)
     output_dir = resolved.output_dir
@@ -272,15 +278,22 @@ def run_train(cfg: Config) -> dict[str, Any]:
     mismatch = template_mismatch_warning(template, tokenizer)
     if mismatch:
         logger.warning(mismatch)
-    data = build_datasets(cfg, tokenizer, template)
+    with main_process_first():  # rank 0 tokenizes into the cache; the other ranks then read it
+        data = build_datasets(cfg, tokenizer, template)
     logger.info("data: %d training samples (%d tokens, %d trained), %d evaluation samples",
                 data.stats["train_samples"], data.stats["train_tokens"], data.stats["train_trained_tokens"], data.stats["eval_samples"])
 
     # 2. output folder and resume decision, then the model
     resume = decide_resume(cfg, output_dir)
-    prepare_output_dir(cfg, output_dir)
+    barrier()  # every rank has read output_dir before rank 0 changes it
+    if rank.is_main:
+        prepare_output_dir(cfg, output_dir)
+    barrier()
     if resume and checkpoint_step(resume) >= planned_steps(cfg, len(data.train)):
-        return finish_from_checkpoint(cfg, resume, tokenizer, output_dir)
+        metrics = finish_from_checkpoint(cfg, resume, tokenizer, output_dir) if rank.is_main else {}
+        barrier()
+        return metrics
+    args = training_arguments(cfg, resolved, has_eval=data.eval is not None)  # before the model: ZeRO-3 loads by it
     set_seed(cfg.seed)  # the adapter's initialisation is random too: the seed must cover it
     warn_if_too_big(cfg, resolved)
     model = load_model(cfg, resolved, for_training=True)
@@ -295,7 +308,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
         logger.info("packing: %d samples into %d rows of up to %d tokens", len(data.train), len(train_set), cfg.cutoff_len)
     else:
         train_set = data.train
-    args = training_arguments(cfg, resolved, has_eval=data.eval is not None)
     trainer = TunelabTrainer(
         model=model,
         args=args,
@@ -308,7 +320,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
         nan_check=cfg.nan_check,
     )
     trainer.remove_callback(PrinterCallback)  # our LogCallback prints the progress lines
-    save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
+    if rank.is_main:
+        save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
 
     # 4. train, save, report
     result = trainer.train(resume_from_checkpoint=resume)
@@ -324,8 +337,10 @@ def run_train(cfg: Config) -> dict[str, Any]:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
-    atomic_write_json(os.path.join(output_dir, "all_results.json"), metrics)
-    if cfg.plot_loss:
-        plot_loss(output_dir, smoothing=cfg.plot_smoothing)
+    if rank.is_main:  # (the Trainer's own save_metrics / save_state write on rank 0 only)
+        atomic_write_json(os.path.join(output_dir, "all_results.json"), metrics)
+        if cfg.plot_loss:
+            plot_loss(output_dir, smoothing=cfg.plot_smoothing)
+    barrier()  # no rank leaves (and no launcher reports success) before the outputs are complete
     logger.info("done: adapter and logs in %s", output_dir)
     return metrics
