@@ -196,3 +196,41 @@ def test_config_json_without_sizes(tmp_path, capsys):
     conf.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
     rc, _, err = _cli(capsys, str(conf))
     assert rc == 1 and "intermediate_size" in err
+
+
+@pytest.mark.parametrize("family,attn,targets", [
+    ("qwen2", "sdpa", T.LORA_TARGETS), ("qwen2", "sdpa", ("q_proj", "v_proj")), ("qwen2", "eager", ("down_proj", "o_proj")),
+    ("qwen3", "sdpa", T.LORA_TARGETS), ("qwen3", "eager", T.LORA_TARGETS),
+])
+def test_layer_activations_match_what_autograd_saves(family, attn, targets):
+    """One decoder layer of transformers' Qwen2 / Qwen3 with PEFT LoRA (bf16, as under CUDA autocast): the bytes of
+    every tensor autograd saves for backward equal the per-token formula x tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tunelab.estimate.archs import ModelShape
+
+    hidden, inter, heads, kv, head_dim, batch, seq = 128, 352, 4, 2, 64, 2, 64
+    conf, cls = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    extra = {"head_dim": head_dim} if family == "qwen3" else {}
+    config = conf(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
+                  num_key_value_heads=kv, vocab_size=512, attn_implementation=attn, **extra)
+    torch.manual_seed(0)
+    model = get_peft_model(cls(config).to(torch.bfloat16), LoraConfig(r=8, target_modules=list(targets)), autocast_adapter_dtype=False)
+    decoder = model.base_model.model.model
+    x = torch.randn(batch, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(seq)[None].expand(batch, -1)
+    cos, sin = decoder.rotary_emb(x, pos)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder.layers[0](x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+    known = {p.untyped_storage().data_ptr() for p in model.parameters()} | {t.untyped_storage().data_ptr() for t in (x, cos, sin)}
+    got = sum(n for ptr, n in saved.items() if ptr not in known)
+    shape = ModelShape("t", family, hidden, inter, 1, heads, kv, head_dim if family == "qwen3" else hidden // heads, 512, False, 4096, family == "qwen2", family == "qwen3")
+    assert got == T.layer_saved(shape, T.Kernels(liger=False, attn=attn, gqa_repeat=False), 2, seq, 8, targets, 0.0) * batch * seq

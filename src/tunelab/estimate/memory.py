@@ -161,7 +161,8 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     b, k = u.compute_bytes, _kernels(u)
     n = u.batch * u.seq
     labelled = max(1, int(u.batch * (u.seq - 1) * u.labelled_fraction))
-    saved = T.layer_saved(shape, k, b, u.seq, u.rank if u.method in ("lora", "qlora") else 0, u.targets, u.dropout)
+    lora = u.method in ("lora", "qlora")  # full / freeze: every projection's weight is trainable, so keeps its input
+    saved = T.layer_saved(shape, k, b, u.seq, u.rank if lora else 0, u.targets if lora else T.LORA_TARGETS, u.dropout if lora else 0.0)
     if u.grad_ckpt:
         held = Row("activations", f"activations: checkpoints ({shape.layers} layer inputs)", T.checkpoint_bytes(shape, n, b),
                    f"L x N x H x {b} B")
@@ -171,7 +172,7 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     common = [held]
     if u.mask:
         common.append(Row("mask", "attention mask (B x T x T)", T.mask_bytes(u.batch, u.seq)))
-    final = T.r512((T.norm_saved(shape, k, b) + b * shape.hidden) * n)
+    final = T.r512((T.norm_saved(shape, k, b) + 2 * b * shape.hidden) * n)  # final norm, its output and input
     if u.plain:
         loss = Row("logits", "logits and loss (full vocab x tokens)", T.plain_loss_bytes(shape, n, b), "3 x fp32 N x V in the loss backward")
     else:

@@ -149,29 +149,33 @@ class Kernels:
 
 
 def norm_saved(s: ModelShape, k: Kernels, b: int) -> int:
-    """One RMSNorm, per token. transformers' Qwen2RMSNorm upcasts to fp32 and keeps that copy for backward
-    (4H) plus its b-byte output (bH); Liger's keeps only its output and a per-row rstd."""
-    return b * s.hidden + (0 if k.liger else 4 * s.hidden)
+    """One RMSNorm, per token, for its own backward: transformers' Qwen2RMSNorm upcasts to fp32 and keeps that copy
+    (4H) and its fp32 rstd (4); Liger's keeps its input (bH: new only for the second norm, whose input is the
+    residual sum; the first one's is the layer input) and rstd. The b-byte output is kept by the consumers
+    (LoRA's A, a trainable weight) and counted there."""
+    return 4 if k.liger else 4 * s.hidden + 4
 
 
-def attention_saved(s: ModelShape, k: Kernels, b: int, seq: int) -> int:
-    """Attention of one layer, per token: q after RoPE (bQ), k and v (2 b KV; 2 b Q when repeated to all heads),
-    the attention output (bQ) and its transposed contiguous copy fed to o_proj (bQ), the fp32 log-sum-exp per
-    head (4 heads). Eager attention also keeps the fp32 softmax and its b-byte copy: (4 + b) x heads x T.
-    Qwen3's q/k norms keep their fp32 copies without Liger (4 (Q + KV)) and outputs (b (Q + KV))."""
-    kv = 2 * b * (s.q_dim if k.gqa_repeat or k.attn == "eager" else s.kv_dim)
-    out = 3 * b * s.q_dim + kv + 4 * s.heads
+def attention_saved(s: ModelShape, k: Kernels, b: int, seq: int, o_in: bool) -> int:
+    """Attention of one layer, per token: q after RoPE (bQ), k and v (2 b KV; 2 b Q when an explicit mask makes SDPA
+    repeat them to all heads), the attention output (bQ; SDPA writes it token-major, so o_proj's input is the same
+    storage), the fp32 log-sum-exp per head (4 heads). Eager attention keeps instead q, k and v repeated to all
+    heads (3 b Q), the fp32 softmax and its b-byte copy ((4 + b) x heads x T), and o_proj's input is a transposed
+    copy of the output (bQ when o_proj has LoRA). Qwen3's per-head q/k norms keep their fp32 input copies
+    (4 (Q + KV); Liger's keep the b-byte input, b (Q + KV)) and an fp32 rstd per head (4 (heads + kv_heads))."""
     if k.attn == "eager":
-        out += (4 + b) * s.heads * seq
+        out = 3 * b * s.q_dim + (4 + b) * s.heads * seq + (b * s.q_dim if o_in else 0)
+    else:
+        out = 2 * b * s.q_dim + 2 * b * (s.q_dim if k.gqa_repeat else s.kv_dim) + 4 * s.heads
     if s.qk_norm:
-        out += b * (s.q_dim + s.kv_dim) + (0 if k.liger else 4 * (s.q_dim + s.kv_dim))
+        out += (b if k.liger else 4) * (s.q_dim + s.kv_dim) + 4 * (s.heads + s.kv_heads)
     return out
 
 
-def mlp_saved(s: ModelShape, k: Kernels, b: int) -> int:
-    """Gated MLP, per token: gate, up and down's input (gate x act), 3 b I; transformers' SiLU also keeps its
-    own output (b I more); Liger's SwiGLU recomputes it in backward."""
-    return (3 if k.liger else 4) * b * s.intermediate
+def mlp_saved(s: ModelShape, k: Kernels, b: int, down_in: bool) -> int:
+    """Gated MLP, per token: gate and up (2 b I), transformers' SiLU output too (b I; Liger's SwiGLU recomputes it),
+    and, when down_proj has LoRA, down's input gate x act (b I)."""
+    return ((2 if k.liger else 3) + (1 if down_in else 0)) * b * s.intermediate
 
 
 def lora_saved(s: ModelShape, rank: int, targets: tuple[str, ...], dropout: float, b: int) -> int:
@@ -186,9 +190,14 @@ def lora_saved(s: ModelShape, rank: int, targets: tuple[str, ...], dropout: floa
 
 def layer_saved(s: ModelShape, k: Kernels, b: int, seq: int, rank: int, targets, dropout: float) -> int:
     """Everything one decoder layer keeps for its backward, per token (its input is the checkpoint, not counted):
-    2 norms + attention + MLP + LoRA; Liger's second RMSNorm also keeps its input, the residual sum (b H + 4)."""
-    return (2 * norm_saved(s, k, b) + attention_saved(s, k, b, seq) + mlp_saved(s, k, b)
-            + lora_saved(s, rank, targets, dropout, b) + ((b * s.hidden + 8) if k.liger else 0))
+    2 norms + attention + MLP + LoRA; the norms' outputs when LoRA (or a trainable weight) reads them (bH each);
+    Liger's second RMSNorm also keeps its input, the residual sum (bH). Checked on the CPU against the tensors
+    autograd saves (torch.autograd.graph.saved_tensors_hooks) for transformers' Qwen2 layer."""
+    t = set(targets)
+    outputs = b * s.hidden * (bool(t & {"q_proj", "k_proj", "v_proj"}) + bool(t & {"gate_proj", "up_proj"}))
+    return (2 * norm_saved(s, k, b) + outputs + (b * s.hidden if k.liger else 0)
+            + attention_saved(s, k, b, seq, "o_proj" in t) + mlp_saved(s, k, b, "down_proj" in t)
+            + lora_saved(s, rank, targets, dropout, b))
 
 
 def layer_backward_temp(s: ModelShape, k: Kernels, b: int) -> int:
