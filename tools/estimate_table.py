@@ -1,6 +1,7 @@
 """The accuracy table of docs/estimate.md from a tools/estimate_measure.py result, beside the other ways to guess.
 
     python tools/estimate_table.py measure.json
+    python tools/estimate_table.py --peers          # the peers' published plain-stack figures against the estimate
 
 Columns: measured peak allocated, tunelab estimate (and its error), the "paper arithmetic" of the tutorials
 (every weight at the method's bytes + 16 B per LoRA parameter for weight, gradient and AdamW states; no
@@ -29,6 +30,24 @@ def paper(arch: str, method: str) -> float:
     return (per * T.total_params(s) + 16 * T.lora_params(s, 8, T.LORA_TARGETS)) / T.GiB
 
 
+PEERS = [  # /work/shared/bench/PEERS.md: peer_bench.py hf-nf4 / hf-bf16 (transformers 5.17 + PEFT + bitsandbytes), 7B
+    ("qlora", 1, 512, 6.59), ("qlora", 1, 1024, 7.70), ("qlora", 4, 1024, 14.41), ("qlora", 2, 4096, 23.35), ("lora", 4, 1024, 23.42)]
+
+
+def peers() -> None:
+    """The peers' loop keeps the previous step's output (its bf16 logits, 2 N V bytes) through the next step."""
+    from tunelab.estimate import Setup, estimate
+
+    s = model_shape(ARCHS["qwen2.5-7b"])
+    print("| 7B plain stack (peer_bench.py) | measured | estimate | + previous step's logits (2 N V) | error |")
+    print("|---|---|---|---|---|")
+    for method, b, t, measured in PEERS:
+        est = estimate(s, Setup(method=method, bits=4 if method == "qlora" else None, batch=b, seq=t, plain=True,
+                                optim="adamw_torch_fused")).peak_allocated / T.GiB
+        held = est + 2 * b * t * s.vocab / T.GiB
+        print(f"| {'QLoRA 4-bit' if method == 'qlora' else 'LoRA 16-bit'} {b} x {t} | {measured:.2f} | {est:.2f} | {held:.2f} | {100 * (held / measured - 1):+.1f}% |")
+
+
 def main(path: str) -> int:
     doc = json.load(open(path))
     rows = [r for r in doc["records"] if "peak_allocated_gib" in r]
@@ -45,4 +64,7 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--peers"]:
+        peers()
+        raise SystemExit(0)
     raise SystemExit(main(sys.argv[1]))
