@@ -7,6 +7,9 @@ from tunelab.estimate.memory import CUDA_CONTEXT, Estimate
 from tunelab.estimate.terms import GiB
 
 
+PHASES = {"loss": "loss", "backward": "backward", "backward_end": "backward end", "step": "optim step"}
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:7.2f}"
 
@@ -28,7 +31,7 @@ def table(est: Estimate) -> str:
     alloc_gap = est.peak_reserved - est.peak_allocated
     lines += [
         "-" * 78,
-        f"{'peak allocated (torch.cuda.max_memory_allocated), at ' + est.phase:<58}{_gib(est.peak_allocated)}",
+        f"{'peak allocated (max_memory_allocated) at ' + PHASES.get(est.phase, est.phase):<58}{_gib(est.peak_allocated)}",
         f"{'allocator reserve (cached, not handed out)':<58}{_gib(alloc_gap)}",
         f"{'CUDA context, cuBLAS and kernels':<58}{_gib(CUDA_CONTEXT)}",
     ]
