@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 from tunelab.errors import ConfigError
@@ -98,6 +99,8 @@ def serve(service: Any, *, host: str, port: int, api_key: str | None, grace: flo
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work first, then uvicorn's drain
             service.scheduler.drain()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a finished drain is a clean exit (status 0), not death by the signal
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     service.scheduler.start()
     try:
