@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory, name: str, **overrides) -> tuple[str, str]:
     run = root / name
     if not (run / "adapter_config.json").exists():
         cfg = dict(
-            model_name_or_path=model, template="qwen", dataset="demo", dataset_dir=str(data), cutoff_len=64,
+            model_name_or_path=model, do_train=True, template="qwen", dataset="demo", dataset_dir=str(data), cutoff_len=64,
             max_samples=16, output_dir=str(run), overwrite_output_dir=True, logging_steps=2, save_steps=4, max_steps=8,
             learning_rate=5e-3, per_device_train_batch_size=2, report_to="none", seed=0,
         )

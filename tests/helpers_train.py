@@ -117,6 +117,7 @@ def base_config(model: str, data_dir: str, output_dir: str, **overrides: Any) ->
     """A fast LoRA run on the tiny model (fp32 on the CPU); tests add quantization etc."""
     cfg: dict[str, Any] = dict(
         model_name_or_path=model,
+        do_train=True,
         template="qwen",
         dataset="toy",
         dataset_dir=data_dir,

@@ -70,7 +70,7 @@ def test_dict_entry_and_json_file(tmp_path):
         ({"quantization_bit": 4, "finetuning_type": "full"}, "quantization_bit=4 needs finetuning_type: lora."),
         ({"val_size": 0.1, "eval_dataset": "x"}, "val_size and eval_dataset are both set: choose one."),
         ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one precision."),
-        ({"eval_strategy": "steps"}, "eval_strategy=steps needs evaluation data: set val_size (e.g. 0.1) or eval_dataset."),
+        ({"do_train": True, "eval_strategy": "steps"}, "eval_strategy=steps needs evaluation data: set val_size (e.g. 0.1) or eval_dataset."),
         ({"lora_rank": 0}, "lora_rank must be at least 1, got 0."),
         ({"val_size": 1.5}, "val_size=1.5: use a fraction below 1 (0.1) or a whole number of samples (200)."),
     ],
@@ -127,3 +127,14 @@ def test_help_is_fast_and_does_not_import_torch():
     assert time.time() - start < 3.0  # includes interpreter start-up; the command itself takes ~30 ms
     assert out.stdout.strip().endswith("False")
     assert "train" in out.stdout and "env" in out.stdout
+
+
+def test_two_config_files_get_a_sentence_about_two_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("lora_rank: 4\n")
+    b.write_text("lora_rank: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([str(a), str(b)])
+    assert str(err.value) == (
+        f"two config files given ('{a}' and '{b}'): tunelab reads one config file per run. Merge them into one "
+        "file, or give the second one's keys as key=value overrides.")

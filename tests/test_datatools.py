@@ -294,6 +294,17 @@ def test_split_without_head_fractions_do_not_overlap(capsys):
     assert len(train) == 40 and len(evaluation) == 10 and not train & evaluation
 
 
+def test_split_fractions_adding_up_to_one_write_every_record(capsys):
+    write_jsonl("all.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(254)])
+    code, out, _ = run(capsys, "split", "all.jsonl", "--train", "0.8", "--eval", "0.2", "--seed", "1")
+    assert code == 0
+    assert out.splitlines()[1:] == ["Wrote 203 train records to ./all_train.jsonl.", "Wrote 51 eval records to ./all_eval.jsonl."]
+    train, evaluation = set(read("all_train.jsonl").splitlines()), set(read("all_eval.jsonl").splitlines())
+    assert len(train | evaluation) == 254 and not train & evaluation
+    code, out, _ = run(capsys, "split", "all.jsonl", "--train", "0.5", "--eval", "0.3", "--seed", "1")
+    assert out.splitlines()[1:] == ["Wrote 127 train records to ./all_train.jsonl.", "Wrote 76 eval records to ./all_eval.jsonl."]
+
+
 def test_split_asking_for_too_many_is_an_error(capsys):
     write_jsonl("few.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(10)])
     code, _, err = run(capsys, "split", "few.jsonl", "--train", "5", "--eval", "2", "--head", "0.9")

@@ -42,7 +42,7 @@ def test_qlora_train_on_gpu(tmp_path):
     write_demo_dataset(str(tmp_path / "data"))
     out = tmp_path / "out"
     metrics = run_train(load_config({
-        "model_name_or_path": model, "template": "qwen", "quantization_bit": 4, "bf16": True,
+        "model_name_or_path": model, "do_train": True, "template": "qwen", "quantization_bit": 4, "bf16": True,
         "dataset": "demo", "dataset_dir": str(tmp_path / "data"), "cutoff_len": 128, "max_steps": 30,
         "per_device_train_batch_size": 8, "learning_rate": 2e-3, "logging_steps": 5, "save_steps": 15,
         "output_dir": str(out), "overwrite_cache": True,

@@ -172,9 +172,8 @@ def test_missing_model_folder(toy_dir, workdir, capsys):
     rc, err = _train(capsys, cfg)
     assert rc == 1
     assert _error_line(err) == (
-        "tunelab train: error: Cannot load a tokenizer from './models/qwen2.5-0.5b': the path does not exist. Check "
-        "model_name_or_path (a local folder with tokenizer files, or a Hugging Face hub id like "
-        "'Qwen/Qwen2.5-0.5B-Instruct').")
+        f"tunelab train: error: model_name_or_path './models/qwen2.5-0.5b': no such folder ({workdir}/models/qwen2.5-0.5b "
+        "does not exist; it is a path: it starts with ./, / or ~ or has several /).")
     _assert_nothing_written(workdir / "out")
 
 
@@ -190,7 +189,7 @@ def test_model_folder_without_weights(tiny_model, toy_dir, workdir, capsys):
     rc, err = _train(capsys, cfg)
     assert rc == 1
     line = _error_line(err)
-    assert line.startswith(f"tunelab train: error: cannot load the model config of '{folder}': ")
+    assert line.startswith(f"tunelab train: error: cannot load the model config of '{folder}' (tried the local folder {folder}): ")
     assert line.endswith("Check model_name_or_path (a folder with config.json, or a hub id reachable from this machine).")
     _assert_nothing_written(workdir / "out")
 

@@ -107,6 +107,12 @@ def main(argv: list[str]) -> int:
     cfg = load_config(rest)  # validated before anything heavy is imported
     prompts = read_prompts(opts.prompts) if opts.prompts else None  # a bad file fails before the model loads
     setup_logging()
+    from tunelab.config.parse import parse_cli_args
+    from tunelab.model.loader import model_source, use_trained_adapter
+
+    if cfg.model_name_or_path:
+        model_source(cfg.model_name_or_path)  # a missing local folder fails here, not after a hub lookup
+    cfg = use_trained_adapter(cfg, "chat", set(parse_cli_args(rest)[1]))
     from tunelab.infer import Engine
 
     engine = Engine.from_config(cfg, max_batch_size=opts.batch_size)

@@ -22,7 +22,28 @@ def main(argv: list[str]) -> int:
     cfg = command_config(argv, "eval", USAGE, SECTIONS)
     if cfg is None:
         return 0
+    cfg = trained_adapter_eval(cfg, argv)
     from tunelab.eval import run_eval
 
     run_eval(cfg)
     return 0
+
+
+def trained_adapter_eval(cfg, argv: list[str]):
+    """A training config scores the adapter its training wrote (see model.loader.use_trained_adapter); its results
+    go to <output_dir>/eval_<task> unless save_dir is given, so the run's own files (tunelab_config.yaml, which
+    chat and export read) are never overwritten."""
+    import logging
+    import os
+
+    from tunelab.config.parse import parse_cli_args
+    from tunelab.model.loader import model_source, use_trained_adapter
+
+    if cfg.model_name_or_path:
+        model_source(cfg.model_name_or_path)
+    trained = use_trained_adapter(cfg, "eval", set(parse_cli_args(argv)[1]))
+    if trained is cfg or cfg.save_dir or not cfg.task:
+        return trained
+    save_dir = os.path.join(cfg.output_dir, f"eval_{cfg.task.strip()}")
+    logging.getLogger(__name__).info("eval: results go to %s (set save_dir to choose)", save_dir)
+    return trained.replace(save_dir=save_dir)

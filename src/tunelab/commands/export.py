@@ -18,6 +18,10 @@ def main(argv: list[str]) -> int:
     cfg = command_config(argv, "export", USAGE, SECTIONS)
     if cfg is None:
         return 0
+    from tunelab.config.parse import parse_cli_args
+    from tunelab.model.loader import use_trained_adapter
+
+    cfg = use_trained_adapter(cfg, "export", set(parse_cli_args(argv)[1]))
     from tunelab.export import run_export
 
     result = run_export(cfg)

@@ -132,7 +132,12 @@ def parse_cli_args(argv: Iterable[str]) -> tuple[str | None, dict[str, Any]]:
         elif "=" in tok and not os.path.exists(tok):
             key, _, val = tok.partition("=")
             values[key.strip().replace("-", "_")] = val
-        elif config_file is None and (tok.endswith((".yaml", ".yml", ".json")) or os.path.isfile(tok)):
+        elif tok.endswith((".yaml", ".yml", ".json")) or os.path.isfile(tok):
+            if config_file is not None:
+                raise ConfigError(
+                    f"two config files given ('{config_file}' and '{tok}'): tunelab reads one config file per run. "
+                    "Merge them into one file, or give the second one's keys as key=value overrides."
+                )
             config_file = tok
         else:
             raise ConfigError(
@@ -312,6 +317,16 @@ def validate(cfg: Config) -> None:
         "tokenized into memory, then cached. Remove streaming, or use max_samples for a quick run on a huge set.",
     )
     _validate_sharding(cfg)
+    _check(
+        not (cfg.do_predict and not cfg.predict_with_generate),
+        "do_predict: true needs predict_with_generate: true (as in LLaMA-Factory): predictions are generated answers. "
+        "Add predict_with_generate: true, or remove do_predict.",
+    )
+    _check(
+        cfg.max_new_tokens > 0 or (cfg.max_length or 0) > 0,
+        f"max_new_tokens={cfg.max_new_tokens} sets no answer length: give a positive max_new_tokens, or max_length "
+        "(prompt + answer) with max_new_tokens: 0.",
+    )
     _check(
         cfg.finetuning_type == "lora" or not cfg.adapter_name_or_path,
         f"adapter_name_or_path is a LoRA adapter, but finetuning_type is {cfg.finetuning_type}.",

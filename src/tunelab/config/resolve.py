@@ -125,7 +125,10 @@ def resolve(cfg: Config) -> Resolved:
         checkpointing = not cfg.disable_gradient_checkpointing
     if cfg.use_unsloth:
         warnings.append("use_unsloth is accepted for compatibility, but tunelab selects its own kernels; it is ignored.")
-    eval_steps = cfg.eval_steps if cfg.eval_steps is not None else (cfg.logging_steps if cfg.eval_strategy == "steps" else None)
+    # eval_steps unset: the Trainer uses logging_steps, whose LLaMA-Factory (transformers) default is 500; tunelab's
+    # own logging default (10) is display only, so an unset logging_steps counts as 500 here.
+    logging_steps = cfg.logging_steps if "logging_steps" in cfg.given else 500
+    eval_steps = cfg.eval_steps if cfg.eval_steps is not None else (logging_steps if cfg.eval_strategy == "steps" else None)
     return Resolved(
         device=device,
         device_name=device_name,
@@ -157,10 +160,12 @@ def resolve_parallel(cfg: Config, world_size: int) -> str:
 
 
 def save_resolved(cfg: Config, resolved: Resolved, path: str) -> None:
-    """Write every key (defaults filled in) and the derived values as YAML, atomically."""
+    """Write every key (defaults filled in) and the derived values as YAML, atomically; secrets (hf_hub_token,
+    swanlab_api_key, any *_token / *api_key*) are written as <redacted>."""
     import yaml
 
     from tunelab.utils.io import atomic_write_text
+    from tunelab.utils.secrets import redact
 
-    doc = {"config": cfg.to_dict(), "given": dict(cfg.given), "resolved": resolved.to_dict()}
+    doc = {"config": redact(cfg.to_dict()), "given": redact(dict(cfg.given)), "resolved": redact(resolved.to_dict())}
     atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))

@@ -32,7 +32,7 @@ class ModelArgs:
     template: str = opt(
         "auto", "Chat template: auto (the tokenizer's own), qwen, qwen3, chatml, llama3, default, fewshot (plain text, for evaluation)."
     )
-    enable_thinking: bool = opt(False, "Qwen3: render the thinking block (false gives the empty <think></think> block).")
+    enable_thinking: bool = opt(True, "Qwen3: thinking mode (LLaMA-Factory's default true: a reply's think block is trained; false puts the empty <think></think> block in the prompt).")
     default_system: Optional[str] = opt(None, "System prompt used when a sample has none (overrides the template's default).")
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "eager"] = opt(
         "auto", "Attention implementation: auto (SDPA where available), sdpa, fa2 (flash-attn package), eager, disabled (= eager)."
@@ -101,24 +101,25 @@ class DataArgs:
 @dataclass
 class TrainArgs:
     stage: Literal["sft"] = opt("sft", "Training stage (supervised fine-tuning).")
-    do_train: bool = opt(True, "Run training.")
+    do_train: bool = opt(False, "Run training (LLaMA-Factory's default is false: a training config sets do_train: true).")
     do_eval: bool = opt(False, "Evaluate once at the end (eval_loss).")
-    do_predict: bool = opt(False, "Accepted for compatibility; use `tunelab eval task=predict`.")
+    do_predict: bool = opt(False, "Generate for eval_dataset (or the val_size split) and write generated_predictions.jsonl + predict_results.json (needs predict_with_generate).")
+    predict_with_generate: bool = opt(False, "With do_predict: generate the answers (LLaMA-Factory requires it for do_predict).")
     output_dir: str = opt("saves/run", "Where the adapter, checkpoints, logs and plots go.")
     overwrite_output_dir: bool = opt(False, "Start over in a non-empty output_dir (otherwise a run with checkpoints resumes).")
     resume_from_checkpoint: Optional[Union[bool, str]] = opt(None, "A checkpoint folder, or true for the latest in output_dir.")
     num_train_epochs: float = opt(3.0, "Epochs (ignored when max_steps > 0).")
     max_steps: int = opt(-1, "Total optimizer steps (overrides num_train_epochs when > 0).")
     per_device_train_batch_size: Union[int, Literal["auto"]] = opt(
-        1, "Samples per batch; auto: the largest power of two (up to 64) that tunelab's memory estimate fits into the GPU's free memory (1 on a CPU)."
+        8, "Samples per batch; auto: the largest power of two (up to 64) that tunelab's memory estimate fits into the GPU's free memory (1 on a CPU)."
     )
-    per_device_eval_batch_size: int = opt(1, "Samples per evaluation batch.")
+    per_device_eval_batch_size: int = opt(8, "Samples per evaluation (and do_predict) batch.")
     gradient_accumulation_steps: int = opt(1, "Batches per optimizer step.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
         "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
-    ] = opt("cosine", "Learning-rate schedule.")
+    ] = opt("linear", "Learning-rate schedule.")
     warmup_ratio: float = opt(0.0, "Fraction of steps for linear warm-up.")
     warmup_steps: int = opt(0, "Warm-up steps (overrides warmup_ratio when > 0).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -142,7 +143,7 @@ class TrainArgs:
     save_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (the best one is kept too).")
     save_only_model: bool = opt(False, "Checkpoints hold only the adapter/model (no optimizer state: cannot resume exactly).")
     eval_strategy: Literal["no", "steps", "epoch"] = opt("no", "When to evaluate (needs val_size or eval_dataset).")
-    eval_steps: Optional[int] = opt(None, "Evaluate every n steps (default: logging_steps).")
+    eval_steps: Optional[int] = opt(None, "Evaluate every n steps (default: logging_steps when set, else 500, as LLaMA-Factory).")
     load_best_model_at_end: bool = opt(False, "At the end, load the checkpoint with the lowest eval_loss.")
     metric_for_best_model: str = opt("eval_loss", "Metric that picks the best checkpoint.")
     plot_loss: bool = opt(False, "Write training_loss.png (and training_eval_loss.png) at the end.")
@@ -162,7 +163,7 @@ class TrainArgs:
     deepspeed: Optional[str] = opt(None, "DeepSpeed JSON config (LLaMA-Factory's ds_z2_config.json / ds_z3_config.json): ZeRO-2/3 over the GPUs (pip install 'tunelab[deepspeed]').")
     fsdp: Optional[str] = opt(None, "Shard the model with FSDP2 over the GPUs: full_shard (or shard_grad_op, with offload to add CPU offload).")
     fsdp_config: Optional[str] = opt(None, "JSON file of FSDP settings (transformers' fsdp_config keys; version 2 is the default).")
-    plot_smoothing: float = opt(0.9, "Exponential smoothing weight of the smoothed loss curve.")
+    plot_smoothing: Optional[float] = opt(None, "Smoothing weight of the smoothed loss curve: null = LLaMA-Factory's adaptive weight (grows with the number of points), or a fixed weight in [0, 1).")
     nan_check: bool = opt(True, "Stop the run on a NaN/infinite loss, keeping the last good checkpoint.")
 
 
@@ -174,7 +175,7 @@ class GenerationArgs:
     top_k: int = opt(50, "Sample from the k most likely tokens.")
     num_beams: int = opt(1, "Beam search width (1 = no beam search).")
     max_new_tokens: int = opt(1024, "Maximum tokens to generate per answer.")
-    max_length: Optional[int] = opt(None, "Maximum total length (prompt + answer).")
+    max_length: Optional[int] = opt(1024, "Maximum total length (prompt + answer), used only when max_new_tokens <= 0 (as LLaMA-Factory).")
     repetition_penalty: float = opt(1.0, "Penalty > 1 discourages repeating tokens.")
     length_penalty: float = opt(1.0, "Beam search length penalty.")
     system: Optional[str] = opt(None, "System prompt for chat (overrides the template's default).")

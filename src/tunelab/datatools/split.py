@@ -8,7 +8,9 @@ are, in file order), so memory holds only the chosen indices. Selection uses `ra
   "first 90% / last 10%"), so the two can never overlap, and a fraction means a fraction of that part;
 - without it, one seeded shuffle of all records gives train its first N and eval the next M (no overlap either),
   and a fraction means a fraction of all records.
-A count is a whole number ("2000"); a fraction has a point ("0.1", "1.0"). Asking for more records than there are
+A count is a whole number ("2000"); a fraction has a point ("0.1", "1.0") and is rounded down, except that two
+fractions adding up to 1 (--train 0.8 --eval 0.2) give eval the rest, so every record lands in one file (254
+records: 203 + 51). Asking for more records than there are
 is an error (never a silent shorter file). Outputs keep .json / .jsonl; other inputs are written as .json.
 Both files are written to temp names and renamed together at the end.
 """
@@ -65,6 +67,8 @@ def split_file(
     if head is None:
         n_train = _count(train_amount, total, "--train", "records", total)
         n_eval = _count(eval_amount, total, "--eval", "records", total)
+        if _whole(train_amount, eval_amount):
+            n_eval = total - n_train  # 0.8 + 0.2 of 254: 203 + 51, every record (rounding down both would drop one)
         if n_train + n_eval > total:
             raise DataError(f"{src} has {total:,} records, fewer than --train {n_train:,} + --eval {n_eval:,}.")
         order = list(range(total))
@@ -92,6 +96,11 @@ def _pools(total: int, head: float | None) -> tuple[range, range]:
         return range(total), range(total)
     cut = math.floor(round(head * total, 6))  # round first: 0.29 * 100 is 28.999999999999996
     return range(cut), range(cut, total)
+
+
+def _whole(train: int | float, eval_: int | float) -> bool:
+    """Two fractions that add up to 1: together they mean every record."""
+    return isinstance(train, float) and isinstance(eval_, float) and abs(train + eval_ - 1.0) < 1e-9
 
 
 def _count(amount: int | float, available: int, option: str, what: str, total: int) -> int:

@@ -125,7 +125,7 @@ def run_export(cfg: Config) -> ExportResult:
     try:
         logger.info("merging %s into %s (%s, on %s) ...", ", ".join(adapters), cfg.model_name_or_path, dtype, device)
         stats = merge_weights(base, loaded, tmp, dtype=dtype, shard_gb=cfg.export_size, device=device, rounding=rounding, rounded_keys=rounded_keys)
-        logger.info("merged %d of %d tensors in %.1f s into %d file(s)", stats.merged, stats.tensors, stats.seconds, len(stats.files))
+        logger.debug("merged %d of %d tensors in %.1f s into %d file(s)", stats.merged, stats.tensors, stats.seconds, len(stats.files))
         trained_template = (settings or {}).get("config", {}).get("template")
         template, tokenizer = write_side_files(cfg, base_dir, tmp, model_config, dtype, trained_template)
         result = ExportResult(export_dir, adapters, dtype, stats.seconds, stats.files)
@@ -134,11 +134,14 @@ def run_export(cfg: Config) -> ExportResult:
         write_readme(cfg, tmp, result, trained)
         if cfg.export_ollama:
             write_modelfile(cfg, tmp, template)
+        from tunelab.utils.io import honour_umask
+
+        honour_umask(tmp)  # safetensors writes 0600; the model's files get the umask's modes like the rest
         _replace_dir(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("merged model written to %s", export_dir)
+    logger.debug("merged model written to %s", export_dir)
     return result
 
 
@@ -344,10 +347,36 @@ def write_modelfile(cfg: Config, out_dir: str, template: Any) -> None:
     if cfg.repetition_penalty != 1.0:
         lines.append(f"PARAMETER repeat_penalty {cfg.repetition_penalty}")
     system = cfg.system if cfg.system is not None else cfg.default_system
+    if system is None and template is not None:
+        system = template_default_system(template, family)  # what every training sample without a system had
     if system:
         lines.append(f'SYSTEM """{system}"""')
     with open(os.path.join(out_dir, "Modelfile"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def template_default_system(template: Any, family: str | None) -> str | None:
+    """The system prompt the chat template puts in when a conversation has none (Qwen2.5's "You are Qwen, ..."):
+    the template's declared default, else read off a rendered one-message conversation. Ollama's TEMPLATE only
+    writes a system block when SYSTEM is set, so without this the exported model would chat without it."""
+    if getattr(template, "default_system", None):
+        return template.default_system
+    markers = {"chatml": ("<|im_start|>system\n", "<|im_end|>"),
+               "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")}
+    if family not in markers:
+        return None
+    try:
+        text = template.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    except Exception:  # a template that cannot render without a system: nothing to carry over
+        return None
+    start, end = markers[family]
+    i = text.find(start)
+    if i < 0:
+        return None
+    j = text.find(end, i + len(start))
+    system = text[i + len(start): j if j >= 0 else None]
+    # Llama 3.1's template puts its knowledge-cutoff lines in the system block even without a system prompt
+    return system.strip() or None
 
 
 def _replace_dir(tmp: str, export_dir: str) -> None:
@@ -376,7 +405,8 @@ def verify_export(cfg: Config, result: ExportResult, merged_dir: str, template_o
     if trained.bits:
         refq = _reference_logits(cfg, result.adapters, trained.compute_dtype, trained, device, ids)
         result.shift = compare(ref16, refq)
-        logger.info("QLoRA shift (16-bit base + adapter vs %s-bit base + adapter, i.e. original vs dequantized merge): %s", trained.bits, result.shift.line())
+        # the figures are the command's summary on stdout (commands/export.py), printed once: debug here
+        logger.debug("QLoRA shift (16-bit base + adapter vs %s-bit base + adapter, i.e. original vs dequantized merge): %s", trained.bits, result.shift.line())
     reference = refq if cfg.export_base == "dequantized" else ref16
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, result.dtype), device_map=None if device == "cpu" else device)
     got = probe_logits(merged, ids)
@@ -388,7 +418,7 @@ def verify_export(cfg: Config, result: ExportResult, merged_dir: str, template_o
     check_dtype = result.dtype if cfg.export_base == "original" else "bfloat16"
     result.tolerance = cfg.export_tolerance if cfg.export_tolerance is not None else default_tolerance(check_dtype, result.parity.logit_scale)
     against = f"{trained.bits}-bit base + adapter" if cfg.export_base == "dequantized" else "base + adapter"
-    logger.info("check: merged vs %s: %s", against, result.parity.line())
+    logger.debug("check: merged vs %s: %s", against, result.parity.line())
     if result.parity.max_abs_diff > result.tolerance:
         raise TunelabError(
             f"the merged model does not match {against}: {result.parity.line()}, beyond the tolerance "

@@ -34,12 +34,45 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def model_source(name: str, what: str = "model_name_or_path") -> str:
+    """'local' or 'hub', decided at once, before anything is loaded; a name that can only be a missing local folder
+    is a ModelError right here (not a hub lookup with retries).
+
+    Local: an existing folder. Missing and local: ./x, /x, ~/x, a/b/c, a name without a slash (a hub id is
+    'org/name'), or 'dir/name' whose 'dir' is a folder here (examples/tiny-qwen3 when examples/ exists).
+    Everything else ('Qwen/Qwen2.5-7B-Instruct') is a hub id."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return "local"
+    if os.path.exists(expanded):
+        raise ModelError(f"{what} '{name}' is a file: expected a model folder (config.json + weights) or a hub id like Qwen/Qwen2.5-7B-Instruct.")
+    first = name.split("/")[0]
+    if "/" in name and not looks_like_local_path(name) and not os.path.isdir(first):
+        return "hub"
+    if looks_like_local_path(name):
+        why = "it is a path: it starts with ./, / or ~ or has several /"
+    elif "/" in name:
+        why = f"'{first}' is a local folder, so this is a path, not a hub id"
+    else:
+        why = "a hub id would read 'org/name', like Qwen/Qwen2.5-7B-Instruct"
+    raise ModelError(f"{what} '{name}': no such folder ({os.path.abspath(expanded)} does not exist; {why}).{_near(expanded)}")
+
+
+def _near(path: str) -> str:
+    """' Did you mean ...?' for a missing folder whose parent holds similar names."""
+    import difflib
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return ""
+    close = difflib.get_close_matches(os.path.basename(path), sorted(os.listdir(parent)), n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(os.path.join(os.path.dirname(path), c)) for c in close)}?" if close else ""
+
+
 def resolve_model_path(name_or_path: str, *, cache_dir: str | None, revision: str, use_modelscope: bool) -> str:
     """A local folder as is; a ModelScope id downloaded first when asked; otherwise the hub id for transformers."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if looks_like_local_path(name_or_path):
-        raise ModelError(f"model folder '{name_or_path}' does not exist; check model_name_or_path.")
+    if model_source(name_or_path) == "local":
+        return os.path.expanduser(name_or_path)
     if use_modelscope:
         try:
             from modelscope import snapshot_download  # type: ignore
@@ -102,8 +135,10 @@ def load_base_model(
     try:
         config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as exc:
+        tried = (f"the local folder {os.path.abspath(path)}" if os.path.isdir(path)
+                 else f"no local folder of that name, so the {'ModelScope' if resolved.use_modelscope else 'Hugging Face'} hub id '{path}'")
         raise ModelError(
-            f"cannot load the model config of '{cfg.model_name_or_path}': {str(exc).splitlines()[0]} "
+            f"cannot load the model config of '{cfg.model_name_or_path}' (tried {tried}): {str(exc).splitlines()[0]} "
             "Check model_name_or_path (a folder with config.json, or a hub id reachable from this machine)."
         ) from None
     if cfg.rope_scaling:
@@ -289,3 +324,29 @@ def load_model(cfg: Config, resolved: Resolved, *, for_training: bool):
         model = attach_lora(model, cfg, resolved, is_trainable=False)
     model.eval()
     return model
+
+
+def use_trained_adapter(cfg: Config, command: str, cli_keys: set[str] | frozenset[str] = frozenset()) -> Config:
+    """A training config (do_train: true, LoRA) given to chat, export or eval means the model that training made:
+    the adapter in its output_dir (the final one, else its latest checkpoint; `checkpoint` picks another). Logged.
+
+    adapter_name_or_path on the command line wins (adapter_name_or_path=none: the base model alone). An adapter the
+    config itself names was the starting point of that training: the trained one replaces it (with
+    create_new_adapter, it goes on top of the ones named). No trained adapter yet is a ModelError saying so."""
+    from tunelab.model.adapters import adapter_checkpoints, is_adapter_dir
+
+    if "adapter_name_or_path" in cli_keys or not cfg.do_train or cfg.finetuning_type != "lora":
+        return cfg
+    out = cfg.output_dir
+    if not (is_adapter_dir(out) or (os.path.isdir(out) and adapter_checkpoints(out))):
+        raise ModelError(
+            f"{cfg.source} is a training config (do_train: true), but its output_dir '{out}' holds no trained adapter "
+            f"yet: run `tunelab train {cfg.source.split(' + ')[0]}` first, or set adapter_name_or_path (a run folder, "
+            "or adapter_name_or_path=none for the base model alone)."
+        )
+    given = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
+    chain = (given if cfg.create_new_adapter else given[:-1]) + [out]
+    logger.info("%s: %s is a training config, so %s uses the adapter its training wrote, in %s%s (set "
+                "adapter_name_or_path to choose another, or adapter_name_or_path=none for the base model)",
+                command, cfg.source, command, out, f" on top of {', '.join(chain[:-1])}" if len(chain) > 1 else "")
+    return cfg.replace(adapter_name_or_path=",".join(chain))

@@ -148,6 +148,10 @@ class LogCallback(TrainerCallback):
 
 
     def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # safetensors writes 0600: give the checkpoint the umask's modes
+            from tunelab.utils.io import honour_umask
+
+            honour_umask(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         if self.stop_request.requested:  # the checkpoint is complete (its marker is written before on_save)
             self.stop_request.restore()
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

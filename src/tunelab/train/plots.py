@@ -4,20 +4,28 @@ from __future__ import annotations
 import math
 import os
 
-from tunelab.utils.io import read_jsonl as read_log
+from tunelab.utils.io import honour_umask, read_jsonl as read_log
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """TensorBoard-style exponential moving average with bias correction (first point equals the raw value)."""
-    out, last, n = [], 0.0, 0
+def adaptive_weight(n: int) -> float:
+    """LLaMA-Factory's smoothing weight for a curve of n points: 1.8 * (sigmoid(0.05 n) - 0.5), from 0 for a few
+    points towards 0.9 for hundreds, so a short run's smoothed curve does not lag far behind its raw loss."""
+    return 1.8 * (1.0 / (1.0 + math.exp(-0.05 * n)) - 0.5)
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average starting at the first value, as LLaMA-Factory's plot: weight None = adaptive."""
+    if not values:
+        return []
+    w = adaptive_weight(len(values)) if weight is None else weight
+    out, last = [], values[0]
     for v in values:
-        n += 1
-        last = last * weight + (1 - weight) * v
-        out.append(last / (1 - weight**n))
+        last = last * w + (1 - w) * v
+        out.append(last)
     return out
 
 
-def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss"), smoothing: float = 0.9) -> list[str]:
+def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss"), smoothing: float | None = None) -> list[str]:
     """Write one PNG per key present in the log; returns the paths written."""
     import matplotlib
 
@@ -46,5 +54,6 @@ def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss"), sm
         fig.savefig(path + ".tmp.png")
         plt.close(fig)
         os.replace(path + ".tmp.png", path)
+        honour_umask(path)
         written.append(path)
     return written

@@ -47,14 +47,56 @@ def decide_resume(cfg: Config, output_dir: str) -> str | None:
     return latest
 
 
+# What a run (or a do_predict run) writes into output_dir: overwrite_output_dir removes all of it before training,
+# so a run killed early never leaves the old run's adapter or results beside its new checkpoints. Files the user
+# put there (a dataset, notes) are not on the list and stay.
+RUN_OUTPUT_FILES = frozenset({
+    "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "model.safetensors", "pytorch_model.bin",
+    "model.safetensors.index.json", "config.json", "generation_config.json", "README.md", "training_args.bin",
+    "trainer_log.jsonl", "trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
+    "predict_results.json", "generated_predictions.jsonl", "training_loss.png", "training_eval_loss.png",
+    "tunelab_config.yaml", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+})
+RUN_OUTPUT_FOLDERS = frozenset({"runs"})  # TensorBoard's default logging_dir
+
+
+def old_run_outputs(output_dir: str) -> list[str]:
+    """Paths in output_dir that a previous run wrote (checkpoints, adapter, logs, results, plots, tokenizer)."""
+    if not os.path.isdir(output_dir):
+        return []
+    out = [path for _, path in list_checkpoints(output_dir, complete_only=False)]
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if (name in RUN_OUTPUT_FILES and os.path.isfile(path)) or (name in RUN_OUTPUT_FOLDERS and os.path.isdir(path)):
+            out.append(path)
+        elif name.startswith("model-") and name.endswith(".safetensors"):  # full fine-tuning shards
+            out.append(path)
+    return out
+
+
 def prepare_output_dir(cfg: Config, output_dir: str) -> None:
-    if cfg.overwrite_output_dir and os.path.isdir(output_dir):
-        for _, path in list_checkpoints(output_dir, complete_only=False):
-            shutil.rmtree(path)
-        log = os.path.join(output_dir, "trainer_log.jsonl")
-        if os.path.exists(log):
-            os.remove(log)
+    if cfg.overwrite_output_dir:
+        old = old_run_outputs(output_dir)
+        for path in old:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if old:
+            logger.info("overwrite_output_dir: removed %d outputs of the previous run from %s", len(old), output_dir)
     os.makedirs(output_dir, exist_ok=True)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir must be a folder or creatable as one: not a file, not under a file (checked before any load)."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir '{output_dir}' is a file: give a folder (new or one of an earlier run) for the adapter, checkpoints and logs.")
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"output_dir '{output_dir}' lies under '{parent}', which is a file, so the folder cannot be made: choose another output_dir.")
+    if parent and not os.access(parent, os.W_OK):
+        raise ConfigError(f"output_dir '{output_dir}' cannot be written: '{parent}' is not writable for this user.")
 
 
 def training_arguments(cfg: Config, resolved: Resolved, has_eval: bool):
@@ -210,6 +252,118 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
+NOTHING_TO_DO = (
+    "nothing to do: do_train and do_predict are both false (LLaMA-Factory's defaults for keys a config leaves out). "
+    "Add do_train: true to train, or do_predict: true with predict_with_generate: true to generate answers for "
+    "eval_dataset; `tunelab eval` scores a model otherwise (task=perplexity gives the eval loss)."
+)
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """A `tunelab train` run, as LLaMA-Factory's run_sft: train when do_train, then predict when do_predict.
+
+    The cheap checks come first (output_dir, model source, the run-folder lock, the data's registry, files and
+    records), so a typo fails in a second rather than after the tokenizer and model load. Returns the metrics."""
+    from tunelab.model.loader import model_source
+    from tunelab.utils.lock import RunLock
+
+    if not cfg.do_train and not cfg.do_predict:
+        raise ConfigError(NOTHING_TO_DO)
+    if not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is not set: give a local model folder or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).")
+    check_output_dir(cfg.output_dir)
+    if model_source(cfg.model_name_or_path) == "hub":
+        logger.info("model_name_or_path '%s': no local folder of that name, so it is read from the hub", cfg.model_name_or_path)
+    if cfg.do_predict:
+        check_predict(cfg)
+    # Rank 0 holds the lock for all processes of a multi-GPU run (the others write nothing of their own there).
+    lock = RunLock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_data_early(cfg)
+        metrics: dict[str, Any] = train_sft(cfg) if cfg.do_train else {}
+        if cfg.do_predict:
+            metrics.update(run_prediction(cfg, trained=cfg.do_train))
+        return metrics
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+EARLY_CHECK_RECORDS = 1000
+
+
+def check_data_early(cfg: Config) -> None:
+    """The registry, the data files and the shape of the first records (EARLY_CHECK_RECORDS of each local dataset)
+    before anything heavy: an unregistered name, a missing file or a broken line fails in a second. The full read
+    (every record) follows with the tokenizer; hub datasets are only looked up here."""
+    from tunelab.data.loader import load_conversations, split_names
+    from tunelab.data.registry import resolve_dataset
+
+    for key, required in (("dataset", cfg.do_train), ("eval_dataset", False)):
+        names = getattr(cfg, key)
+        if not names:
+            if required:
+                raise ConfigError("dataset is not set: name a dataset from dataset_info.json, a built-in one (alpaca_gpt4_en) or a file path.")
+            continue
+        local = [n for n in split_names(names) if resolve_dataset(n, cfg.dataset_dir).load_from == "file"]
+        if local:
+            limit = min(cfg.max_samples or EARLY_CHECK_RECORDS, EARLY_CHECK_RECORDS)
+            load_conversations(local, cfg.dataset_dir, max_samples=limit, skip_invalid=cfg.skip_invalid,
+                               require_reply=key == "dataset" or cfg.do_train, seed=cfg.seed)
+
+
+def check_predict(cfg: Config) -> None:
+    """do_predict needs data to predict on (as LLaMA-Factory) and the metric libraries, checked before training."""
+    if not cfg.eval_dataset and not cfg.val_size > 0:
+        raise ConfigError(
+            "do_predict: true predicts on evaluation data: set eval_dataset (a dataset name or file), or val_size "
+            "to predict on the part held out from dataset (as LLaMA-Factory)."
+        )
+    from tunelab.eval.metrics import metric_libraries
+
+    metric_libraries()  # nltk / jieba / rouge-chinese present, or stop now rather than after training
+
+
+def run_prediction(cfg: Config, *, trained: bool) -> dict[str, Any]:
+    """do_predict: generate an answer for every sample of eval_dataset (or of the val_size split) and write
+    generated_predictions.jsonl + predict_results.json (BLEU-4 / ROUGE) into output_dir, as LLaMA-Factory's
+    do_predict does, through tunelab's predict code (tunelab.eval.predict). The model is the adapter just trained
+    (do_train), else base + adapter_name_or_path; batches of per_device_eval_batch_size."""
+    import json
+
+    from tunelab.eval.dataset import held_out, load_eval_conversations
+    from tunelab.eval.predict import run_predict
+    from tunelab.infer.engine import Engine
+    from tunelab.utils.io import atomic_write_json, honour_umask
+
+    output_dir = os.path.abspath(cfg.output_dir)
+    changes: dict[str, Any] = {"batch_size": cfg.per_device_eval_batch_size, "save_dir": None}
+    if trained:
+        changes.update(adapter_name_or_path=output_dir, checkpoint=None)
+    pcfg = cfg.replace(**changes)
+    samples = load_eval_conversations(pcfg, purpose="predict")
+    resolved = resolve(pcfg)
+    engine = Engine.from_config(pcfg, resolved=resolved, max_batch_size=pcfg.batch_size)
+    conversations = held_out(samples, pcfg, engine.template)
+    os.makedirs(output_dir, exist_ok=True)
+    if not trained:
+        save_resolved(pcfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
+    logger.info("do_predict: generating for %d samples with %s", len(conversations),
+                f"the adapter just trained in {output_dir}" if trained else (pcfg.adapter_name_or_path or "the base model"))
+    results = run_predict(pcfg, engine, conversations, output_dir)
+    all_path = os.path.join(output_dir, "all_results.json")  # LLaMA-Factory's save_metrics adds them there too
+    merged: dict[str, Any] = {}
+    if trained and os.path.isfile(all_path):
+        with open(all_path, encoding="utf-8") as fh:
+            merged = json.load(fh)
+    merged.update(results)
+    atomic_write_json(all_path, merged)
+    honour_umask(output_dir)
+    return results
+
+
 def resolve_batch_size(cfg: Config, resolved: Resolved) -> Config:
     """per_device_train_batch_size: auto -> the memory estimate's choice on the GPU at hand (logged); else cfg as is."""
     if cfg.per_device_train_batch_size != "auto":
@@ -242,8 +396,8 @@ def peak_memory() -> dict[str, float]:
             "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
 
 
-def run_train(cfg: Config) -> dict[str, Any]:
-    """The whole SFT run. Returns the final metrics (also written to all_results.json)."""
+def train_sft(cfg: Config) -> dict[str, Any]:
+    """The training part of a run (do_train). Returns the final metrics (also written to all_results.json)."""
     from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import build_datasets
     from tunelab.data.template import get_template, template_mismatch_warning
@@ -254,13 +408,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
-    from tunelab.utils.io import atomic_write_json
+    from tunelab.utils.io import atomic_write_json, honour_umask
     from transformers import PrinterCallback, set_seed
 
-    if not cfg.do_train:
-        raise ConfigError("do_train is false: nothing to do. For evaluation use `tunelab eval`.")
-    if not cfg.model_name_or_path:
-        raise ConfigError("model_name_or_path is not set: give a local model folder or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).")
     resolved = resolve(cfg)
     for warning in resolved.warnings:
         logger.warning(warning)
@@ -341,6 +491,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         atomic_write_json(os.path.join(output_dir, "all_results.json"), metrics)
         if cfg.plot_loss:
             plot_loss(output_dir, smoothing=cfg.plot_smoothing)
+        honour_umask(output_dir)  # safetensors and mkstemp write 0600; outputs read like any other file
     barrier()  # no rank leaves (and no launcher reports success) before the outputs are complete
     logger.info("done: adapter and logs in %s", output_dir)
     return metrics

@@ -7,6 +7,37 @@ import tempfile
 from typing import Any
 
 
+_UMASK: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask (read once: os.umask can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file under the umask (0644 with the usual 022)."""
+    return 0o666 & ~current_umask()
+
+
+def honour_umask(root: str) -> None:
+    """Give files written through a temporary file (mkstemp and safetensors create them 0600) the mode a plain
+    open() would have, under `root` (a file or a folder, recursively). Files with any other mode are left alone."""
+    paths = [root] if os.path.isfile(root) else [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+    mode = default_file_mode()
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            if (st.st_mode & 0o777) == 0o600 and mode != 0o600 and os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(path, mode)
+        except OSError:  # a file removed meanwhile, or one we do not own
+            continue
+
+
 def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -16,6 +47,7 @@ def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; the result should read like any other output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
