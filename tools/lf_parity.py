@@ -497,11 +497,13 @@ def summarize(records: dict, registry: dict, configs: dict, meta: dict) -> str:
     lines += ["", "Classes:", ""]
     used = sorted({c for rep in records.values() for key in rep["counts"] for c in key.split("+")})
     lines += [f"- **{c}**: {CLASS_TEXT.get(c, c)}" for c in used]
-    lines += ["", "Examples of each difference (first differing characters, or tunelab's sentence):", ""]
+    lines += ["", "One example of each difference (the first differing characters, or tunelab's sentence):", ""]
+    seen = set()
     for key, rep in records.items():
         for cls, exs in rep["examples"].items():
-            for ex in exs[:1]:
-                lines.append(f"- {key} {cls}: `{ex}`")
+            if cls not in seen and cls != "truncated-of-differing":
+                seen.add(cls)
+                lines.append(f"- {cls} ({key}): `{exs[0]}`")
     same, refused, different = registry["same"], registry["refused"], registry["different"]
     lines += ["", f"### Registry: {len(same) + len(refused) + len(different)} entries of data/dataset_info.json", "",
               f"- {len(same)} read with the same columns, tags, source, split, subset, folder and num_samples",
@@ -509,13 +511,18 @@ def summarize(records: dict, registry: dict, configs: dict, meta: dict) -> str:
               "media: ranking, chosen/rejected, kto_tag, images/videos/audios)",
               f"- {sum(not r['expected'] for r in refused.values())} refused for another reason",
               f"- {len(different)} read differently", ""]
+    by_reason: dict[str, list[str]] = {}
     for name, r in refused.items():
-        lines.append(f"  - refused `{name}`: {r['why']}")
+        reason = r["why"].split(f"entry {name!r} ", 1)[-1]
+        by_reason.setdefault(re.sub(r"^names the .*? column", "names such a column", reason), []).append(name)
+    for reason, names in by_reason.items():
+        lines.append(f"  - {len(names)} ({', '.join(names)}): \"... {reason}\"")
     for name, d in different.items():
         lines.append(f"  - different `{name}`: {json.dumps(d, ensure_ascii=False)}")
     ok = [p for p, r in configs.items() if r["ok"]]
     lines += ["", f"### Example configs: {len(configs)} `stage: sft` + `finetuning_type: lora` configs in examples/", "",
-              f"- {len(ok)} accepted by tunelab's config system (and their template and datasets)",
+              f"- {len(ok)} accepted by tunelab's config system (and their template and datasets): "
+              + ", ".join(f"`{p}`" for p in ok),
               f"- {len(configs) - len(ok)} refused with a sentence:", ""]
     for path, r in configs.items():
         if not r["ok"]:
