@@ -17,6 +17,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
   plain          the same without autocast;  plain-trainer: the plain model in the stock transformers Trainer
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
+  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (an unmeasured memory lever)
+  +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
 Each case prints one JSON line (tokens/s, step time, peak allocated and reserved GiB, MFU against --matmul-tflops,
@@ -225,6 +227,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     load_s = time.perf_counter() - t_load
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None)}
+    if "+offload" in variant:  # checkpointed layer inputs in pinned host memory (tunelab.model.fast.offload)
+        from tunelab.model.fast.offload import offload_checkpoints
+
+        out["offloaded_layers"] = offload_checkpoints(model)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
