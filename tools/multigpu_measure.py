@@ -2,14 +2,17 @@
 machine of two or more GPUs (nvidia-h200-x2). Not run in this session: no several-GPU machine was lent.
 
     export PYTHONPATH=$PWD/.devsite:$PWD/src:$PYTHONPATH
-    python3 tools/multigpu_measure.py --only ddp,fsdp  --out $OUT      # 7B QLoRA: 1 GPU, DDP x2, FSDP2 x2
-    python3 tools/multigpu_measure.py --only 32b,accelerate --out $OUT # 32B 16-bit LoRA FSDP2 x2; accelerate launch
+    python3 tools/multigpu_measure.py --only ddp --out $OUT              # 7B QLoRA: 1 GPU vs DDP x2
+    python3 tools/multigpu_measure.py --only fsdp --out $OUT             # 7B QLoRA FSDP2 x2 vs 1 GPU (peak memory)
+    python3 tools/multigpu_measure.py --only 32b --out $OUT              # 32B bf16 LoRA, FSDP2 x2
+    python3 tools/multigpu_measure.py --only accelerate --out $OUT       # accelerate launch, LLaMA-Factory's FSDP2 file
 
 Cases (each one `tunelab train cfg.yaml` in its own process group; results.jsonl gets one JSON line per case):
   single     7B-architecture QLoRA (NF4, double quant, bf16), LoRA r=8 all linear, batch 4 x 1024, CUDA_VISIBLE_DEVICES=0
   ddp        the same job on CUDA_VISIBLE_DEVICES=0,1: tunelab re-launches itself under torchrun, 4 x 1024 per GPU
   fsdp       the same with fsdp: full_shard (FSDP2, FULL_STATE_DICT saves), 4 x 1024 per GPU; then the saved adapter is
-             loaded on one GPU with plain PeftModel.from_pretrained and run once
+             loaded on one GPU with plain PeftModel.from_pretrained and run once; and single-plain, the one-GPU job
+             with use_fast_kernels: false (FSDP turns the fast path off), for a like-for-like memory ratio
   32b        Qwen2.5-32B architecture, bf16 weights (no quantization), LoRA r=8, fsdp: full_shard over 2 GPUs,
              --batch-32b x 1024 per GPU
   accelerate the 7B QLoRA job under `accelerate launch --config_file <LLaMA-Factory's fsdp2_config.yaml> -m tunelab train`
@@ -217,6 +220,11 @@ def main() -> int:
         recs["fsdp"] = run_case("fsdp", job(models["7b"], data, run("fsdp"), 4, args.steps, fsdp="full_shard", **qlora), "0,1", 2, args)
         if recs["fsdp"]["rc"] == 0:
             adapter_loads_on_one_gpu(models["7b"], run("fsdp"), args)
+        if "single" not in recs:  # the one-GPU reference of the ratio, when ddp is not in this call
+            recs["single"] = run_case("single", job(models["7b"], data, run("single"), 4, args.steps, **qlora), "0", 1, args)
+        # FSDP turns the fast LoRA path off: the same path on one GPU, for a like-for-like memory ratio too
+        recs["single-plain"] = run_case("single-plain", job(models["7b"], data, run("single-plain"), 4, args.steps,
+                                                            use_fast_kernels=False, **qlora), "0", 1, args)
     if "32b" in only:
         steps = min(args.steps, 8)
         recs["32b"] = run_case("32b", job(models["32b"], data, run("32b"), args.batch_32b, steps, fsdp="full_shard"), "0,1", 2, args)
@@ -242,6 +250,8 @@ def main() -> int:
         summary["ddp_scaling"] = round(ok["ddp"]["tokens_per_second"] / ok["single"]["tokens_per_second"], 3)
     if "single" in ok and "fsdp" in ok:
         summary["fsdp_peak_ratio"] = round(ok["fsdp"]["peak_allocated_gib_rank0"] / ok["single"]["peak_allocated_gib_rank0"], 3)
+    if "single-plain" in ok and "fsdp" in ok:
+        summary["fsdp_peak_ratio_same_path"] = round(ok["fsdp"]["peak_allocated_gib_rank0"] / ok["single-plain"]["peak_allocated_gib_rank0"], 3)
     if "32b" in ok:
         summary["32b_tokens_per_second"] = ok["32b"]["tokens_per_second"]
     print(json.dumps({"summary": summary}), flush=True)
