@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from helpers_train import offline_session, tiny_model  # noqa: F401
 from tunelab.model.fast import fast_path_decision, patch_lora_layers, unpatch_lora_layers
 from tunelab.model.fast.lora import lora_linear, lora_linear_reference
 
@@ -243,3 +244,22 @@ def test_offloaded_checkpoints_give_the_plain_checkpointing_gradients(device):
         assert loss == loss_plain
         for g, gp in zip(grads, grads_plain):  # the same arithmetic in the same order: equal (CPU and GPU)
             assert torch.equal(g, gp)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])])
+def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # noqa: F811
+    import dataclasses
+
+    from tunelab.config import load_config
+    from tunelab.config.resolve import resolve
+    from tunelab.model.loader import load_model
+
+    quant = {"quantization_bit": 4, "bf16": True} if device == "cuda" else {}
+    cfg = load_config({"model_name_or_path": tiny_model, "do_train": True, "lora_target": "all", **quant})
+    resolved = dataclasses.replace(resolve(cfg), device=device)
+    model = load_model(cfg, resolved, for_training=True)
+    patched = [m for m in model.modules() if hasattr(m, "_tunelab_plain_forward")]
+    if device == "cpu":
+        assert model.tunelab_fast_path == [] and patched == []
+    else:
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)"] and len(patched) == 14
