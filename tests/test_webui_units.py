@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from helpers_train import isolated_env, tiny_model  # noqa: F401
 from tunelab.errors import ConfigError
 
 
@@ -137,3 +138,30 @@ def test_commands_are_listed_and_refuse_bad_input(capsys):
     assert "needs a model" in capsys.readouterr().err
     assert main(["webui", "lora_rnak=8"]) == 1
     assert "lora_rank" in capsys.readouterr().err
+
+
+def test_webchat_serves_the_chat_alone_for_one_model(tiny_model, monkeypatch):  # noqa: F811
+    import socket
+    import urllib.request
+
+    from tunelab.webui import chat_tab
+    from tunelab.webui.app import build_webchat
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    model = tiny_model
+    demo = build_webchat({"model_name_or_path": model, "template": "qwen", "max_new_tokens": 8}, lang="zh")
+    try:
+        assert chat_tab.HOLDER.engine is not None and chat_tab.HOLDER.what == model
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10).read())
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert {"chat-send", "chat-tuned", "chat-message"} <= ids
+        assert not ids & {"start-btn", "preview-btn", "export-run", "chat-load"}  # the chat alone, its model fixed
+        labels = {c.get("props", {}).get("label") for c in config["components"]}
+        assert "消息" in labels  # --lang zh
+    finally:
+        demo.close()
+        chat_tab.HOLDER.unload()

@@ -88,7 +88,8 @@ def _wire_reattach(page: Page, train: dict[str, Any], panel, radio, demo) -> Non
     keys = [k for k in page.fields]
     outputs = [page.fields[k] for k in keys] + [train["status"], train["timer"]]
 
-    def reattach(language, saves_dir, output_dir):
+    def reattach(request, language, saves_dir, output_dir):
+        language = _lang_from_request(request, language)
         found, values = train_tab.reattach(page, language, saves_dir, output_dir)
         if found is None:
             return [gr.update() for _ in keys] + [gr.update(), gr.Timer(active=False)]
@@ -96,6 +97,7 @@ def _wire_reattach(page: Page, train: dict[str, Any], panel, radio, demo) -> Non
         updates = [gr.update(value=values[k]) if k in values else gr.update() for k in keys]
         return updates + [t("attached", language, out=out_dir), gr.Timer(active=True)]
 
+    reattach.__annotations__ = {"request": gr.Request}
     demo.load(reattach, [radio, panel.saves_dir, page.fields["output_dir"]], outputs)
 
 

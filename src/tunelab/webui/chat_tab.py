@@ -51,8 +51,9 @@ def build(page: Page, defaults: dict[str, Any], fixed: bool = False) -> dict[str
 
     c: dict[str, Any] = {}
     with gr.Row():
-        c["load"] = page.add(gr.Button, {"value": "load_model"}, variant="primary", elem_id="chat-load", visible=not fixed)
-        c["unload"] = page.add(gr.Button, {"value": "unload_model"}, elem_id="chat-unload", visible=not fixed)
+        if not fixed:  # webchat: the model of its config, loaded at start, no other
+            c["load"] = page.add(gr.Button, {"value": "load_model"}, variant="primary", elem_id="chat-load")
+            c["unload"] = page.add(gr.Button, {"value": "unload_model"}, elem_id="chat-unload")
         c["compare"] = page.add(gr.Checkbox, {"label": "compare_base"}, value=False, elem_id="chat-compare")
     c["status"] = gr.Markdown(t("model_unloaded", page.lang) if not fixed else "", elem_id="chat-status")
     with gr.Row():
@@ -62,7 +63,7 @@ def build(page: Page, defaults: dict[str, Any], fixed: bool = False) -> dict[str
         c["message"] = page.add(gr.Textbox, {"label": "message"}, elem_id="chat-message", scale=4)
         c["send"] = page.add(gr.Button, {"value": "send"}, variant="primary", elem_id="chat-send", scale=0)
         c["clear"] = page.add(gr.Button, {"value": "clear"}, elem_id="chat-clear", scale=0)
-    with gr.Accordion("generation", open=False):
+    with page.keep(gr.Accordion(page.text("section_generation", page.lang), open=False), label="section_generation"):
         c["system"] = page.field("system", defaults.get("system"))
         with gr.Row():
             for key in GEN_KEYS[1:]:
@@ -133,8 +134,9 @@ def wire(c: dict[str, Any], panel, lang: Any, fixed_config: dict[str, Any] | Non
         except Exception as exc:  # noqa: BLE001
             yield message, tuned, base, sentence(exc, language)
 
-    c["load"].click(load, [lang, *panel_inputs], [c["status"]])
-    c["unload"].click(unload, [lang], [c["status"]])
+    if "load" in c:
+        c["load"].click(load, [lang, *panel_inputs], [c["status"]])
+        c["unload"].click(unload, [lang], [c["status"]])
     outs = [c["message"], c["tuned"], c["base"], c["status"]]
     ins = [lang, c["message"], c["tuned"], c["base"], c["compare"], *gen_inputs]
     c["send"].click(send, ins, outs)

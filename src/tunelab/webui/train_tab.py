@@ -96,22 +96,23 @@ def estimate_available() -> bool:
 
 
 def estimate_text(config: dict[str, Any]) -> str:
-    """tunelab.estimate's answer for this config, when that package exists (another part of tunelab); else ''."""
+    """tunelab.estimate's table for this config and, on a GPU, the free memory it must fit in; '' without it."""
     try:
-        import tunelab.estimate as est
+        from tunelab.estimate import estimate
+        from tunelab.estimate.from_config import setup_from_config
+        from tunelab.estimate.report import table
+    except ImportError:
+        return ""
+    try:
         from tunelab.config.parse import build_config
 
-        cfg = build_config(config, source="the web UI")
-        for name in ("estimate_config", "estimate_from_config", "estimate"):
-            fn = getattr(est, name, None)
-            if callable(fn):
-                result = fn(cfg)
-                break
-        else:
-            return ""
-        lines = getattr(result, "lines", None)
-        text = "\n".join(lines()) if callable(lines) else str(result)
-        return "```\n" + text + "\n```"
+        shape, setup, notes = setup_from_config(build_config(config, source="the web UI"))
+        text = table(estimate(shape, setup))
+        if runs.current_device().startswith("cuda"):
+            from tunelab.estimate.runtime import free_gpu_bytes
+
+            text += f"\nfree on this GPU now: {free_gpu_bytes() / 2**30:.2f} GiB"
+        return "```\n" + "\n".join([text, *notes]) + "\n```"
     except Exception as exc:  # noqa: BLE001 - the estimate is a hint; its failure is a sentence, not a stop
         return sentence(exc, "en")
 
@@ -139,7 +140,10 @@ def wire(page: Page, c: dict[str, Any], panel, lang: Any) -> None:
             path = os.path.join(_scratch(), runs.CONFIG_FILE)
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(text)
-            return "", text, command_text(config), path, estimate_text(config) if estimate_available() else ""
+            estimate = estimate_text(config) if estimate_available() else ""
+            if estimate:
+                estimate = f"**{t('estimate', language)}**\n\n{estimate}"
+            return "", text, command_text(config), path, estimate
         except Exception as exc:  # noqa: BLE001
             return sentence(exc, language), "", "", None, ""
 
@@ -235,4 +239,8 @@ def reattach(page: Page, lang: str, saves_dir: str, output_dir: str) -> tuple[st
             config = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError):
         config = {}
-    return run["output_dir"], {k: shown_value(k, v) for k, v in config.items() if k in page.fields}
+    values = {k: shown_value(k, v) for k, v in config.items() if k in page.fields}
+    for key in ("dataset", "eval_dataset"):  # multi-selects: the comma list as a list
+        if key in values:
+            values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
+    return run["output_dir"], values
