@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -205,7 +206,7 @@ def test_outputs_are_exactly_the_one_process_files(runs):
 
 
 def test_launcher_decisions():
-    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node_rank", "0"]
+    base = [sys.executable, "-m", "tunelab.train.distributed", "--nnodes", "1", "--node_rank", "0"]
     assert launch_command(["c.yaml"], 0, {}) is None  # CPU, not forced
     assert launch_command(["c.yaml"], 1, {}) is None  # one GPU
     assert launch_command(["c.yaml"], 4, {"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) is None  # already launched
@@ -298,3 +299,15 @@ def test_run_time_refusals(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fsdp shards the model over GPUs, and this run is on the CPU" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_failing_worker_ends_with_its_sentence_not_a_traceback(tiny_model, tmp_path):
+    """An error inside the launched processes (here: a dataset name the registry lacks, found by each worker)."""
+    data_dir = write_dataset_dir(tmp_path / "data", {"toy": ("alpaca", counting_records(4))})
+    cfg = _write(tmp_path / "bad.yaml", base_config(tiny_model, data_dir, str(tmp_path / "out"), dataset="nope"))
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", cfg], cwd=tmp_path, capture_output=True, text=True,
+                          env=_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"), timeout=300)
+    assert proc.returncode == 1
+    assert "tunelab train: error:" in proc.stderr and "'nope'" in proc.stderr
+    assert re.search(r"training process\(es\) failed \(first: rank [01], exit code 1\); its error is printed above\.", proc.stderr)
+    assert "Traceback" not in proc.stderr

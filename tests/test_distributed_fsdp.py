@@ -10,7 +10,8 @@ root), the fused loss called through the root's forward (`call_through_wrapper`,
 AdamW step, and the adapter gathered into a full state dict and saved by rank 0 with PEFT's save_pretrained (what
 the Trainer does with FULL_STATE_DICT). The GPU path through the Trainer is tools/multigpu_measure.sh's.
 
-Run by pytest; torchrun runs this same file as the worker (`python -m torch.distributed.run ... this.py`).
+The same launch also checks the two collectives TunelabTrainer adds (token counts summed over the ranks; the NaN
+check seeing a NaN of any rank). Run by pytest; torchrun runs this same file as the worker (`python -m torch.distributed.run ... this.py`).
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _worker(cfg_path: str, out: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    # the two collectives TunelabTrainer adds: token counts summed over ranks, and the NaN check's loss (a NaN on
+    # rank 1 must be seen by rank 0, whose own loss is finite)
+    from tunelab.train.distributed import loss_for_check, sum_across_ranks
+
+    collectives = {"tokens_sum": sum_across_ranks(rank + 1),
+                   "nan_seen_by_all": not torch.isfinite(loss_for_check(torch.tensor(float("nan") if rank else 2.0))).item()}
     with open(cfg_path, encoding="utf-8") as fh:
         cfg = load_config(yaml.safe_load(fh))
     torch.manual_seed(0)
@@ -90,7 +97,7 @@ def _worker(cfg_path: str, out: str) -> None:
     q = base.model.layers[0].self_attn.q_proj
     shard = q.base_layer.weight  # the 4-bit weight (float32 storage), now a DTensor shard
     facts = {"sharded_type": type(shard).__name__, "local_rows": shard.to_local().shape[0], "full_rows": shard.shape[0],
-             "module_quant_state": getattr(q.base_layer, "quant_state", None) is not None}
+             "module_quant_state": getattr(q.base_layer, "quant_state", None) is not None, **collectives}
     per_rank = BATCH // world
     loss, grads = step(model, slice(rank * per_rank, (rank + 1) * per_rank), world, model)  # FSDP averages over ranks
     dist.all_reduce(loss)
@@ -135,6 +142,11 @@ def test_the_4bit_weights_are_sharded_and_keep_their_quant_state(fsdp_run):
     assert f["sharded_type"] == "DTensor"
     assert f["local_rows"] * 2 == f["full_rows"]  # each rank holds half of the packed 4-bit rows
     assert f["module_quant_state"]  # bitsandbytes' copy on the module, which its forward uses once gathered
+
+
+def test_token_counts_and_the_nan_check_span_the_ranks(fsdp_run):
+    assert fsdp_run["facts"]["tokens_sum"] == 1 + 2
+    assert fsdp_run["facts"]["nan_seen_by_all"] is True  # rank 0's loss was 2.0, rank 1's NaN
 
 
 def test_fsdp2_loss_gradients_and_adapter_equal_one_process(fsdp_run):

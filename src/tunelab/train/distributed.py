@@ -113,7 +113,7 @@ def launch_command(argv: list[str], gpus: int, environ: Mapping[str, str] | None
         raise ConfigError("NNODES > 1 needs MASTER_ADDR and MASTER_PORT, the same on every node.")
     port = _positive_int(env, "MASTER_PORT", 0, minimum=0) or free_port()
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "tunelab.train.distributed",  # torch.distributed.run, with failures told in one line
         "--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
         "--master_addr", addr, "--master_port", str(port),
         "-m", "tunelab.cli", "train", *argv,
@@ -298,3 +298,23 @@ def trainer_arguments(cfg, resolved) -> dict[str, Any]:
     if cfg.deepspeed:
         out["deepspeed"] = cfg.deepspeed
     return out
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """`python -m torch.distributed.run argv`, except that a failed worker ends with one line (the worker has
+    already printed its error sentence) instead of torchrun's traceback of the launcher itself."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()  # the earliest: the others are usually torchrun's SIGTERM
+        print(f"tunelab train: {len(exc.failures)} training process(es) failed (first: rank {rank}, exit code "
+              f"{failure.exitcode}); its error is printed above.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(torchrun_main(sys.argv[1:]))
