@@ -146,3 +146,120 @@ def test_missing_adapter_folder_is_a_clear_error(lora_run, tmp_path):
         f"adapter folder '{missing}' does not exist: expected a folder with adapter_config.json and "
         "adapter_model.safetensors (a training output_dir or one of its checkpoint-N folders)."
     )
+
+
+# ----------------------------------------------------------------------------------- the static-cache decode path
+def _hf_and_static(engine):
+    from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
+
+    return HFDecodeBackend(), StaticDecodeBackend()
+
+
+def test_static_backend_equals_plain_generate_token_for_token(engine):
+    hf, static = _hf_and_static(engine)
+    prompts = [engine.encode(_conv(q)) for q in QUESTIONS]
+    saved = engine.backend
+    try:
+        engine.backend = hf
+        expected = engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=20)
+        expected_stopping = engine.generate_ids(prompts, max_new_tokens=20)
+        engine.backend = static
+        assert engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=20) == expected  # batch of 3, left-padded
+        assert [engine.generate_ids([p], stop_token_ids=(), max_new_tokens=20)[0] for p in prompts] == expected
+        assert engine.generate_ids(prompts, max_new_tokens=20) == expected_stopping
+        assert all(len(x) == 20 for x in expected)
+        assert static.decoder.max_len == 256 and static.decoder.graphs == {}  # CPU: eager steps
+        pieces = list(engine.stream(_conv(QUESTIONS[0])))
+        assert "".join(pieces) == engine.generate([_conv(QUESTIONS[0])])[0]
+        with engine.adapter_disabled():
+            base_static = engine.generate_ids(prompts[:2], max_new_tokens=12)
+        engine.backend = hf
+        with engine.adapter_disabled():
+            assert engine.generate_ids(prompts[:2], max_new_tokens=12) == base_static
+    finally:
+        engine.backend = saved
+
+
+def test_static_backend_closed_stream_stops_and_frees_its_slots(engine):
+    import threading
+
+    from tunelab.infer.engine import StaticDecodeBackend
+
+    saved, engine.backend = engine.backend, StaticDecodeBackend()
+    try:
+        stream = engine.stream(_conv(QUESTIONS[0]), max_new_tokens=200, stop_token_ids=())
+        next(stream)
+        stream.close()
+        assert not any(t.name == "tunelab-decode" for t in threading.enumerate())
+        assert engine.backend.decoder.lengths == {}
+    finally:
+        engine.backend = saved
+
+
+def test_slot_decoder_rows_with_different_adapters_equal_each_adapter_alone(lora_run, tmp_path_factory):
+    """Continuous batching with per-row adapters: rows join at different steps, each with its own adapter (or none),
+    and every row's greedy tokens equal plain generate with that adapter alone."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+    from tunelab.infer.decoder import SlotDecoder
+
+    model, run = lora_run
+    other = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")  # a second adapter, trained apart
+    eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "max_new_tokens": 10, "decode_backend": "hf"}))
+    eng.add_adapter("second", other)
+    prompts = [eng.encode(_conv(q)) for q in QUESTIONS]
+    plan = [("default", prompts[0], 0), ("second", prompts[1], 0), (None, prompts[2], 3), ("second", prompts[0], 5)]  # adapter, prompt, join step
+    expected = []
+    for adapter, prompt, _ in plan:
+        if adapter is None:
+            with eng.adapter_disabled():
+                expected.append(eng.generate_ids([prompt], stop_token_ids=())[0])
+        else:
+            eng.model.set_adapter(adapter)
+            expected.append(eng.generate_ids([prompt], stop_token_ids=())[0])
+    assert expected[0] != expected[3] and expected[2] not in (expected[0], expected[1], expected[3])  # they really differ
+    dec = SlotDecoder(eng.model, max_slots=4, max_len=128, adapters=["default", "second"])
+    got: dict[int, list[int]] = {}
+    logits: dict = {}
+    with torch.inference_mode():
+        for step in range(40):
+            for slot, (adapter, prompt, join) in enumerate(plan):
+                if join == step:  # joins the running batch
+                    logits[slot] = dec.prefill(slot, prompt, adapter)
+            for s, lg in logits.items():
+                got.setdefault(s, []).append(int(torch.argmax(lg)))
+                if len(got[s]) == 10:
+                    dec.release(s)  # leaves the batch
+            logits = dec.step({s: got[s][-1] for s in dec.lengths})
+    assert [got[s] for s in range(len(plan))] == expected
+    eng.unload()
+
+
+@pytest.mark.gpu
+def test_gpu_static_graph_decode_equals_plain_generate(lora_run):
+    """On CUDA the static backend replays captured CUDA graphs; greedy tokens equal plain generate (fp32 and bf16
+    tiny model with its LoRA adapter, and the 4-bit NF4 base)."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+    from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, run = lora_run
+    for extra in ({"infer_dtype": "float32"}, {"infer_dtype": "bfloat16"}, {"quantization_bit": 4}):
+        eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "decode_backend": "hf", **extra}))
+        prompts = [eng.encode(_conv(q)) for q in QUESTIONS]
+        eng.backend = HFDecodeBackend()
+        expected = eng.generate_ids(prompts, stop_token_ids=(), max_new_tokens=40)
+        solo = [eng.generate_ids([p], stop_token_ids=(), max_new_tokens=40)[0] for p in prompts]
+        eng.backend = StaticDecodeBackend()
+        assert [eng.generate_ids([p], stop_token_ids=(), max_new_tokens=40)[0] for p in prompts] == solo, extra
+        if "float32" in extra.values():
+            assert eng.generate_ids(prompts, stop_token_ids=(), max_new_tokens=40) == expected, extra
+        dec = eng.backend.decoder
+        assert dec.graph_error is None and len(dec.graphs) == len(dec.batch_buckets) * len(dec.len_buckets), extra
+        eng.unload()
