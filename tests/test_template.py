@@ -299,7 +299,7 @@ def test_unknown_template_name(qwen_tokenizer, name, suggestion):
         get_template(name, qwen_tokenizer)
     message = str(err.value)
     assert f"Did you mean '{suggestion}'?" in message
-    assert "auto, qwen, qwen3, qwen3_nothink, chatml, llama3, default, fewshot" in message
+    assert "auto, qwen, qwen3, qwen3_nothink, chatml, llama3, llama2, default, fewshot" in message
 
 
 def test_names_stop_tokens_and_default_system(qwen_tokenizer):
@@ -460,7 +460,7 @@ def test_vision_language_templates_are_refused(qwen_tokenizer, name):
     assert "images, videos and audio are not supported: tunelab fine-tunes text-only models" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["llama2", "deepseek", "deepseek3", "deepseekr1", "mistral"])
+@pytest.mark.parametrize("name", ["llama2_zh", "deepseek", "deepseek3", "deepseekr1", "mistral"])
 def test_other_llamafactory_templates_point_to_auto(name):
     from tunelab.data.template import check_template_name
 
@@ -468,3 +468,29 @@ def test_other_llamafactory_templates_point_to_auto(name):
         check_template_name(name)
     assert f"template '{name}' is a LLaMA-Factory template that tunelab does not ship; use `template: auto`" in str(
         err.value)
+
+
+# The published Llama-2-7b-chat-hf chat template (tokenizer_config.json), verbatim.
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("case", ["single", "multi+system"])
+def test_llama2_is_the_published_llama2_chat_text(llama_like_tokenizer, case):
+    tok = copy.deepcopy(llama_like_tokenizer)
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    conv = CONVERSATIONS[case]
+    tpl = get_template("llama2", tok)
+    ids, labels = tpl.encode_supervised(conv)
+    assert ids == reference_ids(tok, conv, LLAMA2_CHAT)
+    expected = [" Hi there </s>"] if case == "single" else [" Hi there </s>", " Fine, thanks. </s>"]
+    assert trained_text(tok, ids, labels) == expected
+    assert tok.decode(tpl.encode_prompt(prompt_of(conv))).endswith("[INST] " + conv.messages[-2]["content"] + " [/INST]")

@@ -62,6 +62,7 @@ TEMPLATE_FILES = {
     "qwen3_nothink": "qwen3_nothink.jinja",
     "chatml": "chatml.jinja",
     "llama3": "llama3.jinja",
+    "llama2": "llama2.jinja",
     "default": "default.jinja",
     "fewshot": "fewshot.jinja",
 }
@@ -84,7 +85,7 @@ VISION_TEMPLATES = frozenset("""
 OTHER_LF_TEMPLATES = frozenset("""
     bailing bailing_v2 breeze chatglm3 chatml_de cohere cpm4 dbrx deepseek deepseek3 deepseekr1 hy3 deepseekcoder empty
     ernie ernie_nothink exaone falcon falcon_h1 gemma gemma2 glm4 glm4_moe glm4_7 glmz1 gpt_oss granite3 granite4 index
-    hunyuan hunyuan_small intern2 lfm2 llama2 llama2_zh moonlight mimo mimo_v2 minimax1 minimax2 ministral mistral olmo
+    hunyuan hunyuan_small intern2 lfm2 llama2_zh moonlight mimo mimo_v2 minimax1 minimax2 ministral mistral olmo
     openchat openchat-3.6 opencoder phi phi_small phi4 phi4_mini sailor seed_coder seed_oss smollm smollm2 solar
     starchat telechat2 vicuna xuanyuan yi youtu yuan zephyr aeva
 """.split())
