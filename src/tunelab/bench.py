@@ -19,6 +19,7 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
   +offload       appended: checkpointed layer inputs kept in pinned CPU memory (an unmeasured memory lever)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
+  +compile       appended: torch.compile of each decoder layer (an unmeasured launch-overhead lever)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
 Each case prints one JSON line (tokens/s, step time, peak allocated and reserved GiB, MFU against --matmul-tflops,
@@ -231,6 +232,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast.offload import offload_checkpoints
 
         out["offloaded_layers"] = offload_checkpoints(model)
+    if "+compile" in variant:  # torch.compile of each decoder layer (tunelab.model.fast.compile); step 1 compiles
+        from tunelab.model.fast.compile import compile_decoder_layers
+
+        out["compiled_layers"] = compile_decoder_layers(model)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):

@@ -18,7 +18,7 @@ Saved for backward: x and x @ A.T ([tokens, r]); under gradient checkpointing ne
 """
 from __future__ import annotations
 
-from typing import Any
+import torch  # this module is imported only when the fast path is installed
 
 
 def dense_weight(weight, quant_state, dtype):
@@ -30,8 +30,6 @@ def dense_weight(weight, quant_state, dtype):
     goes through bitsandbytes.functional, so the tests compare the two."""
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    import torch
-
     ops = torch.ops.bitsandbytes
     qs = quant_state
     absmax = qs.absmax
@@ -55,68 +53,57 @@ def reference_dense_weight(weight, quant_state, dtype):
 
 def lora_linear_reference(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtype):
     """The same function in plain torch ops (autograd does the backward): the reference the tests compare with."""
-    import torch
-
     w = reference_dense_weight(weight, quant_state, dtype)
     xd = x.to(dtype)
     y = torch.nn.functional.linear(xd, w, None if bias is None else bias.to(dtype))
     return y + (xd @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t() * scale
 
 
-class _Fn:  # the autograd function, built on first use (torch is imported lazily)
-    fn: Any = None
+class LoraLinear(torch.autograd.Function):
+    """The fused projection (module level, so torch.compile can trace it without a graph break)."""
 
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale, dtype):
+        in_dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        w = dense_weight(weight, quant_state, dtype)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        xa = torch.mm(x2, a.t())  # [tokens, r]
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        ctx.weight, ctx.quant_state = weight, quant_state
+        ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
 
-def _build():
-    import torch
-
-    class LoraLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scale, dtype):
-            in_dtype = x.dtype
-            x2 = x.reshape(-1, x.shape[-1])
-            if x2.dtype != dtype:
-                x2 = x2.to(dtype)
-            a = lora_a.to(dtype)
-            b = lora_b.to(dtype)
-            w = dense_weight(weight, quant_state, dtype)
-            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            xa = torch.mm(x2, a.t())  # [tokens, r]
-            y.addmm_(xa, b.t(), alpha=scale)
-            ctx.save_for_backward(x2, xa, lora_a, lora_b)
-            ctx.weight, ctx.quant_state = weight, quant_state
-            ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
-            return y.view(*x.shape[:-1], y.shape[-1])
-
-        @staticmethod
-        def backward(ctx, grad_y):
-            x2, xa, lora_a, lora_b = ctx.saved_tensors
-            dtype, scale = ctx.dtype, ctx.scale
-            g = grad_y.reshape(-1, grad_y.shape[-1])
-            if g.dtype != dtype:
-                g = g.to(dtype)
-            a = lora_a.to(dtype)
-            b = lora_b.to(dtype)
-            gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
-            grad_x = grad_a = grad_b = None
-            if ctx.needs_input_grad[0]:
-                w = dense_weight(ctx.weight, ctx.quant_state, dtype)
-                grad_x = torch.mm(g, w)
-                del w
-                grad_x.addmm_(gb_r, a, alpha=scale)
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_a = torch.mm(gb_r.t(), x2).mul_(scale).to(lora_a.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.mm(g.t(), xa).mul_(scale).to(lora_b.dtype)
-            return grad_x, grad_a, grad_b, None, None, None, None, None
-
-    return LoraLinear
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        dtype, scale = ctx.dtype, ctx.scale
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = dense_weight(ctx.weight, ctx.quant_state, dtype)
+            grad_x = torch.mm(g, w)
+            del w
+            grad_x.addmm_(gb_r, a, alpha=scale)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(gb_r.t(), x2).mul_(scale).to(lora_a.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(g.t(), xa).mul_(scale).to(lora_b.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_linear(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtype):
     """x [..., in] -> [..., out]; weight packed 4-bit (with its quant_state) or dense [out, in] (quant_state None);
     lora_a [r, in], lora_b [out, r] (trainable, any float dtype); computed in `dtype`."""
-    if _Fn.fn is None:
-        _Fn.fn = _build()
-    return _Fn.fn.apply(x, lora_a, lora_b, weight, quant_state, bias, float(scale), dtype)
+    return LoraLinear.apply(x, lora_a, lora_b, weight, quant_state, bias, float(scale), dtype)
