@@ -186,6 +186,8 @@ CUDA = types.SimpleNamespace(device="cuda", device_name="NVIDIA H200")
     (_cfg(quantization_bit=8), CUDA, "qwen2", "quantization_bit 8: the fast path covers 4-bit and 16-bit base weights"),
     (_cfg(finetuning_type="full"), CUDA, "qwen2", "finetuning_type full: the fast path covers LoRA"),
     (_cfg(), CUDA, "gemma2", "architecture gemma2 is not covered yet (covered: qwen2, qwen3, llama)"),
+    (_cfg(), types.SimpleNamespace(device="cuda", device_name="H200", parallel="fsdp"), "qwen2",
+     "parallel fsdp: the fast path covers one GPU and DDP"),
 ])
 def test_decision_off_with_reason(cfg, resolved, model_type, expect):
     assert fast_path_decision(_model(model_type), cfg, resolved) == (False, expect)

@@ -10,8 +10,9 @@ default: on where it applies). What it installs (one file per fused op, each bes
 * lora.py: each LoRA projection (q, k, v, o, gate, up, down) as one autograd function over the frozen NF4 or
   16-bit base weight: dequantize once per use, LoRA product added in the same GEMM, hand-written backward.
 
-Coverage: CUDA; LoRA (not DoRA), lora_dropout 0, one adapter, base layers bitsandbytes 4-bit or plain 16-bit
-linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense) and Llama. Anything else keeps PEFT's layers.
+Coverage: CUDA, one GPU or DDP (not FSDP / DeepSpeed sharding); LoRA (not DoRA), lora_dropout 0, one adapter,
+base layers bitsandbytes 4-bit or plain 16-bit linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense)
+and Llama. Anything else keeps PEFT's layers.
 A patched layer falls back to PEFT's own forward whenever a call is outside that (adapters disabled or merged,
 several active adapters, no gradient: evaluation and generation keep bitsandbytes' fast inference kernels).
 """
@@ -32,6 +33,9 @@ def fast_path_decision(model, cfg, resolved) -> tuple[bool, str]:
         return False, "use_fast_kernels: false"
     if resolved.device != "cuda":
         return False, f"the device is {resolved.device}: the fast path needs a CUDA GPU"
+    parallel = getattr(resolved, "parallel", "single")
+    if parallel not in ("single", "ddp"):  # sharded weights (FSDP, ZeRO) are not bitsandbytes layers any more
+        return False, f"parallel {parallel}: the fast path covers one GPU and DDP"
     if cfg.finetuning_type != "lora":
         return False, f"finetuning_type {cfg.finetuning_type}: the fast path covers LoRA"
     if cfg.use_dora:
@@ -61,6 +65,8 @@ def _fast_forward(self, x, *args, **kwargs):
     name = self._tunelab_adapter
     weight = self._tunelab_base.weight
     quant_state = getattr(weight, "quant_state", None)
+    if self._tunelab_quantized and quant_state is None:  # the packed weight was replaced (a wrapper, sharding)
+        return self._tunelab_plain_forward(x, *args, **kwargs)
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self._tunelab_dtype
     return lora_linear(x, weight, quant_state, self._tunelab_base.bias, self.lora_A[name].weight,
                        self.lora_B[name].weight, self.scaling[name], dtype)
@@ -106,6 +112,7 @@ def patch_lora_layers(model) -> int:
         # a plain attribute: nn.Module's setattr would register the base layer a second time as a submodule
         object.__setattr__(module, "_tunelab_base", module.get_base_layer())
         module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
+        module._tunelab_quantized = qs is not None
         module._tunelab_plain_forward = module.forward
         module.forward = types.MethodType(_fast_forward, module)
         count += 1
