@@ -187,7 +187,7 @@ CUDA = types.SimpleNamespace(device="cuda", device_name="NVIDIA H200")
     (_cfg(finetuning_type="full"), CUDA, "qwen2", "finetuning_type full: the fast path covers LoRA"),
     (_cfg(), CUDA, "gemma2", "architecture gemma2 is not covered yet (covered: qwen2, qwen3, llama)"),
     (_cfg(), types.SimpleNamespace(device="cuda", device_name="H200", parallel="fsdp"), "qwen2",
-     "parallel fsdp: the fast path covers one GPU and DDP"),
+     "parallel fsdp shards the weights: the fast path covers unsharded ones (one GPU, DDP, ZeRO-1/2)"),
 ])
 def test_decision_off_with_reason(cfg, resolved, model_type, expect):
     assert fast_path_decision(_model(model_type), cfg, resolved) == (False, expect)

@@ -10,7 +10,7 @@ default: on where it applies). What it installs (one file per fused op, each bes
 * lora.py: each LoRA projection (q, k, v, o, gate, up, down) as one autograd function over the frozen NF4 or
   16-bit base weight: dequantize once per use, LoRA product added in the same GEMM, hand-written backward.
 
-Coverage: CUDA, one GPU or DDP (not FSDP / DeepSpeed sharding); LoRA (not DoRA), lora_dropout 0, one adapter,
+Coverage: CUDA, unsharded weights (one GPU, DDP, ZeRO-1/2; not FSDP or ZeRO-3); LoRA (not DoRA), lora_dropout 0, one adapter,
 base layers bitsandbytes 4-bit or plain 16-bit linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense)
 and Llama. Anything else keeps PEFT's layers.
 A patched layer falls back to PEFT's own forward whenever a call is outside that (adapters disabled or merged,
@@ -34,8 +34,8 @@ def fast_path_decision(model, cfg, resolved) -> tuple[bool, str]:
     if resolved.device != "cuda":
         return False, f"the device is {resolved.device}: the fast path needs a CUDA GPU"
     parallel = getattr(resolved, "parallel", "single")
-    if parallel not in ("single", "ddp"):  # sharded weights (FSDP, ZeRO) are not bitsandbytes layers any more
-        return False, f"parallel {parallel}: the fast path covers one GPU and DDP"
+    if parallel in ("fsdp", "deepspeed-zero3"):  # sharded weights are no longer bitsandbytes layers with a quant state
+        return False, f"parallel {parallel} shards the weights: the fast path covers unsharded ones (one GPU, DDP, ZeRO-1/2)"
     if cfg.finetuning_type != "lora":
         return False, f"finetuning_type {cfg.finetuning_type}: the fast path covers LoRA"
     if cfg.use_dora:
