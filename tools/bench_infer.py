@@ -61,19 +61,19 @@ def build_base(workdir: str, dims: dict, device: str) -> str:
     return path
 
 
-def build_adapter(workdir: str, dims: dict) -> str:
+def build_adapter(workdir: str, dims: dict, name: str = "adapter", seed: int = 0) -> str:
     """A random rank-16 LoRA adapter on every linear layer, in PEFT's file format (B non-zero, so it changes W)."""
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    path = os.path.join(workdir, "adapter")
+    path = os.path.join(workdir, name)
     if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
         return path
     os.makedirs(path, exist_ok=True)
     h, inter, kv = dims["hidden_size"], dims["intermediate_size"], dims["num_key_value_heads"] * dims["hidden_size"] // dims["num_attention_heads"]
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(dims["num_hidden_layers"]):
         for name, (out_f, in_f) in shapes.items():

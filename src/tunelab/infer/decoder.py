@@ -24,6 +24,7 @@ inside one forward pass.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Sequence
 
@@ -47,6 +48,11 @@ def length_buckets(max_len: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, max_len)
+
+
+def _layers(cache: Any) -> list[Any]:
+    """The per-layer key/value holders of a prefilled DynamicCache (each with .keys / .values [1, heads, n, dim])."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
 class _SlotCache:
@@ -103,6 +109,10 @@ class SlotDecoder:
         self.arange = torch.arange(self.max_len, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.graph_error: str | None = None
+        # transformers 5.2x names the forward's cache argument `cache` (older: `past_key_values`, still accepted
+        # there with a warning per call): pass it by the name this version declares.
+        params = inspect.signature(type(self.lm).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ----- slots ----------------------------------------------------------------------------------------------
     @property
@@ -118,7 +128,7 @@ class SlotDecoder:
         """Cache buffers shaped after the first prefill's keys/values ([1, kv_heads, n, head_dim] per layer)."""
         import torch
 
-        for layer in like.layers:
+        for layer in _layers(like):
             _, heads, _, dim = layer.keys.shape
             self.keys.append(torch.zeros((self.max_slots, heads, self.max_len, dim), dtype=layer.keys.dtype, device=self.device))
             self.values.append(torch.zeros((self.max_slots, heads, self.max_len, layer.values.shape[-1]), dtype=layer.values.dtype, device=self.device))
@@ -139,10 +149,10 @@ class SlotDecoder:
         cache = DynamicCache(config=self.lm.config)
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         with torch.inference_mode(), self._route(adapter=adapter):
-            out = self.lm(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         if not self.keys:
             self._allocate(cache)
-        for i, layer in enumerate(cache.layers):
+        for i, layer in enumerate(_layers(cache)):
             self.keys[i][slot, :, :n] = layer.keys[0]
             self.values[i][slot, :, :n] = layer.values[0]
         self.lengths[slot] = n
@@ -199,7 +209,7 @@ class SlotDecoder:
             mask = (self.arange[:width].view(1, width) <= pos).view(rows, 1, 1, width)
         mask = {t: mask for t in self.layer_types}  # a dict is used as given: no mask building from the cache
         with self._route(rows=rows):
-            out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True)
+            out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{self.cache_kw: cache})
         return out.logits[:, -1]
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""Decode and serving speed of `tunelab api`'s engine path on a random-init Qwen2.5-7B-architecture model: one JSON
+line per case, then a Markdown table (docs/serve.md holds the measured one).
+
+    PYTHONPATH=src python tools/bench_serve.py --workdir /tmp/bench7b --out serve.jsonl          # H200: all cases
+    PYTHONPATH=src python tools/bench_serve.py --small --device cpu --streams 4 --new 16         # CPU smoke test
+
+Cases (the issue's speed targets):
+- single16 / single4: one stream, a 128-token prompt (random ids), exactly 256 new tokens (stop tokens off), greedy,
+  base + a LoRA adapter (rank 16, every linear layer), bf16 and 4-bit NF4 (double quantization, bf16 compute).
+  'plain generate' (the engine's hf backend: transformers' generate, dynamic cache) and 'tunelab fast' (the static
+  backend: slot decoder, static KV cache, one CUDA graph replay per token) on the same model object in the same run,
+  alternating plain, fast, plain, fast after one full-length warm-up each; tokens/s = 256 / wall time of the call
+  (prefill included); the figure is the better of the two timed calls of each path. Greedy equality of the two
+  paths' tokens is reported (first differing position, if any).
+- serve16: 32 concurrent streaming requests through the real HTTP server (FastAPI + uvicorn in this process, the
+  scheduler's continuous batching), sent by a client in a separate process (httpx, server-sent events, no shared
+  GIL), each a distinct 128-token prompt with 256 new tokens (min_tokens = max_tokens = 256). Aggregate tokens/s =
+  all streamed tokens / wall time from the first request sent to the last [DONE]; time to first token per stream
+  (p50, p99). Rounds: every request on adapter a ('one adapter') and requests alternating a / b ('two adapters').
+  Each stream's token count is checked (none lost); four streams are re-run alone afterwards and compared.
+
+Needs torch, transformers, peft, bitsandbytes, fastapi, uvicorn, httpx and tunelab (src/) on PYTHONPATH.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_infer import SEVEN_B, SMALL, _free, _sync, build_adapter, build_base  # noqa: E402
+
+PAD = 151643
+
+
+def log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(row: dict, out: str | None) -> None:
+    log(json.dumps(row))
+    if out:
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def load_engine(base: str, adapter: str, bits: int | None):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    cfg = {"model_name_or_path": base, "adapter_name_or_path": adapter, "template": "qwen", "do_sample": False,
+           "decode_backend": "hf", "infer_dtype": "bfloat16"}
+    if bits:
+        cfg.update(quantization_bit=bits, quantization_type="nf4", double_quantization=True)
+    t = time.time()
+    engine = Engine.from_config(load_config(cfg), max_batch_size=1)
+    log(f"loaded {'NF4' if bits else 'bf16'} + adapter in {time.time() - t:.0f} s")
+    return engine
+
+
+def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None) -> None:
+    import torch
+
+    from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
+
+    prompt = torch.randint(0, 150000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    paths = {"plain generate": HFDecodeBackend(), "tunelab fast": StaticDecodeBackend()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    tokens: dict[str, list[int]] = {}
+    for rep in range(3):  # rep 0 is the warm-up (graph capture for the fast path)
+        for name, backend in paths.items():
+            engine.backend = backend
+            _sync()
+            t = time.perf_counter()
+            ids = engine.generate_ids([prompt], max_new_tokens=new, min_new_tokens=new, stop_token_ids=())[0]
+            _sync()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+            assert len(ids) == new, f"{name} produced {len(ids)} tokens"
+            tokens[name] = ids
+    a, b = tokens["plain generate"], tokens["tunelab fast"]
+    first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    dec = paths["tunelab fast"].decoder
+    for name in paths:
+        best = min(times[name])
+        emit({"case": "single", "weights": label, "path": name, "prompt": prompt_len, "new": new, "tokens_per_s": round(new / best, 1),
+              "seconds": [round(x, 3) for x in times[name]], "greedy_equal": first_diff is None, "first_difference": first_diff,
+              "cuda_graphs": len(dec.graphs) if name == "tunelab fast" else 0, "graph_error": dec.graph_error if name == "tunelab fast" else None}, out)
+    engine.backend = HFDecodeBackend()
+    paths["tunelab fast"].decoder = None
+    _free()
+
+
+# ------------------------------------------------------------------------------------------------ serving
+def start_server(engine, adapter_b: str, streams: int, max_len: int):
+    import uvicorn
+
+    from tunelab.infer.decoder import SlotDecoder
+    from tunelab.serve.app import create_app
+    from tunelab.serve.scheduler import Scheduler
+    from tunelab.serve.serving import Service
+
+    engine.add_adapter("b", adapter_b)
+    t = time.time()
+    decoder = SlotDecoder(engine.model, max_slots=streams, max_len=max_len, adapters=["default", "b"], pad_token_id=PAD)
+    decoder.warmup([PAD, PAD])
+    log(f"decoder ready in {time.time() - t:.1f} s: {len(decoder.graphs)} CUDA graphs, error {decoder.graph_error}")
+    scheduler = Scheduler(decoder, engine.template.stop_token_ids, max_queue=streams)
+    service = Service(engine, scheduler, models={"base": None, "a": "default", "b": "b"}, context=max_len)
+    scheduler.start()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    import httpx
+
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, thread, scheduler, decoder, f"http://127.0.0.1:{port}"
+
+
+def run_client(url: str, models: list[str], streams: int, prompt_len: int, new: int, seed: int, solo: int = 0) -> dict:
+    """The client in its own process (so its SSE parsing shares no GIL with the server)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--client", url, "--models", ",".join(models), "--streams", str(streams),
+           "--prompt", str(prompt_len), "--new", str(new), "--seed", str(seed), "--solo", str(solo)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"client failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+async def _client_main(args) -> dict:
+    import random
+
+    import httpx
+
+    rng = random.Random(args.seed)
+    models = args.models.split(",")
+    prompts = [[rng.randrange(0, 150000) for _ in range(args.prompt)] for _ in range(args.streams)]
+
+    async def one(client, i: int) -> dict:
+        body = {"model": models[i % len(models)], "prompt": prompts[i], "max_tokens": args.new, "min_tokens": args.new,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        sent = time.perf_counter()
+        first, text, usage = None, [], None
+        async with client.stream("POST", args.client + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for c in chunk.get("choices", []):
+                    if c.get("text"):
+                        first = first or time.perf_counter()
+                        text.append(c["text"])
+        return {"ttft": (first or time.perf_counter()) - sent, "text": "".join(text), "tokens": (usage or {}).get("completion_tokens", 0), "done": time.perf_counter()}
+
+    limits = httpx.Limits(max_connections=args.streams + 4, max_keepalive_connections=args.streams + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, i) for i in range(args.streams)))
+        wall = max(r["done"] for r in results) - start
+        solo_equal = []
+        for i in range(args.solo):  # the same requests one at a time afterwards
+            alone = await one(client, i)
+            solo_equal.append(alone["text"] == results[i]["text"])
+    ttft = sorted(r["ttft"] for r in results)
+    total = sum(r["tokens"] for r in results)
+    return {"streams": args.streams, "models": models, "tokens": total, "all_complete": all(r["tokens"] == args.new for r in results),
+            "wall_s": round(wall, 2), "aggregate_tokens_per_s": round(total / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+            "solo_equal": f"{sum(solo_equal)}/{len(solo_equal)}" if solo_equal else None}
+
+
+def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int, out: str | None, label: str) -> None:
+    max_len = 1 << (prompt_len + new - 1).bit_length()
+    server, thread, scheduler, decoder, url = start_server(engine, adapter_b, streams, max_len)
+    try:
+        run_client(url, ["a"], streams, prompt_len, 16, seed=99)  # warm-up round
+        for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
+            row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 1 else 0)
+            emit({"case": "serve", "weights": label, "round": name, "peak_batch": scheduler.stats()["peak_running"],
+                  "cuda_graphs": len(decoder.graphs), **row}, out)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        scheduler.stop()
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="/tmp/tunelab_bench_serve")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--small", action="store_true", help="a 2-layer model (smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--phases", default="single16,serve16,single4")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--client", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="a", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--solo", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.client:
+        print(json.dumps(asyncio.run(_client_main(args))))
+        return 0
+    from tunelab.model.tokenizer import build_qwen_tokenizer
+
+    dims = SMALL if args.small else SEVEN_B
+    os.makedirs(args.workdir, exist_ok=True)
+    base = build_base(args.workdir, dims, args.device)
+    if not os.path.isfile(os.path.join(base, "tokenizer.json")):
+        build_qwen_tokenizer(base)  # the server renders chat templates and decodes text
+    adapter_a = build_adapter(args.workdir, dims, "adapter_a", seed=0)
+    adapter_b = build_adapter(args.workdir, dims, "adapter_b", seed=1)
+    phases = args.phases.split(",")
+    if any(p in phases for p in ("single16", "serve16")):
+        engine = load_engine(base, adapter_a, None)
+        if "single16" in phases:
+            single_stream(engine, "bf16 + LoRA", args.prompt, args.new, args.out)
+        if "serve16" in phases:
+            serve_rounds(engine, adapter_b, args.streams, args.prompt, args.new, args.out, "bf16 + LoRA")
+        engine.unload()
+        del engine
+        _free()
+    if "single4" in phases:
+        engine = load_engine(base, adapter_a, 4)
+        single_stream(engine, "NF4 + LoRA", args.prompt, args.new, args.out)
+        engine.unload()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
