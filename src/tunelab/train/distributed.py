@@ -179,8 +179,8 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_process_first():
-    """Rank 0 runs the block first (tokenizing into the shared cache, writing the output folder), the others after."""
-    main = rank_info().is_main
+    """Each node's local rank 0 runs the block first (tokenizing into that node's cache), the other ranks after."""
+    main = rank_info().local_rank == 0
     if not main:
         barrier()
     try:
@@ -188,10 +188,6 @@ def main_process_first():
     finally:
         if main:
             barrier()
-
-
-def is_main_process() -> bool:
-    return rank_info().is_main
 
 
 def _collective_device():
