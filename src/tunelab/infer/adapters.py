@@ -8,9 +8,17 @@ batch once per adapter and multiplied by a per-row 0/1 scale:
 
     result = base_layer(x);  for each adapter a:  result += (lora_B_a(lora_A_a(x)) * scaling_a) * row_scale_a
 
-The base weights are read once per step whatever the adapters. A row with scale 1.0 gets exactly PEFT's value
-(x * 1.0 == x, y + 0.0 == y, and the dtype casts are PEFT's), so one request answers the same whether it shares
-the batch with other adapters or not. The scales are fixed-address buffers that a captured CUDA graph reads.
+The base weights are read once per step whatever the adapters. With one adapter a row with scale 1.0 gets exactly
+PEFT's value (x * 1.0 == x, y + 0.0 == y, and the dtype casts are PEFT's). With two or more, the per-adapter loop
+would cost two small matmuls per adapter per layer (kernel launches that add up at decode time), so the adapters
+are stacked: A's concatenated ([sum of ranks, in]), B's concatenated ([out, sum of ranks]), and a per-row mask
+over the rank blocks that carries each row's adapter scaling selects that row's block:
+
+    result = base_layer(x) + ((x @ A_cat^T) * row_mask) @ B_cat^T          (2 matmuls per layer, any adapter count)
+
+The other blocks are exact zeros, so a row gets its own adapter's LoRA term; only the rounding of the products may
+differ from PEFT's separate ones (tested: the same greedy tokens). The masks/scales are fixed-address buffers that a
+captured CUDA graph reads.
 Outside `rows()` / `prefill()` the layers run PEFT's own forward (chat, eval, training are untouched).
 Supported: plain LoRA on Linear layers (16-bit, bitsandbytes 4/8-bit bases); DoRA and other variants are refused.
 """
@@ -47,6 +55,7 @@ class AdapterRouter:
         self.scales = {n: torch.zeros((max_rows, 1, 1), dtype=torch.float32, device=device) for n in self.names}
         self.one = {n: torch.zeros((1, 1, 1), dtype=torch.float32, device=device) for n in self.names}
         self.current: dict[str, Any] | None = None
+        self.stacked = _stack(self.layers, self.names, max_rows, device) if len(self.names) > 1 else None
         for layer in self.layers:
             layer.forward = functools.partial(_routed_forward, layer, self, layer.forward)
 
@@ -59,11 +68,15 @@ class AdapterRouter:
         self.check(adapter)
         for name, buf in self.scales.items():
             buf[row] = 1.0 if name == adapter else 0.0
+        if self.stacked is not None:
+            self.stacked.set_row(self.stacked.masks, row, adapter)
 
     @contextlib.contextmanager
     def rows(self, n: int) -> Iterator[None]:
         """Route a forward over the first n rows by the per-row scales."""
         self.current = {name: buf[:n] for name, buf in self.scales.items()}
+        if self.stacked is not None:
+            self.stacked.current = self.stacked.masks[:n]
         try:
             yield
         finally:
@@ -76,6 +89,9 @@ class AdapterRouter:
         for name, buf in self.one.items():
             buf.fill_(1.0 if name == adapter else 0.0)
         self.current = dict(self.one)
+        if self.stacked is not None:
+            self.stacked.set_row(self.stacked.one, 0, adapter)
+            self.stacked.current = self.stacked.one
         try:
             yield
         finally:
@@ -92,6 +108,10 @@ def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *a
     result = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     quantized = type(layer).__name__ != "Linear"
+    if router.stacked is not None:
+        a_cat, b_cat = router.stacked.weights[id(layer)]
+        out = ((x.to(a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
+        return result + out.to(dtype) if quantized else (result + out).to(dtype)
     for name, scale in router.current.items():
         if name not in layer.lora_A:
             continue  # this adapter does not target this layer
@@ -103,3 +123,52 @@ def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *a
         else:
             result = (result + out).to(dtype)  # as peft.tuners.lora.layer.Linear: add, then cast
     return result
+
+
+class _Stacked:
+    """The stacked form of several adapters: per layer (A_cat, B_cat), and row masks over the rank blocks."""
+
+    def __init__(self, names, blocks, weights, max_rows, device) -> None:
+        import torch
+
+        self.names, self.blocks, self.weights = names, blocks, weights  # blocks: name -> (start, stop, scaling)
+        width = max(stop for _, stop, _ in blocks.values())
+        dtype = next(iter(weights.values()))[0].dtype
+        self.masks = torch.zeros((max_rows, 1, width), dtype=dtype, device=device)
+        self.one = torch.zeros((1, 1, width), dtype=dtype, device=device)
+        self.current: Any = None
+
+    def set_row(self, buf, row: int, adapter: str | None) -> None:
+        buf[row] = 0.0
+        if adapter is not None:
+            start, stop, scaling = self.blocks[adapter]
+            buf[row, :, start:stop] = scaling
+
+
+def _stack(layers, names, max_rows, device) -> _Stacked | None:
+    """Concatenate the adapters' A and B per layer (a zero block where an adapter does not target a layer). None
+    (the per-adapter loop is used) when an adapter's rank or scaling differs between layers."""
+    import torch
+
+    blocks: dict[str, tuple[int, int, float]] = {}
+    start = 0
+    for name in names:
+        ranks = {layer.r[name] for layer in layers if name in layer.lora_A}
+        scalings = {float(layer.scaling[name]) for layer in layers if name in layer.lora_A}
+        if len(ranks) != 1 or len(scalings) != 1:
+            return None
+        r = ranks.pop()
+        blocks[name] = (start, start + r, scalings.pop())
+        start += r
+    weights = {}
+    for layer in layers:
+        ref = next(layer.lora_A[n].weight for n in names if n in layer.lora_A)
+        in_f, out_f = ref.shape[1], next(layer.lora_B[n].weight for n in names if n in layer.lora_B).shape[0]
+        a_cat = torch.zeros((start, in_f), dtype=ref.dtype, device=ref.device)
+        b_cat = torch.zeros((out_f, start), dtype=ref.dtype, device=ref.device)
+        for name, (lo, hi, _) in blocks.items():
+            if name in layer.lora_A:
+                a_cat[lo:hi] = layer.lora_A[name].weight.detach()
+                b_cat[:, lo:hi] = layer.lora_B[name].weight.detach()
+        weights[id(layer)] = (a_cat, b_cat)
+    return _Stacked(names, blocks, weights, max_rows, device)
