@@ -283,7 +283,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     try:
         check_data_early(cfg)
         metrics: dict[str, Any] = train_sft(cfg) if cfg.do_train else {}
-        if cfg.do_predict:
+        if cfg.do_predict and int(os.environ.get("RANK", "0")) == 0:  # several processes: rank 0 generates alone
             metrics.update(run_prediction(cfg, trained=cfg.do_train))
         return metrics
     finally:
