@@ -135,6 +135,16 @@ def test_unused_columns_are_not_read(tmp_path):
     assert (chat_named.system, chat_named.tools) == ("S", [{"name": "f"}])
 
 
+def test_alpaca_entry_naming_a_tools_column_reads_it(tmp_path):
+    """LLaMA-Factory's alpaca converter reads a named tools column (its _tools); so does tunelab's."""
+    from tunelab.data.loader import load_conversations
+
+    data = _registry(tmp_path / "data", {"t": {"file_name": "t.jsonl", "columns": {
+        "prompt": "instruction", "response": "output", "tools": "tools"}}})
+    _jsonl(tmp_path / "data" / "t.jsonl", {"instruction": "q", "output": "a", "tools": '[{"name": "f"}]'})
+    assert load_conversations("t", data).conversations[0].tools == [{"name": "f"}]
+
+
 def test_tags_object_leaves_unnamed_tags_unused(tmp_path):
     """LLaMA-Factory's mllm/kto demo entries name four tags: their system_tag is unused, so a leading turn whose role
     is "system" is not taken for the system prompt (it is an unknown role)."""

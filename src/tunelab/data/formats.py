@@ -117,7 +117,9 @@ def convert_alpaca(
                           "pre-training text set?)")
     elif require_reply:
         raise RecordError(f"the {response_key!r} field is missing or empty")
-    return Conversation(messages=messages, system=_system_field(record, cols.get("system")), source=source)
+    tools = _parse_tools(record.get(cols["tools"]), cols["tools"]) if cols.get("tools") else None  # LF reads it too
+    return Conversation(messages=messages, system=_system_field(record, cols.get("system")), tools=tools,
+                        source=source)
 
 
 def convert_sharegpt(
