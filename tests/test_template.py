@@ -483,10 +483,17 @@ LLAMA2_CHAT = (
 )
 
 
-@pytest.mark.parametrize("case", ["single", "multi+system"])
-def test_llama2_is_the_published_llama2_chat_text(llama_like_tokenizer, case):
-    tok = copy.deepcopy(llama_like_tokenizer)
+@pytest.fixture(scope="module")
+def llama2_tokenizer(qwen_tokenizer):
+    """The Qwen2.5 vocabulary with Llama-2's bos and eos as special tokens (no Llama tokenizer offline)."""
+    tok = copy.deepcopy(qwen_tokenizer)
     tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    return tok
+
+
+@pytest.mark.parametrize("case", ["single", "multi+system"])
+def test_llama2_is_the_published_llama2_chat_text(llama2_tokenizer, case):
+    tok = llama2_tokenizer
     conv = CONVERSATIONS[case]
     tpl = get_template("llama2", tok)
     ids, labels = tpl.encode_supervised(conv)
