@@ -5,6 +5,7 @@
 export PYTHONPATH=$PWD/.devsite:$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 B="python3 -m tunelab.bench --arch qwen2.5-7b"
 L=$OUT/log.txt
+(timeout 60 python3 -m pytest -q -x -m gpu tests/test_fast_lora.py -k "not compile" -p no:cacheprovider 2>&1 | tail -2) | tee -a $L
 timeout 150 python3 -c "from tunelab.bench import build_random_model; build_random_model('qwen2.5-7b', '/tmp/tunelab-bench-qwen2.5-7b')" 2>&1 | tail -1
 timeout 230 $B --path fast,plain --steps 50 --shapes 4x1024 --out $OUT/parity.json 2>&1 | tee -a $OUT/all.jsonl | grep -v '^{\|Writing' | tail -4 | tee -a $L
 [ -f $OUT/parity.json ] && python3 tools/fast_parity.py $OUT/parity.json | tee -a $L

@@ -74,20 +74,20 @@ class LoraLinear(torch.autograd.Function):
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = torch.mm(x2, a.t())  # [tokens, r]
         y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        # the compute-dtype copies of A and B are saved (r x in and out x r: small), not cast again in backward
+        ctx.save_for_backward(x2, xa, a, b)
         ctx.weight, ctx.quant_state = weight, quant_state
         ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1])
         if g.dtype != dtype:
             g = g.to(dtype)
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
         gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -95,11 +95,13 @@ class LoraLinear(torch.autograd.Function):
             grad_x = torch.mm(g, w)
             del w
             grad_x.addmm_(gb_r, a, alpha=scale)
-            grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
+            grad_x = grad_x.view(ctx.x_shape)
+            if grad_x.dtype != ctx.in_dtype:
+                grad_x = grad_x.to(ctx.in_dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(gb_r.t(), x2).mul_(scale).to(lora_a.dtype)
+            grad_a = torch.mm(gb_r.t(), x2).mul_(scale).to(ctx.a_dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), xa).mul_(scale).to(lora_b.dtype)
+            grad_b = torch.mm(g.t(), xa).mul_(scale).to(ctx.b_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
