@@ -179,7 +179,7 @@ class GenerationArgs:
     repetition_penalty: float = opt(1.0, "Penalty > 1 discourages repeating tokens.")
     length_penalty: float = opt(1.0, "Beam search length penalty.")
     system: Optional[str] = opt(None, "System prompt for chat (overrides the template's default).")
-    decode_backend: Literal["hf"] = opt("hf", "Decode loop of the inference engine: hf (transformers generate, dynamic KV cache).")
+    decode_backend: Literal["auto", "hf", "static"] = opt("auto", "Decode loop of the inference engine: hf (transformers generate, dynamic KV cache), static (static KV cache, CUDA graphs on CUDA; same greedy output), auto (static on CUDA, hf elsewhere).")
 
 
 @dataclass
