@@ -142,3 +142,41 @@ def test_interactive_chat_through_a_pipe(args, engine, tmp_path):
     assert "Hello!<|im_end|>\\n<|im_start|>assistant\\n" + a1.replace("\n", "\\n") + "<|im_end|>\\n<|im_start|>user\\nTell me more." in prompts[1]
     assert "Hello!" not in prompts[2] and "Who are you?" in prompts[2]
     assert "(history cleared)" in proc.stderr
+
+
+def _training_config(tmp_path, model: str, output_dir: str) -> str:
+    """A `tunelab train` config (do_train: true) whose output_dir is a finished run."""
+    import yaml
+
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": model, "do_train": True, "template": "qwen", "dataset": "demo",
+                                    "output_dir": output_dir, "max_steps": 8}), encoding="utf-8")
+    return str(path)
+
+
+def test_training_config_chats_with_the_adapter_its_run_wrote(lora_run, engine, tmp_path, capsys):
+    from tunelab.cli import main
+
+    model, run = lora_run
+    cfg = _training_config(tmp_path, model, run)
+    assert main(["chat", cfg, "--prompt", "What is the capital of France?", "do_sample=false", "max_new_tokens=10"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == _plain_generate(engine, _conv("What is the capital of France?")) + "\n"
+    assert (f"chat: {cfg} is a training config, so chat uses the adapter its training wrote, in {run} (set "
+            "adapter_name_or_path to choose another, or adapter_name_or_path=none for the base model)") in captured.err
+    # adapter_name_or_path=none on the command line: the base model alone, as asked
+    assert main(["chat", cfg, "--prompt", "What is the capital of France?", "do_sample=false", "max_new_tokens=10",
+                 "adapter_name_or_path=none"]) == 0
+    with engine.adapter_disabled():
+        assert capsys.readouterr().out == _plain_generate(engine, _conv("What is the capital of France?")) + "\n"
+
+
+def test_training_config_before_training_says_so(lora_run, tmp_path, capsys):
+    from tunelab.cli import main
+
+    cfg = _training_config(tmp_path, lora_run[0], str(tmp_path / "not-yet"))
+    assert main(["chat", cfg, "--prompt", "Hi"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"tunelab chat: error: {cfg} is a training config (do_train: true), but its output_dir '{tmp_path}/not-yet' "
+        f"holds no trained adapter yet: run `tunelab train {cfg}` first, or set adapter_name_or_path (a run folder, "
+        "or adapter_name_or_path=none for the base model alone).")

@@ -258,3 +258,36 @@ def test_dequantized_needs_a_quantized_training(lora_run, tmp_path):
 
     with pytest.raises(ConfigError, match=r"^export_base: dequantized merges into the quantized weights a QLoRA adapter was trained on"):
         _export(model_name_or_path=lora_run[0], adapter_name_or_path=lora_run[1], export_dir=str(tmp_path / "o"), export_base="dequantized")
+
+
+def test_training_config_exports_its_adapter_and_prints_the_summary_once(lora_run, tmp_path, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    model, run = lora_run
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": model, "do_train": True, "template": "qwen", "dataset": "demo",
+                                   "output_dir": run}), encoding="utf-8")
+    out = tmp_path / "merged"
+    assert main(["export", str(cfg), f"export_dir={out}", "export_ollama=true"]) == 0
+    captured = capsys.readouterr()
+    assert f"export: {cfg} is a training config, so export uses the adapter its training wrote, in {run}" in captured.err
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"merged model: {out} (float32, 1 weight file(s), merge ")
+    assert lines[1].startswith("check vs base + adapter: max abs logit diff ")
+    figures = lines[1].split(": ", 1)[1].split(" -> ")[0]
+    assert figures not in captured.err and "merged model" not in captured.err  # the summary is printed once
+    assert f"- adapter(s): `{run}`" in (out / "README.md").read_text(encoding="utf-8")
+    # the Modelfile carries the system prompt every training sample had (the qwen template's default)
+    assert 'SYSTEM """You are Qwen, created by Alibaba Cloud. You are a helpful assistant."""' in (out / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_default_system_read_off_a_tokenizer_template(qwen_tokenizer):
+    from tunelab.data.template import get_template
+    from tunelab.export.workflow import template_default_system
+
+    auto = get_template("auto", qwen_tokenizer)  # the Qwen2.5 tokenizer's own template: its default is in the Jinja
+    assert auto.default_system is None
+    assert template_default_system(auto, "chatml") == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert template_default_system(get_template("chatml", qwen_tokenizer), "chatml") is None

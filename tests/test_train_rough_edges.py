@@ -256,3 +256,24 @@ def test_data_errors_come_before_the_tokenizer(fake_model, workdir, capsys, no_m
         (data / "toy.json").write_text('[{"instruction": "a", "output": "b"}, {"question": "no alpaca keys"}]')
         assert "toy.json" in _train_error(capsys, _cfg_file(workdir, cfg))
     assert not os.path.exists(workdir / "out")
+
+
+# ---------------------------------------------------------------- 2. a training config given to eval
+
+
+def test_training_config_given_to_eval_scores_its_adapter(workdir):
+    from tunelab.commands.eval import trained_adapter_eval
+    from tunelab.config import load_config
+
+    run = workdir / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / "checkpoint-4" / name).write_text("{}")
+    (workdir / "m").mkdir()
+    cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "do_train": True, "output_dir": "run", "adapter_name_or_path": "base_adapter"})
+    argv = [cfg_path, "task=perplexity"]
+    cfg = trained_adapter_eval(load_config(argv), argv)
+    assert (cfg.adapter_name_or_path, cfg.save_dir) == ("run", os.path.join("run", "eval_perplexity"))
+    argv = [cfg_path, "task=perplexity", "adapter_name_or_path=other", "save_dir=elsewhere"]
+    cfg = trained_adapter_eval(load_config(argv), argv)
+    assert (cfg.adapter_name_or_path, cfg.save_dir) == ("other", "elsewhere")

@@ -3,7 +3,7 @@
 Notebook entry point:
 
     import tunelab
-    tunelab.run({"model_name_or_path": "...", "dataset": "alpaca_gpt4_zh", "output_dir": "saves/x"})
+    tunelab.run({"model_name_or_path": "...", "do_train": True, "dataset": "alpaca_gpt4_zh", "output_dir": "saves/x"})
 
 Nothing heavy is imported here, so `tunelab --help` stays fast.
 """

@@ -338,15 +338,16 @@ def use_trained_adapter(cfg: Config, command: str, cli_keys: set[str] | frozense
     if "adapter_name_or_path" in cli_keys or not cfg.do_train or cfg.finetuning_type != "lora":
         return cfg
     out = cfg.output_dir
+    source = cfg.source.split(" + ")[0]  # the config file, without "+ command line"
     if not (is_adapter_dir(out) or (os.path.isdir(out) and adapter_checkpoints(out))):
         raise ModelError(
-            f"{cfg.source} is a training config (do_train: true), but its output_dir '{out}' holds no trained adapter "
-            f"yet: run `tunelab train {cfg.source.split(' + ')[0]}` first, or set adapter_name_or_path (a run folder, "
+            f"{source} is a training config (do_train: true), but its output_dir '{out}' holds no trained adapter "
+            f"yet: run `tunelab train {source}` first, or set adapter_name_or_path (a run folder, "
             "or adapter_name_or_path=none for the base model alone)."
         )
     given = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     chain = (given if cfg.create_new_adapter else given[:-1]) + [out]
     logger.info("%s: %s is a training config, so %s uses the adapter its training wrote, in %s%s (set "
                 "adapter_name_or_path to choose another, or adapter_name_or_path=none for the base model)",
-                command, cfg.source, command, out, f" on top of {', '.join(chain[:-1])}" if len(chain) > 1 else "")
+                command, source, command, out, f" on top of {', '.join(chain[:-1])}" if len(chain) > 1 else "")
     return cfg.replace(adapter_name_or_path=",".join(chain))

@@ -268,6 +268,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     from tunelab.utils.lock import RunLock
 
     if not cfg.do_train and not cfg.do_predict:
+        if cfg.do_eval:  # LLaMA-Factory would compute the eval loss of the model as it is
+            raise ConfigError("do_eval without do_train or do_predict: `tunelab train` trains or predicts; for the eval "
+                              "loss of a model as it is, run `tunelab eval <config> task=perplexity`.")
         raise ConfigError(NOTHING_TO_DO)
     if not cfg.model_name_or_path:
         raise ConfigError("model_name_or_path is not set: give a local model folder or a hub id (e.g. Qwen/Qwen2.5-7B-Instruct).")
@@ -405,7 +408,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     from tunelab.model.loader import load_model
     from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.callbacks import GradientHealthCallback, LogCallback
-    from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first
+    from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first, min_across_ranks
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.utils.io import atomic_write_json, honour_umask
@@ -420,7 +423,10 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     if "swanlab" in resolved.report_to:
         setup_swanlab(cfg)
     output_dir = resolved.output_dir
+    auto_batch = cfg.per_device_train_batch_size == "auto"
     cfg = resolve_batch_size(cfg, resolved)  # per_device_train_batch_size: auto -> a number, before anything uses it
+    if auto_batch and rank.distributed:  # every rank trains one batch size: the largest that fits on all GPUs
+        cfg = cfg.replace(per_device_train_batch_size=min_across_ranks(cfg.per_device_train_batch_size))
 
     # 1. tokenizer, template, data (before the model: data errors surface in seconds, not after a 20 s load)
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, revision=cfg.model_revision)
