@@ -54,11 +54,11 @@ def _worker(cfg_path: str, out: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    # the two collectives TunelabTrainer adds: token counts summed over ranks, and the NaN check's loss (a NaN on
-    # rank 1 must be seen by rank 0, whose own loss is finite)
-    from tunelab.train.distributed import loss_for_check, sum_across_ranks
+    # the collectives tunelab adds: token counts summed over ranks, the auto batch size agreed on (the smallest),
+    # and the NaN check's loss (a NaN on rank 1 must be seen by rank 0, whose own loss is finite)
+    from tunelab.train.distributed import loss_for_check, min_across_ranks, sum_across_ranks
 
-    collectives = {"tokens_sum": sum_across_ranks(rank + 1),
+    collectives = {"tokens_sum": sum_across_ranks(rank + 1), "batch_min": min_across_ranks(4 - rank),
                    "nan_seen_by_all": not torch.isfinite(loss_for_check(torch.tensor(float("nan") if rank else 2.0))).item()}
     with open(cfg_path, encoding="utf-8") as fh:
         cfg = load_config(yaml.safe_load(fh))
@@ -146,6 +146,7 @@ def test_the_4bit_weights_are_sharded_and_keep_their_quant_state(fsdp_run):
 
 def test_token_counts_and_the_nan_check_span_the_ranks(fsdp_run):
     assert fsdp_run["facts"]["tokens_sum"] == 1 + 2
+    assert fsdp_run["facts"]["batch_min"] == 3  # per_device_train_batch_size: auto agrees on the smallest rank's
     assert fsdp_run["facts"]["nan_seen_by_all"] is True  # rank 0's loss was 2.0, rank 1's NaN
 
 

@@ -210,6 +210,18 @@ def sum_across_ranks(value: int) -> int:
     return int(t.item())
 
 
+def min_across_ranks(value: int) -> int:
+    """The smallest of an int over all ranks (e.g. the batch every GPU can hold)."""
+    if not _group_active():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def loss_for_check(loss):
     """A copy of this rank's loss summed over the ranks: non-finite on every rank as soon as it is on one, so all
     ranks stop at the same step (a NaN on rank 1 would otherwise reach rank 0's next checkpoint through the

@@ -408,7 +408,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     from tunelab.model.loader import load_model
     from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.callbacks import GradientHealthCallback, LogCallback
-    from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first
+    from tunelab.train.distributed import barrier, check_distributed, init_distributed, main_process_first, min_across_ranks
     from tunelab.train.plots import plot_loss
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.utils.io import atomic_write_json, honour_umask
@@ -423,7 +423,10 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     if "swanlab" in resolved.report_to:
         setup_swanlab(cfg)
     output_dir = resolved.output_dir
+    auto_batch = cfg.per_device_train_batch_size == "auto"
     cfg = resolve_batch_size(cfg, resolved)  # per_device_train_batch_size: auto -> a number, before anything uses it
+    if auto_batch and rank.distributed:  # every rank trains one batch size: the largest that fits on all GPUs
+        cfg = cfg.replace(per_device_train_batch_size=min_across_ranks(cfg.per_device_train_batch_size))
 
     # 1. tokenizer, template, data (before the model: data errors surface in seconds, not after a 20 s load)
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, revision=cfg.model_revision)
