@@ -453,7 +453,9 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)  # the adapter's initialisation is random too: the seed must cover it
     warn_if_too_big(cfg, resolved)
     model = load_model(cfg, resolved, for_training=True)
-    loss_impl = select_loss(model)
+    # ZeRO-3 gathers a weight only when its module runs; the fused loss reads the output head's weight without
+    # running the head, so there the model computes its own loss
+    loss_impl = "plain" if resolved.parallel == "deepspeed-zero3" else select_loss(model)
     logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
 
     # 3. trainer
