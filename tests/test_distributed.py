@@ -274,8 +274,11 @@ def test_training_arguments_for_sharding(tmp_path):
     fsdp_json.write_text(json.dumps({"fsdp_reshard_after_forward": False}), encoding="utf-8")
     cfg = load_config({"fsdp": "full_shard", "fsdp_config": str(fsdp_json)})
     out = trainer_arguments(cfg, resolve(cfg))
-    assert out == {"fsdp": "full_shard", "fsdp_config": {"fsdp_reshard_after_forward": False, "version": 2,
-                                                         "state_dict_type": "FULL_STATE_DICT"}}
+    assert out == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False, "version": 2,
+                                                 "state_dict_type": "FULL_STATE_DICT"}}  # the file's value wins
+    cfg = load_config({"fsdp": "shard_grad_op offload"})
+    assert trainer_arguments(cfg, resolve(cfg))["fsdp_config"] == {
+        "version": 2, "reshard_after_forward": False, "cpu_offload": True, "state_dict_type": "FULL_STATE_DICT"}
     cfg = load_config({"deepspeed": _ds(tmp_path, 3)})
     resolved = resolve(cfg)
     assert resolved.parallel == "deepspeed-zero3"

@@ -92,8 +92,9 @@ def launch_command(argv: list[str], gpus: int, environ: Mapping[str, str] | None
     """The torchrun command that re-runs `tunelab train argv` with one process per GPU, or None to run here.
 
     Re-launch when more than one GPU is visible, FORCE_TORCHRUN is set, or the config shards (fsdp / deepspeed
-    need a process group even on one GPU), and not when this process is already one of a launched group. NPROC_PER_NODE (default: the visible GPUs, at least 1), NNODES (1), NODE_RANK (0),
-    MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free port; set it for several nodes) are read as LLaMA-Factory does.
+    need a process group even on one GPU), and not when this process is already one of a launched group.
+    NPROC_PER_NODE (default: the visible GPUs, at least 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1) and
+    MASTER_PORT (a free port; set it for several nodes) are read as LLaMA-Factory does.
     """
     env = os.environ if environ is None else environ
     if is_launched(env) or not (env_enabled("FORCE_TORCHRUN", env) or gpus > 1 or (sharded and gpus > 0)):
@@ -294,14 +295,20 @@ def trainer_arguments(cfg, resolved) -> dict[str, Any]:
         if resolved.device == "cpu":
             out["ddp_backend"] = "gloo"
     if cfg.fsdp:
-        out["fsdp"] = cfg.fsdp
-        fsdp_config: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
         if cfg.fsdp_config:
             with open(cfg.fsdp_config, encoding="utf-8") as fh:
-                fsdp_config = json.load(fh)
-        fsdp_config.setdefault("version", fsdp_config.pop("fsdp_version", 2))
+                raw = json.load(fh)
+        # accelerate-style names (fsdp_version) and plain ones (version) mean the same; the file's values win
+        fsdp_config = {k.removeprefix("fsdp_"): v for k, v in raw.items()}
+        words = set(cfg.fsdp.replace(",", " ").split())
+        fsdp_config.setdefault("version", 2)
+        fsdp_config.setdefault("reshard_after_forward", "shard_grad_op" not in words)  # FSDP2's form of the strategy
+        if "offload" in words:
+            fsdp_config.setdefault("cpu_offload", True)
         # one ordinary PEFT adapter on rank 0 at every save (the sharded format would need a converter to load)
-        fsdp_config.setdefault("state_dict_type", fsdp_config.pop("fsdp_state_dict_type", "FULL_STATE_DICT"))
+        fsdp_config.setdefault("state_dict_type", "FULL_STATE_DICT")
+        out["fsdp"] = True  # the strategy words are translated above (transformers deprecates fsdp as a string)
         out["fsdp_config"] = fsdp_config
     if cfg.deepspeed:
         out["deepspeed"] = cfg.deepspeed
