@@ -3,7 +3,7 @@
     batch, reason = auto_batch(cfg, device)        # the largest batch that fits this GPU's free memory
     text = fit_warning(cfg, device)                # None, or a sentence naming the setting to change
 
-Both read the free memory of GPU 0 (torch.cuda.mem_get_info) unless given `free_bytes`. On a CPU (or any
+Both read the free memory of the current GPU (torch.cuda.mem_get_info) unless given `free_bytes`. On a CPU (or any
 device without a memory model) auto means batch 1: tunelab's CPU runs are small models and tests, where host
 memory, not the estimate, is the limit.
 """
@@ -26,7 +26,7 @@ CPU_AUTO_BATCH = 1
 def free_gpu_bytes() -> int:
     import torch
 
-    free, _ = torch.cuda.mem_get_info(0)
+    free, _ = torch.cuda.mem_get_info()  # the current device: each rank's own GPU under torchrun
     return int(free)
 
 
