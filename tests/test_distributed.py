@@ -314,3 +314,29 @@ def test_a_failing_worker_ends_with_its_sentence_not_a_traceback(tiny_model, tmp
     assert "tunelab train: error:" in proc.stderr and "'nope'" in proc.stderr
     assert re.search(r"training process\(es\) failed \(first: rank [01], exit code 1\); its error is printed above\.", proc.stderr)
     assert "Traceback" not in proc.stderr
+
+
+def test_the_launcher_passes_sigterm_on(tmp_path):
+    """`kill PID` of the launching process reaches the launched one (torchrun then forwards it to its workers)."""
+    import signal
+    import threading
+
+    from tunelab.train.distributed import run_forwarding_signals
+
+    got = tmp_path / "got_sigterm"
+    child = ("import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda s, f: (open({str(got)!r}, 'w').close(), sys.exit(7)))\n"
+             f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+             "time.sleep(60)\n")
+
+    def kill_when_ready():
+        deadline = time.time() + 30
+        while not (tmp_path / "ready").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process, which runs the launcher part
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_when_ready, daemon=True).start()
+    assert run_forwarding_signals([sys.executable, "-c", child], dict(os.environ)) == 7
+    assert got.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the forwarding handler is gone again

@@ -133,7 +133,26 @@ def relaunch(argv: list[str], *, sharded: bool = False) -> int | None:
     # LLaMA-Factory's default for its torchrun launch: less fragmentation, no record-stream holds
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
-    return subprocess.run(cmd, env=env, check=False).returncode
+    return run_forwarding_signals(cmd, env)
+
+
+def run_forwarding_signals(cmd: list[str], env: Mapping[str, str]) -> int:
+    """Run the launcher and pass SIGTERM / SIGHUP on to it: `kill PID` of `tunelab train` (or a web UI's Stop) must
+    reach torchrun, which forwards it to every worker, instead of leaving them running without their parent."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=dict(env))
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in forwarded}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun too (same terminal): wait for it to wind down
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------- inside a launched process
