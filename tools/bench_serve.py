@@ -197,7 +197,7 @@ def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int
         for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
             row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 1 else 0)
             emit({"case": "serve", "weights": label, "round": name, "peak_batch": scheduler.stats()["peak_running"],
-                  "cuda_graphs": len(decoder.graphs), **row}, out)
+                  "cuda_graphs": len(decoder.graphs), "step_ms_avg": round(1000 * scheduler.step_seconds, 2), **row}, out)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--small", action="store_true", help="a 2-layer model (smoke test)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--phases", default="single16,serve16,single4")
+    ap.add_argument("--phases", default="single16,serve16,merged16,single4")
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
@@ -233,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     adapter_a = build_adapter(args.workdir, dims, "adapter_a", seed=0)
     adapter_b = build_adapter(args.workdir, dims, "adapter_b", seed=1)
     phases = args.phases.split(",")
-    if any(p in phases for p in ("single16", "serve16")):
+    if any(p in phases for p in ("single16", "serve16", "merged16")):
         engine = load_engine(base, adapter_a, None)
         if "single16" in phases:
             single_stream(engine, "bf16 + LoRA", args.prompt, args.new, args.out)
         if "serve16" in phases:
             serve_rounds(engine, adapter_b, args.streams, args.prompt, args.new, args.out, "bf16 + LoRA")
+        if "merged16" in phases:  # last: merging into bf16 weights and back would round the base
+            engine.model.set_adapter("default")
+            engine.model.merge_adapter()
+            single_stream(engine, "bf16, adapter merged (no LoRA work per step)", args.prompt, args.new, args.out)
         engine.unload()
         del engine
         _free()

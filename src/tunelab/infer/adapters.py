@@ -56,8 +56,26 @@ class AdapterRouter:
         self.one = {n: torch.zeros((1, 1, 1), dtype=torch.float32, device=device) for n in self.names}
         self.current: dict[str, Any] | None = None
         self.stacked = _stack(self.layers, self.names, max_rows, device) if len(self.names) > 1 else None
+        # Per-adapter scaling folded into the row scales when it is one number for all layers (x * s once, the
+        # same float product PEFT computes); else the scales are 0/1 and the layer's scaling is applied apart.
+        self.folded: dict[str, float] = {}
+        for n in self.names:
+            values = {float(layer.scaling[n]) for layer in self.layers if n in layer.lora_A}
+            if len(values) == 1:
+                self.folded[n] = values.pop()
+        self._cast: tuple[Any, Any] | None = None
         for layer in self.layers:
             layer.forward = functools.partial(_routed_forward, layer, self, layer.forward)
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        """x in the adapters' dtype, cast once for the projections that share an input (q/k/v, gate/up)."""
+        if x.dtype == dtype:
+            return x
+        if self._cast is not None and self._cast[0] is x and self._cast[1].dtype == dtype:
+            return self._cast[1]
+        y = x.to(dtype)
+        self._cast = (x, y)
+        return y
 
     def check(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.scales:
@@ -67,7 +85,7 @@ class AdapterRouter:
         """Give batch row `row` the adapter `adapter` (None: the base model alone)."""
         self.check(adapter)
         for name, buf in self.scales.items():
-            buf[row] = 1.0 if name == adapter else 0.0
+            buf[row] = self.folded.get(name, 1.0) if name == adapter else 0.0
         if self.stacked is not None:
             self.stacked.set_row(self.stacked.masks, row, adapter)
 
@@ -80,14 +98,14 @@ class AdapterRouter:
         try:
             yield
         finally:
-            self.current = None
+            self.current, self._cast = None, None
 
     @contextlib.contextmanager
     def prefill(self, adapter: str | None) -> Iterator[None]:
         """Route a one-row forward (a prompt's prefill) through `adapter` alone."""
         self.check(adapter)
         for name, buf in self.one.items():
-            buf.fill_(1.0 if name == adapter else 0.0)
+            buf.fill_(self.folded.get(name, 1.0) if name == adapter else 0.0)
         self.current = dict(self.one)
         if self.stacked is not None:
             self.stacked.set_row(self.stacked.one, 0, adapter)
@@ -95,7 +113,7 @@ class AdapterRouter:
         try:
             yield
         finally:
-            self.current = None
+            self.current, self._cast = None, None
 
 
 def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *args: Any, **kwargs: Any):
@@ -110,14 +128,16 @@ def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *a
     quantized = type(layer).__name__ != "Linear"
     if router.stacked is not None:
         a_cat, b_cat = router.stacked.weights[id(layer)]
-        out = ((x.to(a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
+        out = ((router.cast(x, a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
         return result + out.to(dtype) if quantized else (result + out).to(dtype)
     for name, scale in router.current.items():
         if name not in layer.lora_A:
             continue  # this adapter does not target this layer
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        out = lora_b(lora_a(layer._cast_input_dtype(x, lora_a.weight.dtype))) * layer.scaling[name]
-        out = out * scale.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+        out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
+        if name not in router.folded:
+            out = out * layer.scaling[name]
+        out = out * scale.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)  # (row scale x scaling): PEFT's x * s
         if quantized and not torch.is_autocast_enabled():
             result = result + out.to(dtype)  # as peft.tuners.lora.bnb: cast the LoRA term, then add
         else:
