@@ -15,7 +15,7 @@ import pytest
 from tunelab.cli import main as cli
 from tunelab.data.conversation import Conversation
 from tunelab.data.formats import RecordError
-from tunelab.data.registry import spec_from_path
+from tunelab.data.registry import resolve_dataset, spec_from_path
 from tunelab.datatools.convert import to_alpaca, to_openai, to_sharegpt, unescape
 from tunelab.datatools.numbers import describe, histogram_lines
 from tunelab.datatools.source import iter_conversations
@@ -499,22 +499,23 @@ def test_register_adds_keeps_others_and_refuses_a_different_entry_without_force(
     write_jsonl("data/chat.jsonl", SHAREGPT_EXTRA)
     code, out, _ = run(capsys, "register", "chat", "data/chat.jsonl")
     assert code == 0
-    assert out == ("Registered 'chat' in data/dataset_info.json (3 valid records): "
-                   '{"file_name": "chat.jsonl", "formatting": "sharegpt"}\n')
-    expected = {"other": {"file_name": "other.json"}, "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt"}}
+    chat = {"file_name": "chat.jsonl", "formatting": "sharegpt",  # record 2's system column is named
+            "columns": {"messages": "conversations", "system": "system"}}
+    assert out == f"Registered 'chat' in data/dataset_info.json (3 valid records): {json.dumps(chat)}\n"
+    expected = {"other": {"file_name": "other.json"}, "chat": chat}
     assert json.loads(read("data/dataset_info.json")) == expected
     code, out, _ = run(capsys, "register", "chat", "chat.jsonl")  # found under --dataset-dir too
     assert (code, out.split(" in ")[0]) == (0, "Already registered 'chat'")
     code, _, err = run(capsys, "register", "chat", "data/other.json")
     assert code == 1
     assert err == ("tunelab data: error: Dataset 'chat' is already registered in data/dataset_info.json with a "
-                   'different entry ({"file_name": "chat.jsonl", "formatting": "sharegpt"}); use force (--force) to '
-                   "replace it.\n")
+                   f"different entry ({json.dumps(chat)}); use force (--force) to replace it.\n")
     assert json.loads(read("data/dataset_info.json")) == expected
     code, out, _ = run(capsys, "register", "chat", "data/other.json", "--force")
     assert code == 0 and out.startswith("Replaced 'chat'")
     assert json.loads(read("data/dataset_info.json")) == {
-        "other": {"file_name": "other.json"}, "chat": {"file_name": "other.json", "formatting": "alpaca"}}
+        "other": {"file_name": "other.json"}, "chat": {"file_name": "other.json", "formatting": "alpaca", "columns": {
+            "prompt": "instruction", "query": "input", "response": "output", "system": "system"}}}
     assert sorted(os.listdir("data")) == ["chat.jsonl", "dataset_info.json", "other.json"]
 
 
@@ -543,12 +544,28 @@ def test_register_openai_and_custom_columns_write_explicit_mappings(capsys):
     assert json.loads(read("dataset_info.json")) == {
         "msgs": {"file_name": "msgs.jsonl", "formatting": "openai", "columns": {"messages": "messages"},
                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                          "assistant_tag": "assistant", "observation_tag": "tool"}},
+                          "assistant_tag": "assistant", "observation_tag": "tool", "function_tag": "function_call",
+                          "system_tag": "system"}},
         "dialog": {"file_name": "dialog.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"},
-                   "tags": {"role_tag": "role", "content_tag": "text", "user_tag": "user", "assistant_tag": "bot"}}}
+                   "tags": {"role_tag": "role", "content_tag": "text", "user_tag": "user", "assistant_tag": "bot",
+                            "observation_tag": "observation", "function_tag": "function_call",
+                            "system_tag": "system"}}}
     assert run(capsys, "validate", "dialog", "--dataset-dir", ".")[0] == 0
     code, _, err = run(capsys, "register", "x", "msgs.jsonl", "--dataset-dir", ".", "--tags", "rol_tag=role")
     assert code == 1 and "Did you mean 'role_tag'?" in err
+
+
+def test_register_writes_complete_columns_so_the_entry_reads_prompt_and_response(capsys):
+    # An entry with "columns" reads exactly what it names (LLaMA-Factory, and tunelab's registry): naming only the
+    # non-default system column would leave prompt and response unused.
+    write_jsonl("sys.jsonl", [{"instruction": "Hi", "output": "Hello!", "sys": "Be kind."}])
+    assert run(capsys, "register", "s", "sys.jsonl", "--dataset-dir", ".", "--columns", "system=sys")[0] == 0
+    assert read("dataset_info.json") == (
+        '{\n  "s": {\n    "file_name": "sys.jsonl",\n    "formatting": "alpaca",\n    "columns": {\n'
+        '      "prompt": "instruction",\n      "query": "input",\n      "response": "output",\n'
+        '      "system": "sys"\n    }\n  }\n}\n')
+    conv = next(iter_conversations(resolve_dataset("s", ".")))
+    assert (conv.system, [m["content"] for m in conv.messages]) == ("Be kind.", ["Hi", "Hello!"])
 
 
 # ----------------------------------------------------------------------------------------------- the front

@@ -239,7 +239,69 @@ def coerce(value: Any, tp: Any) -> Any:
     raise _Bad()
 
 
+# LLaMA-Factory 0.9.5 keys (its hparams/*.py) for features tunelab deliberately lacks: a config naming one is refused
+# with the feature's name, not "unknown key". Keys are exact names; a name ending in "*" is a prefix.
+_MEDIA = ("images, videos and audio are not supported: tunelab fine-tunes text-only models; remove the key (and use a "
+          "text template and text datasets)")
+_RLHF = ("preference and reinforcement-learning training (DPO, KTO, ORPO, SimPO, PPO, reward models) is not supported "
+         "by tunelab, which trains supervised fine-tuning only (stage: sft); remove the key")
+LF_UNSUPPORTED: dict[str, str] = {
+    "pissa_*": "PiSSA initialisation is not supported by tunelab; remove the key to train plain LoRA",
+    "use_kt": "KTransformers is not supported by tunelab; remove use_kt and the kt_* keys to train with transformers "
+              "and PEFT",
+    "kt_*": "KTransformers is not supported by tunelab; remove use_kt and the kt_* keys to train with transformers "
+            "and PEFT",
+    **dict.fromkeys(("ray_*", "master_addr", "master_port"), "Ray training is not supported by tunelab; remove the "
+                    "key and train on several GPUs through torchrun (tunelab train starts it itself when "
+                    "NPROC_PER_NODE is set, as LLaMA-Factory does)"),
+    **dict.fromkeys(("image_*", "video_*", "audio_*", "use_audio_in_video", "crop_to_patches", "media_dir",
+                     "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model"), _MEDIA),
+    **dict.fromkeys(("oft_*", "module_dropout"), "OFT adapters are not supported by tunelab; remove the key and use "
+                    "finetuning_type: lora"),
+    **dict.fromkeys(("pref_*", "dpo_*", "kto_*", "simpo_*", "ppo_*", "ref_model*", "reward_model*", "ld_alpha"),
+                    _RLHF),
+    **dict.fromkeys(("use_galore", "galore_*"), "the GaLore optimizer is not supported by tunelab; remove the key"),
+    **dict.fromkeys(("use_apollo", "apollo_*"), "the APOLLO optimizer is not supported by tunelab; remove the key"),
+    **dict.fromkeys(("use_badam", "badam_*"), "the BAdam optimizer is not supported by tunelab; remove the key"),
+    "use_adam_mini": "the Adam-mini optimizer is not supported by tunelab; remove the key",
+    "use_muon": "the Muon optimizer is not supported by tunelab; remove the key",
+    "use_llama_pro": "LLaMA Pro block expansion is not supported by tunelab; remove the key",
+    "use_mca": "MCoreAdapter (Megatron-Core) training is not supported by tunelab; remove the key",
+    **dict.fromkeys(("use_hyper_parallel", "hyper_parallel_args"), "HyperParallel training is not supported by "
+                    "tunelab; remove the key"),
+    **dict.fromkeys(("use_dft_loss", "use_asft_loss", "asft_alpha", "use_eaft_loss", "eaft_alpha"), "the DFT, ASFT "
+                    "and EAFT losses are not supported by tunelab; remove the key to train with the cross-entropy loss"),
+    **dict.fromkeys(("infer_backend", "vllm_*", "sglang_*"), "the vLLM and SGLang inference backends are not "
+                    "supported by tunelab; remove the key (tunelab generates with transformers)"),
+    **dict.fromkeys(("enable_torch_profiler", "profiler_*", "profile_modules"), "LLaMA-Factory's torch profiler "
+                    "options are not supported by tunelab; remove the key"),
+    "fp8*": "FP8 training is not supported by tunelab; remove the key (bf16: true trains in bfloat16)",
+    "mixture_of_depths": "Mixture-of-Depths is not supported by tunelab; remove the key",
+    "shift_attn": "LongLoRA's shift short attention is not supported by tunelab; remove the key",
+    "use_unsloth_gc": "Unsloth's gradient checkpointing is not supported by tunelab; remove the key",
+    "use_v1_kernels": "LLaMA-Factory's v1 kernel replacements (NPU kernels) are not supported by tunelab; remove the "
+                      "key (enable_liger_kernel fuses kernels on NVIDIA GPUs)",
+    "train_from_scratch": "training from randomly initialised weights is not supported by tunelab; remove the key",
+    **dict.fromkeys(("resize_vocab", "add_tokens", "add_special_tokens", "new_special_tokens_config",
+                     "init_special_tokens"), "adding tokens to the vocabulary is not supported by tunelab; remove "
+                    "the key"),
+    "export_quantization_*": "quantized export (GPTQ) is not supported by tunelab; remove the key to export 16-bit "
+                             "weights",
+}
+
+
+def lf_unsupported(key: str) -> str | None:
+    """The sentence for a LLaMA-Factory key whose feature tunelab lacks (LF_UNSUPPORTED), or None."""
+    for name, sentence in LF_UNSUPPORTED.items():
+        if key == name or (name.endswith("*") and key.startswith(name[:-1])):
+            return sentence
+    return None
+
+
 def _unknown_key_error(key: str, source: str) -> ConfigError:
+    feature = lf_unsupported(key)
+    if feature:
+        return ConfigError(f"'{key}' in {source} is a LLaMA-Factory key: {feature}.")
     close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else " Run `tunelab train --help` for the list of keys."
     return ConfigError(f"unknown key '{key}' in {source}.{hint}")

@@ -30,7 +30,7 @@ class ModelArgs:
     use_modelscope_hub: bool = opt(False, "Download from ModelScope instead of the Hugging Face hub (also USE_MODELSCOPE_HUB=1).")
     trust_remote_code: bool = opt(False, "Allow model/tokenizer code from the model repository to run.")
     template: str = opt(
-        "auto", "Chat template: auto (the tokenizer's own), qwen, qwen3, chatml, llama3, default, fewshot (plain text, for evaluation)."
+        "auto", "Chat template: auto (the tokenizer's own), qwen, qwen3, qwen3_nothink, chatml, llama3, llama2, default, fewshot (plain text, for evaluation)."
     )
     enable_thinking: bool = opt(True, "Qwen3: thinking mode (LLaMA-Factory's default true: a reply's think block is trained; false puts the empty <think></think> block in the prompt).")
     default_system: Optional[str] = opt(None, "System prompt used when a sample has none (overrides the template's default).")

@@ -8,9 +8,13 @@ The entry is built from the file's first record (formatting, and columns / tags 
 entry (the training rules), and only a clean file is registered, through registry.write_registry_entry: atomic,
 every other entry kept, a different entry under the same name refused without force.
 
-Only columns and tags that differ from the defaults are written, where "defaults" means both LLaMA-Factory's
-(ShareGPT's from/value/conversations for every turn-list format) and tunelab's for the format, so the entry reads
-the same in both tools. file_name is relative to dataset_dir when the file lies inside it, else absolute.
+An entry with a "columns" (or "tags") object reads exactly what it names, in LLaMA-Factory and in tunelab's registry
+alike (every other column or tag is unused). So register writes either no "columns" object, when the entry's
+defaults read the file (LLaMA-Factory's: instruction/input/output, or conversations for every turn-list format),
+or a complete one: the format's formats.ENTRY_COLUMNS, the detected turns column, the optional columns (system,
+history for alpaca; system, tools for the others) that some record of the file has, and the user's --columns.
+Tags likewise: none, or all seven (formats.DEFAULT_TAGS, detected roles, --tags). The entry then reads the same
+in both tools. file_name is relative to dataset_dir when the file lies inside it, else absolute.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.data.formats import DEFAULT_COLUMNS, DEFAULT_TAGS, FORMATS, RecordError, detect_format, detect_mapping
+from tunelab.data.formats import DEFAULT_TAGS, ENTRY_COLUMNS, FORMATS, RecordError, detect_format, detect_mapping
 from tunelab.data.readers import iter_records
 from tunelab.data.registry import COLUMN_KEYS, TAG_KEYS, load_registry, parse_entry, registry_path, write_registry_entry
 from tunelab.datatools.convert import parse_pairs
@@ -60,7 +64,7 @@ def register_dataset(
 def build_entry(
     path: str, dataset_dir: str, formatting: str | None, columns: dict[str, str], tags: dict[str, str]
 ) -> dict[str, Any]:
-    """The dataset_info.json entry: file_name, formatting, and the non-default columns / tags."""
+    """The dataset_info.json entry: file_name, formatting, and complete columns / tags where defaults do not do."""
     record = _first_record(path)
     if formatting is None:
         try:
@@ -77,17 +81,27 @@ def build_entry(
         detected_columns.pop("messages", None)
     entry: dict[str, Any] = {"file_name": _file_name(path, dataset_dir), "formatting": formatting}
     lf = "alpaca" if formatting == "alpaca" else "sharegpt"  # LLaMA-Factory's defaults for this kind of entry
-    cols = _non_default({**detected_columns, **columns}, DEFAULT_COLUMNS[formatting], DEFAULT_COLUMNS[lf], columns)
-    tgs = _non_default({**detected_tags, **tags}, DEFAULT_TAGS[formatting], DEFAULT_TAGS[lf], tags)
-    if cols:
+    cols = {k: detected_columns.get(k, v) for k, v in ENTRY_COLUMNS[formatting].items()}
+    cols.update({k: detected_columns[k] for k in _optional_columns(path, formatting) if k in detected_columns})
+    cols.update(columns)
+    if not cols == ENTRY_COLUMNS[formatting] == ENTRY_COLUMNS[lf]:
         entry["columns"] = cols
-    if tgs and formatting != "alpaca":
+    tgs = {**DEFAULT_TAGS[formatting], **detected_tags, **tags}
+    if formatting != "alpaca" and not tgs == DEFAULT_TAGS[formatting] == DEFAULT_TAGS[lf]:
         entry["tags"] = tgs
     return entry
 
 
-def _non_default(values: dict[str, str], own: dict[str, str], lf: dict[str, str], given: dict[str, str]) -> dict:
-    return {k: v for k, v in values.items() if k in given or v != own.get(k) or v != lf.get(k, v)}
+def _optional_columns(path: str, formatting: str) -> set[str]:
+    """The optional columns (system, history / tools) that at least one record of the file has, not empty."""
+    wanted = ("system", "history") if formatting == "alpaca" else ("system", "tools")
+    found: set[str] = set()
+    with contextlib.closing(iter_records(path, on_error=InvalidLog(keep=0))) as records:
+        for _, record in records:
+            found.update(k for k in wanted if record.get(k) not in (None, "", []))
+            if len(found) == len(wanted):
+                break
+    return found
 
 
 def _locate(file: str, dataset_dir: str) -> str:
