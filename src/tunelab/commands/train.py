@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 USAGE = "usage: tunelab train [config.yaml] [key=value ...] [--key value ...]"
-SECTIONS = ("model", "quantization", "adapter", "data", "train")
+SECTIONS = ("model", "quantization", "adapter", "data", "train", "generation")  # generation: for do_predict
 
 
 def main(argv: list[str]) -> int:
