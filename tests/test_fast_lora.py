@@ -294,3 +294,42 @@ def test_compiled_decoder_layers_train_like_eager_on_gpu():
     assert abs(loss - loss_eager) < 1e-3 * loss_eager
     for g, ge in zip(grads, grads_eager):  # inductor fuses the bf16 elementwise work differently
         assert _rel(g, ge) < 3e-2
+
+
+def _train(model, steps: int, seed: int):
+    """AdamW with gradient clipping for `steps` steps on seeded random batches: (losses, pre-clip grad norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 512, (2, 16), generator=g) for _ in range(4)]  # cycled: the loss falls
+    losses, norms = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is several times faster on a shared machine
+    try:
+        for step in range(steps):
+            ids = batches[step % len(batches)]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses, norms
+
+
+def test_fifty_steps_fast_train_like_plain_cpu():
+    # issue 9's parity bounds (loss within 1% at every step, grad norm within 2%) on the tiny bf16 model (the NF4
+    # CPU backend is too slow for 100 steps in CI; its single step is checked above); the 7B check on the GPU is
+    # tools/fast_parity.py over `tunelab bench --steps 50`
+    plain_losses, plain_norms = _train(_tiny_peft("cpu", quantized=False), 50, seed=21)
+    fast = _tiny_peft("cpu", quantized=False)
+    assert patch_lora_layers(fast) == 14
+    fast_losses, fast_norms = _train(fast, 50, seed=21)
+    assert plain_losses[-1] < plain_losses[0] - 0.3  # it trained (6.28 -> ~5.85)
+    for a, b in zip(fast_losses, plain_losses):
+        assert abs(a - b) <= 0.01 * b
+    for a, b in zip(fast_norms, plain_norms):
+        assert abs(a - b) <= 0.02 * b
