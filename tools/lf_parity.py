@@ -2,6 +2,7 @@
 
     python tools/lf_parity.py --lf-repo /work/.mirror/hiyouga+LLaMA-Factory/repo      # all stages
     python tools/lf_parity.py --stage setup|extract|lf|compare ...                    # one stage
+    python tools/lf_parity.py --stage configs --write-docs     # only the example configs (seconds), docs section too
 
 Stages (each reruns cheaply; everything lands in the ignored folder .lf_parity/, never in the repository):
 1. setup: a virtual environment .lf_parity/venv with `llamafactory==0.9.5` from PyPI and the dependencies its
@@ -20,6 +21,8 @@ Stages (each reruns cheaply; everything lands in the ignored folder .lf_parity/,
 4. compare: tunelab encodes the same records (its loader, its templates) and the two are compared record by
    record; every SFT LoRA example config is parsed by tunelab's config system. A JSON report and a Markdown
    summary are written to .lf_parity/; docs/parity.md holds the summary of the last run.
+   `--stage configs` reruns only the example-config part of compare (no venv, no LLaMA-Factory run needed) and
+   replaces only the "### Example configs" part of docs/parity.md's summary.
 """
 from __future__ import annotations
 
@@ -454,9 +457,7 @@ def compare_configs(lf_root: Path) -> dict:
     (and its template and dataset checks, which otherwise run once the tokenizer is loaded)."""
     import yaml
 
-    from tunelab.config.parse import load_config
-    from tunelab.data.registry import resolve_dataset
-    from tunelab.data.template import check_template_name
+    from tunelab.config.parse import lf_unsupported
     from tunelab.errors import TunelabError
 
     results = {}
@@ -469,17 +470,37 @@ def compare_configs(lf_root: Path) -> dict:
                 continue
             rel = str(path.relative_to(lf_root))
             try:
-                cfg = load_config(rel)
-                check_template_name(cfg.template)
-                for name in str(cfg.dataset or "").split(","):
-                    if name.strip():
-                        resolve_dataset(name.strip(), cfg.dataset_dir)
+                _check_config(rel)
                 results[rel] = {"ok": True}
             except TunelabError as exc:
-                results[rel] = {"ok": False, "why": str(exc).replace("\n", " ")}
+                why = str(exc).replace("\n", " ")
+                # a refusal that names the missing feature, or the config system's generic "unknown key" one
+                results[rel] = {"ok": False, "why": why, "feature": not why.startswith("unknown key")}
+                # what else stops it once the keys of features tunelab lacks are taken out (the next refusal)
+                dropped = [k for k in raw if lf_unsupported(str(k))]
+                if dropped:
+                    try:
+                        _check_config({k: v for k, v in raw.items() if k not in dropped})
+                        then = "accepted"
+                    except TunelabError as exc2:
+                        then = str(exc2).replace("\n", " ")
+                    results[rel]["without"] = {"keys": dropped, "then": then}
     finally:
         os.chdir(cwd)
     return results
+
+
+def _check_config(source) -> None:
+    """tunelab's config system, template-name check and dataset resolution on one config (file or dict)."""
+    from tunelab.config.parse import load_config
+    from tunelab.data.registry import resolve_dataset
+    from tunelab.data.template import check_template_name
+
+    cfg = load_config(source)
+    check_template_name(cfg.template)
+    for name in str(cfg.dataset or "").split(","):
+        if name.strip():
+            resolve_dataset(name.strip(), cfg.dataset_dir)
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -519,15 +540,53 @@ def summarize(records: dict, registry: dict, configs: dict, meta: dict) -> str:
         lines.append(f"  - {len(names)} ({', '.join(names)}): \"... {reason}\"")
     for name, d in different.items():
         lines.append(f"  - different `{name}`: {json.dumps(d, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n\n" + summarize_configs(configs)
+
+
+def summarize_configs(configs: dict) -> str:
+    """The "### Example configs" part of the summary."""
     ok = [p for p, r in configs.items() if r["ok"]]
-    lines += ["", f"### Example configs: {len(configs)} `stage: sft` + `finetuning_type: lora` configs in examples/", "",
+    lines = [f"### Example configs: {len(configs)} `stage: sft` + `finetuning_type: lora` configs in examples/", "",
               f"- {len(ok)} accepted by tunelab's config system (and their template and datasets): "
               + ", ".join(f"`{p}`" for p in ok),
-              f"- {len(configs) - len(ok)} refused with a sentence:", ""]
+              f"- {sum(bool(r.get('feature')) for r in configs.values())} refused with a sentence naming the "
+              "missing feature:", ""]
     for path, r in configs.items():
-        if not r["ok"]:
+        if r.get("feature"):
             lines.append(f"  - `{path}`: {r['why'][:300]}")
+            if r.get("without"):
+                lines.append(f"    Without {', '.join(r['without']['keys'])}: {r['without']['then'][:240]}")
+    other = [(p, r) for p, r in configs.items() if not r["ok"] and not r.get("feature")]
+    lines += ["", f"- {len(other)} refused for another reason (a key tunelab does not know)" + (":" if other else "")]
+    lines += [f"  - `{path}`: {r['why'][:300]}" for path, r in other]
     return "\n".join(lines) + "\n"
+
+
+CONFIGS_HEAD = "### Example configs:"
+
+
+def compare_configs_only(lf_root: Path, write_docs: bool) -> int:
+    """--stage configs: rerun the example-config check; replace only that part of the report and of the docs."""
+    configs = compare_configs(lf_root)
+    report_path = WORK / "results" / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        report["configs"] = configs
+        report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    head, sep, body = summarize_configs(configs).partition("\n\n")
+    part = (f"{head}\n\nThis part rerun alone (`--stage configs`) {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"tunelab at {commit or '?'}.\n\n{body}")
+    print(part)
+    if write_docs:
+        docs = ROOT / "docs" / "parity.md"
+        text = docs.read_text()
+        head, rest = text.split(CONFIGS_HEAD, 1)
+        end = rest.index("<!-- parity:end -->")
+        docs.write_text(head + part + rest[end:])
+        log(f"wrote the example-config part into {docs}")
+    return 0 if all(r["ok"] or r.get("feature") for r in configs.values()) else 1
 
 
 def compare(lf_root: Path, write_docs: bool) -> int:
@@ -559,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lf-repo", default="/work/.mirror/hiyouga+LLaMA-Factory/repo",
                         help="git dir of a LLaMA-Factory snapshot")
-    parser.add_argument("--stage", choices=["all", "setup", "extract", "lf", "compare", "lf-worker"], default="all")
+    parser.add_argument("--stage", choices=["all", "setup", "extract", "lf", "compare", "configs", "lf-worker"], default="all")
     parser.add_argument("--lf-root", default=str(WORK / "lf"), help="(lf-worker) the extracted data/ + examples/")
     parser.add_argument("--write-docs", action="store_true", help="put the summary into docs/parity.md")
     args = parser.parse_args(argv)
@@ -568,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stage in ("all", "setup"):
         setup_venv()
-    lf_root = extract(args.lf_repo) if args.stage in ("all", "extract", "lf", "compare") else None
+    lf_root = extract(args.lf_repo) if args.stage in ("all", "extract", "lf", "compare", "configs") else None
+    if args.stage == "configs":
+        return compare_configs_only(lf_root, args.write_docs)
     if args.stage in ("all", "lf"):
         run_lf(lf_root)
     if args.stage in ("all", "compare"):
