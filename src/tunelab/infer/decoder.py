@@ -111,6 +111,11 @@ class SlotDecoder:
         self.graph_error: str | None = None
         # transformers 5.2x names the forward's cache argument `cache` (older: `past_key_values`, still accepted
         # there with a warning per call): pass it by the name this version declares.
+        attn = getattr(self.lm.config, "_attn_implementation", None) or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            raise ModelError(f"the slot decoder (static KV cache) needs sdpa or eager attention; this model uses {attn}: set flash_attn: sdpa.")
+        self.additive_mask = attn == "eager"
+        self.dtype = self.lm.get_input_embeddings().weight.dtype
         params = inspect.signature(type(self.lm).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -202,11 +207,15 @@ class SlotDecoder:
 
     def _forward(self, rows: int, width: int, *, masked: bool = True):
         """One decode step of the first `rows` slots over `width` cached positions -> logits [rows, vocab]."""
+        import torch
+
         ids, pos = self.ids_buf[:rows], self.pos_buf[:rows]
         cache = _SlotCache([k[:rows, :, :width] for k in self.keys], [v[:rows, :, :width] for v in self.values], pos.view(rows, 1, 1, 1))
         mask = None  # unmasked: one row over exactly its cached positions (as generate's decode step)
         if masked:
             mask = (self.arange[:width].view(1, width) <= pos).view(rows, 1, 1, width)
+            if self.additive_mask:  # eager attention adds its mask: 0 where attended, the dtype's minimum elsewhere
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         mask = {t: mask for t in self.layer_types}  # a dict is used as given: no mask building from the cache
         with self._route(rows=rows):
             out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{self.cache_kw: cache})
