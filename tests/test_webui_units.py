@@ -165,3 +165,35 @@ def test_webchat_serves_the_chat_alone_for_one_model(tiny_model, monkeypatch):  
     finally:
         demo.close()
         chat_tab.HOLDER.unload()
+
+
+def test_template_check_names_the_template_and_warns_on_a_mismatch(tiny_model):  # noqa: F811
+    from tunelab.webui.locale import t
+    from tunelab.webui.model_panel import template_check
+
+    ok = template_check(tiny_model, "auto", "en")
+    assert ok.startswith("Template check: ") and t("template_ok", "en") in ok
+    other = template_check(tiny_model, "llama3", "en")
+    assert other.startswith("Template check: llama3: ") and t("template_ok", "en") not in other
+    bad = template_check("/no/such/model", "auto", "en")
+    assert bad.startswith("Error: ") and "/no/such/model" in bad
+
+
+def test_run_choices_list_checkpoints_with_step_eval_loss_and_the_best(tmp_path):
+    from tunelab.webui.model_panel import run_choices
+
+    run = tmp_path / "saves" / "run"
+    for folder in (run, run / "checkpoint-2", run / "checkpoint-4"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    (run / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"current_steps": 2, "loss": 3.0}, {"current_steps": 2, "eval_loss": 1.5},
+        {"current_steps": 4, "loss": 2.0}, {"current_steps": 4, "eval_loss": 1.75})))
+    assert run_choices(str(tmp_path / "saves"), "en") == [
+        ("(none: base model)", ""),
+        ("run · step 4 · eval_loss 1.7500", str(run)),
+        ("run/checkpoint-2 · step 2 · eval_loss 1.5000 · ★ best", str(run / "checkpoint-2")),
+        ("run/checkpoint-4 · step 4 · eval_loss 1.7500", str(run / "checkpoint-4")),
+    ]
+    assert run_choices(str(tmp_path / "none"), "zh") == [("（无：基座模型）", "")]

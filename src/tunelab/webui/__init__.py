@@ -15,3 +15,6 @@ def require_gradio() -> None:
 
     if importlib.util.find_spec("gradio") is None:
         raise ConfigError("the web UI needs Gradio: pip install 'tunelab[webui]'.")
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (usage statistics, version check)
