@@ -106,6 +106,10 @@ def test_run_state_reads_the_end_of_a_run_from_its_files(tmp_path):
     (out / runs.OUTPUT_FILE).write_text("tunelab train: error: dataset 'nope' is not registered.\n")
     state = runs.run_state(str(out))
     assert (state.end, state.message) == ("failed", "dataset 'nope' is not registered.")
+    (out / runs.OUTPUT_FILE).write_text("[tunelab] loading the model\n")
+    (out / runs.RUN_FILE).write_text(json.dumps({"pid": 2**22 + 7, "returncode": -15}))
+    assert runs.run_state(str(out)).message == "the process was ended by signal SIGTERM before its first step."
+    (out / runs.RUN_FILE).unlink()
     (out / runs.OUTPUT_FILE).write_text("[tunelab] done\n")
     (out / "all_results.json").write_text("{}")
     assert runs.run_state(str(out)).end == "done"

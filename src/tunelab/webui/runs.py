@@ -178,7 +178,13 @@ def run_state(output_dir: str) -> RunState:
         state.stopped_step = max((int(r.get("current_steps", 0)) for r in state.records), default=0)
     elif errors or (info and info.get("returncode") not in (None, 0)):
         state.end = "failed"
-        state.message = errors[-1].split("error:", 1)[1].strip() if errors else _last_line(state.output_tail)
+        code = (info or {}).get("returncode")
+        if errors:
+            state.message = errors[-1].split("error:", 1)[1].strip()
+        elif isinstance(code, int) and code < 0:  # ended by a signal before training began (no handler yet)
+            state.message = f"the process was ended by signal {signal.Signals(-code).name} before its first step."
+        else:
+            state.message = _last_line(state.output_tail)
     elif os.path.isfile(os.path.join(output_dir, "all_results.json")):
         state.end = "done"
     return state
