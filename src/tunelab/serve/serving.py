@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -49,6 +50,9 @@ class Service:
         self.context = context
         self.created = int(time.time())
         self.stop_ids = list(engine.template.stop_token_ids)
+        # Requests are encoded in worker threads; a fast tokenizer's settings are mutable state ("Already
+        # borrowed" under concurrent calls), so encoding is one at a time (it takes about a millisecond).
+        self._encode_lock = threading.Lock()
 
     # ----- models ---------------------------------------------------------------------------------------------
     def model_list(self) -> dict[str, Any]:
@@ -79,9 +83,12 @@ class Service:
         system, messages = _conversation_messages(req.messages)
         conv = Conversation(messages=messages, system=system, tools=[t.model_dump(exclude_none=True) for t in req.tools] if tools else None)
         try:
-            prompt = self.engine.encode(conv)
+            with self._encode_lock:
+                prompt = self.engine.encode(conv)
         except TunelabError as exc:
             raise P.APIError(400, str(exc), param="messages") from None
+        except Exception as exc:  # the chat template (Jinja) refused these messages / tools
+            raise P.APIError(400, f"The chat template could not render these messages: {type(exc).__name__}: {str(exc)[:200]}.", param="messages") from None
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         return self._prepared("chat", req, prompt, adapter, limit, param, tools)
@@ -101,7 +108,8 @@ class Service:
                 raise P.APIError(400, f"prompt holds {len(prompt)} prompts; send one per request.", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            with self._encode_lock:
+                ids = self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
             vocab = len(self.engine.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
