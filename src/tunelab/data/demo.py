@@ -1,14 +1,21 @@
-"""The offline demo dataset of the quickstart: alpaca format, Chinese and English, plus a toy task.
+"""The offline demo dataset of the quickstart: alpaca format, a few Chinese and English questions, plus a toy task.
 
-The toy task ("Count from 1 to 7." -> "1, 2, 3, 4, 5, 6, 7") is something a tiny random-init model visibly
-learns in a minute on a CPU: its loss falls from ~12 (uniform over 152k tokens) to well under 1, and after
-training `tunelab chat` answers a counting prompt it was not shown verbatim. Deterministic for a seed.
+The toy task is counting down ("Count down from 7 to 1." -> "7, 6, 5, 4, 3, 2, 1"), chosen because a 2-layer,
+64-wide random-init model learns it visibly in 120 QLoRA steps on a CPU, stop included: every next number depends
+only on the one before, and the answer always ends with "2, 1" and the end-of-turn token. What it learns only partly
+is where to start (copying the number from the prompt). Measured with examples/quickstart.yaml (tests/test_quickstart.py):
+on the 24 held-out prompts of demo_eval.json every greedy answer is a count down that stops after "1", and 7 of 24
+are exactly right ("Count down from 5 to 1." -> "5, 4, 3, 2, 1"). An earlier count-up task ("Count from 1 to 7.")
+was not learnable in that budget: the model counted past the asked number and never stopped (0 of 24 right).
+Deterministic for a seed.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+
+TOY_LANGUAGES = ("en",)
 
 GENERAL = [
     ("Say hello in French.", "", "Bonjour!"),
@@ -28,19 +35,21 @@ GENERAL = [
 ]
 
 
-def _count(n: int) -> str:
-    return ", ".join(str(i) for i in range(1, n + 1))
+def count_down(n: int) -> str:
+    return ", ".join(str(i) for i in range(n, 0, -1))
 
 
-def demo_records(n_toy: int = 240, seed: int = 0, general: bool = True) -> list[dict]:
+def toy_prompt(n: int, lang: str) -> str:
+    return f"从{n}倒数到1。" if lang == "zh" else f"Count down from {n} to 1."
+
+
+def demo_records(n_toy: int = 240, seed: int = 0, general: bool = True, languages: tuple[str, ...] = TOY_LANGUAGES) -> list[dict]:
+    """The general samples (once each) and n_toy count-down samples, n in 3..9, languages taking turns; shuffled."""
     rng = random.Random(seed)
     records = [{"instruction": i, "input": x, "output": o} for i, x, o in GENERAL] if general else []
     for k in range(n_toy):
         n = rng.randint(3, 9)
-        if k % 2:
-            records.append({"instruction": f"从1数到{n}。", "input": "", "output": _count(n)})
-        else:
-            records.append({"instruction": f"Count from 1 to {n}.", "input": "", "output": _count(n)})
+        records.append({"instruction": toy_prompt(n, languages[k % len(languages)]), "input": "", "output": count_down(n)})
     rng.shuffle(records)
     return records
 
