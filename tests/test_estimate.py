@@ -234,3 +234,23 @@ def test_layer_activations_match_what_autograd_saves(family, attn, targets):
     got = sum(n for ptr, n in saved.items() if ptr not in known)
     shape = ModelShape("t", family, hidden, inter, 1, heads, kv, head_dim if family == "qwen3" else hidden // heads, 512, False, 4096, family == "qwen2", family == "qwen3")
     assert got == T.layer_saved(shape, T.Kernels(liger=False, attn=attn, gqa_repeat=False), 2, seq, 8, targets, 0.0) * batch * seq
+
+
+def test_predictions_within_ten_percent_of_the_gpu_measurements():
+    """docs/data/estimate_h200.json: 32 cases measured on an H200 by tools/estimate_measure.py (Qwen2.5-1.5B and 7B,
+    LoRA and QLoRA, 1x512 .. 2x4096, plain stack and tunelab's path with Liger). The estimate of today's code must
+    stay within 10% of each measured peak allocated and nvidia-smi figure."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "data", "estimate_h200.json")
+    with open(path, encoding="utf-8") as fh:
+        records = [r for r in json.load(fh)["records"] if "peak_allocated_gib" in r]
+    assert len(records) == 32
+    archs = {"qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}
+    for r in records:
+        u = Setup(method=r["method"], bits=4 if r["method"] == "qlora" else None, batch=r["batch"], seq=r["seq"],
+                  plain=r["stack"] == "plain", liger=r["stack"] == "tunelab", optim="adamw_torch_fused")
+        est = estimate(model_shape(archs[r["arch"]]), u)
+        case = f"{r['arch']} {r['method']} {r['stack']} {r['batch']}x{r['seq']}"
+        assert abs(est.peak_allocated / T.GiB / r["peak_allocated_gib"] - 1) < 0.10, case
+        assert abs(est.nvidia_smi / T.GiB / (r["smi_mib"] / 1024) - 1) < 0.10, case

@@ -183,7 +183,8 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool =
         cfg = tunelab_config(model_dir, method, ckpt=ckpt)
         model = load_model(cfg, resolve(cfg), for_training=True)
         base = model.get_base_model()
-        kernels = type(base.model.norm).__name__
+        # Liger patches the instances' forward (the class keeps its name): read the bound method's owner
+        kernels = "Liger" if "Liger" in getattr(base.model.norm.forward, "__qualname__", "") else "plain"
     vocab = model.config.vocab_size
     print(json.dumps({"loaded": f"{arch} {method} {stack}", "s": round(time.time() - t0, 1), "kernels": kernels,
                       "allocated_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 3)}), flush=True)
@@ -204,6 +205,19 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool =
         print(json.dumps(rec), flush=True)
 
 
+def repredict(path: str, liger_tunelab: bool) -> None:
+    """Recompute the predictions of a saved result (the measurements unchanged), e.g. after a model change or when a
+    run recorded the kernels wrongly (the 2026-12-01 run read the norm's class name, which Liger's instance patch keeps)."""
+    doc = json.load(open(path))
+    for r in doc["records"]:
+        if "peak_allocated_gib" in r:
+            r.update(predict(r, liger=liger_tunelab and r["stack"] == "tunelab"))
+            r["error_pct"] = round(100 * (r["predicted_allocated_gib"] / r["peak_allocated_gib"] - 1), 1)
+            if r.get("smi_mib"):
+                r["smi_error_pct"] = round(100 * (r["predicted_smi_gib"] / (r["smi_mib"] / 1024) - 1), 1)
+    json.dump(doc, open(path, "w"), indent=1)
+
+
 def predict(rec: dict, liger: bool) -> dict:
     from tunelab.estimate import Setup, estimate, model_shape
     from tunelab.estimate.terms import GiB
@@ -218,7 +232,7 @@ def predict(rec: dict, liger: bool) -> dict:
 
 def _run(cmd: list[str]) -> list[dict]:
     out = subprocess.run(cmd, capture_output=True, text=True)
-    recs = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    recs = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{"')]  # not the Trainer's printed dicts
     if out.returncode:
         recs.append({"error": " ".join(cmd[-6:]), "stderr": out.stderr[-2500:]})
     return recs
@@ -226,7 +240,7 @@ def _run(cmd: list[str]) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None)
     p.add_argument("--root", default="/tmp/tunelab-estimate-models")
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--workers", type=int, default=6)
@@ -235,7 +249,12 @@ def main() -> int:
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     p.add_argument("--build", default=None, help=argparse.SUPPRESS)
     p.add_argument("--context", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repredict", default=None, help="recompute the predictions of this saved result (liger for tunelab: --liger)")
+    p.add_argument("--liger", action="store_true", help="with --repredict: the tunelab stack ran Liger's kernels")
     args = p.parse_args()
+    if args.repredict:
+        repredict(args.repredict, args.liger)
+        return 0
     if args.build:
         build(args.build, os.path.join(args.root, args.build))
         return 0
@@ -260,7 +279,9 @@ def main() -> int:
     extra = ["--shapes", args.shapes] if args.shapes else []
     records: list[dict] = []
     with cf.ThreadPoolExecutor(args.workers) as pool:
-        for recs in pool.map(lambda j: _run(me + ["--out", args.out, "--job", ",".join(j)] + extra), jobs):
+        futures = [pool.submit(_run, me + ["--out", args.out, "--job", ",".join(j)] + extra) for j in jobs]
+        for fut in cf.as_completed(futures):  # printed as each job ends: a run cut short keeps what finished
+            recs = fut.result()
             for r in recs:
                 print(json.dumps(r), flush=True)
             records += recs
@@ -270,6 +291,8 @@ def main() -> int:
     for r in records:
         if "peak_allocated_gib" in r:
             r.update(predict(r, liger=liger and r.get("kernels", "").startswith("Liger")))
+            if r.get("smi_mib"):
+                r["smi_error_pct"] = round(100 * (r["predicted_smi_gib"] / (r["smi_mib"] / 1024) - 1), 1)
             r["error_pct"] = round(100 * (r["predicted_allocated_gib"] / r["peak_allocated_gib"] - 1), 1)
     with open(args.out, "w") as fh:
         json.dump({"context": ctx, "records": records, "wall_s": round(time.time() - t0, 1)}, fh, indent=1)

@@ -51,15 +51,17 @@ def peers() -> None:
 def main(path: str) -> int:
     doc = json.load(open(path))
     rows = [r for r in doc["records"] if "peak_allocated_gib" in r]
-    print("| model | method | stack | batch x tokens | measured GiB | tunelab estimate | error | reserved (measured / predicted) | paper arithmetic | LLaMA-Factory | accelerate |")
+    print("| model | method | stack | batch x tokens | measured peak allocated | **tunelab estimate** | error | nvidia-smi measured / estimate | paper arithmetic | LLaMA-Factory | accelerate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["arch"], r["method"], r["stack"], r["batch"] * r["seq"])):
         key = (r["arch"], r["method"])
+        smi = r["smi_mib"] / 1024
         print(f"| {r['arch']} | {'QLoRA 4-bit' if r['method'] == 'qlora' else 'LoRA 16-bit'} | {r['stack']} | {r['batch']} x {r['seq']} | "
-              f"{r['peak_allocated_gib']:.2f} | {r['predicted_allocated_gib']:.2f} | {r['error_pct']:+.1f}% | "
-              f"{r['peak_reserved_gib']:.2f} / {r['predicted_reserved_gib']:.2f} | {paper(*key):.2f} | {LLAMA_FACTORY[key]} GB | {ACCELERATE[key]} |")
+              f"{r['peak_allocated_gib']:.2f} | **{r['predicted_allocated_gib']:.2f}** | {r['error_pct']:+.1f}% | "
+              f"{smi:.2f} / {r['predicted_smi_gib']:.2f} ({r['smi_error_pct']:+.1f}%) | {paper(*key):.2f} | {LLAMA_FACTORY[key]} GB | {ACCELERATE[key]} |")
     worst = max(abs(r["error_pct"]) for r in rows)
-    print(f"\n{len(rows)} cases, largest error {worst:.1f}%")
+    worst_smi = max(abs(r["smi_error_pct"]) for r in rows)
+    print(f"\n{len(rows)} cases: largest error {worst:.1f}% on peak allocated, {worst_smi:.1f}% on nvidia-smi.")
     return 0
 
 

@@ -27,11 +27,13 @@ from tunelab.errors import ConfigError
 from tunelab.estimate import terms as T
 from tunelab.estimate.archs import ModelShape
 
-# Calibrated on the GPU (docs/estimate.md): the caching allocator reserves a little more than it hands out, and
-# the process holds the CUDA context, cuBLAS/cuDNN handles and kernels outside it.
-RESERVED_FRACTION = 0.03
-RESERVED_FIXED = 0.15 * T.GiB
-CUDA_CONTEXT = 0.55 * T.GiB
+# Calibrated on an H200 (torch 2.11, CUDA 13; docs/estimate.md, 32 cases): the caching allocator reserves more than
+# it hands out (about 0.35 GiB, plus three quarters of one fp32 N x V block when the plain stack's logits fragment
+# it), and the process holds the CUDA context, cuBLAS workspaces and loaded kernels outside it (0.74 GiB after a
+# training step, read as nvidia-smi's per-process figure minus torch's reserved memory).
+RESERVED_FIXED = 0.35 * T.GiB
+RESERVED_LOGITS = 0.75
+CUDA_CONTEXT = 0.74 * T.GiB
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ def estimate(shape: ModelShape, u: Setup) -> Estimate:
     phases = {name: base + sum(r.bytes for r in rows) for name, rows in moments.items()}
     phase = max(phases, key=phases.get)
     peak = phases[phase]
-    reserved = int(peak * (1 + RESERVED_FRACTION) + RESERVED_FIXED)
+    reserved = peak + int(RESERVED_FIXED) + (int(RESERVED_LOGITS * 4 * u.batch * u.seq * shape.vocab) if u.plain else 0)
     smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
     warnings = [shape.warning] if shape.warning else []
     return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings)
