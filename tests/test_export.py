@@ -270,7 +270,12 @@ def test_training_config_exports_its_adapter_and_prints_the_summary_once(lora_ru
     cfg.write_text(yaml.safe_dump({"model_name_or_path": model, "do_train": True, "template": "qwen", "dataset": "demo",
                                    "output_dir": run}), encoding="utf-8")
     out = tmp_path / "merged"
-    assert main(["export", str(cfg), f"export_dir={out}", "export_ollama=true"]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(cfg), f"export_dir={out}", "export_ollama=true"]) == 0
+    finally:
+        os.umask(old)
+    assert {n: oct(os.stat(out / n).st_mode & 0o777) for n in os.listdir(out)} == {n: "0o644" for n in os.listdir(out)}
     captured = capsys.readouterr()
     assert f"export: {cfg} is a training config, so export uses the adapter its training wrote, in {run}" in captured.err
     lines = captured.out.splitlines()
