@@ -38,9 +38,10 @@ def auto_batch(cfg, device: str, free_bytes: int | None = None) -> tuple[int, st
         shape, setup, _ = setup_from_config(cfg, batch=1)
     except TunelabError as exc:
         return CPU_AUTO_BATCH, f"the memory estimate is unavailable ({exc}): batch {CPU_AUTO_BATCH}"
+    setup = replace(setup, mask=True)  # real batches are padded (or packed): an explicit mask, k/v repeated by SDPA
     free = free_gpu_bytes() if free_bytes is None else free_bytes
     batch = choose_batch(shape, setup, free, limit=AUTO_LIMIT)
-    est = estimate(shape, replace(setup, batch=batch, mask=setup.mask or batch > 1))
+    est = estimate(shape, replace(setup, batch=batch))
     return batch, (f"the largest power of two up to {AUTO_LIMIT} whose estimate ({est.nvidia_smi / GiB:.1f} GiB at "
                    f"{batch} x {setup.seq} tokens) fits the {free / GiB:.1f} GiB free on the GPU")
 
