@@ -99,6 +99,7 @@ def page(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         pg.set_default_timeout(30_000)
+        pg.on("crash", lambda _: print("the browser page crashed", file=sys.stderr))
         open_page(pg, server)
         yield pg
         browser.close()
@@ -128,6 +129,7 @@ def fill(page, elem_id: str, value: str, enter: bool = False) -> None:
 
 
 def tab(page, name: str) -> None:
+    page.evaluate("window.scrollTo(0, 0)")
     page.get_by_role("tab", name=name).click()
 
 
@@ -244,6 +246,7 @@ def test_train_watch_reload_stop_resume(page, server, work):
     wait_text(page, "train-status", "Reattached to the run in")
     wait_text(page, "train-progress", f"/{MAX_STEPS}")
     assert page.locator("#field-max_steps input").input_value() == str(MAX_STEPS)
+    assert f"max_steps: {MAX_STEPS}" in page.locator("#train-yaml").inner_text()  # the YAML the run was started with
     page.locator("#start-btn").click()  # a second start on the same device is refused with a sentence
     refused = wait_text(page, "train-status", "already training")
     assert "pid" in refused
@@ -285,15 +288,19 @@ def test_chat_streams_base_and_fine_tuned(page, work):
     page.get_by_text("Generation keys").click()
     fill(page, "field-max_new_tokens", "48")
     page.locator("#field-do_sample input").uncheck()  # greedy: the same answer every run
-    page.evaluate("""() => { window.lengths = []; const box = document.querySelector('#chat-tuned');
-        new MutationObserver(() => window.lengths.push(box.innerText.length)).observe(box,
-        {subtree: true, childList: true, characterData: true}); }""")
+    page.evaluate("""() => { window.observers = [];
+        for (const [name, id] of [['lengths', '#chat-tuned'], ['baseLengths', '#chat-base']]) {
+        window[name] = []; const box = document.querySelector(id);
+        const watch = new MutationObserver(() => window[name].push(box.textContent.length));
+        watch.observe(box, {subtree: true, childList: true, characterData: true}); window.observers.push(watch); } }""")
     fill(page, "chat-message", "Count from 1 to 3.")
     page.locator("#chat-send").click()
-    deadline = time.time() + 60
-    while time.time() < deadline and page.locator("#chat-base .message.bot, #chat-base [data-testid=bot]").count() == 0:
-        time.sleep(0.3)
-    time.sleep(1)
+    wait_for(lambda: page.evaluate("window.baseLengths.length") > 0, "the base answer to start", 90)
+    seen = -1
+    while seen != page.evaluate("window.baseLengths.length"):  # until the base answer stops changing
+        seen = page.evaluate("window.baseLengths.length")
+        time.sleep(1.5)
+    page.evaluate("() => window.observers.forEach(o => o.disconnect())")
     lengths = page.evaluate("window.lengths")
     assert len(set(lengths)) >= 3, lengths  # the reply grew piece by piece
     assert page.locator("#chat-tuned").inner_text().strip() != ""

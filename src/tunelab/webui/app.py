@@ -86,16 +86,23 @@ def _wire_reattach(page: Page, train: dict[str, Any], panel, radio, demo) -> Non
     import gradio as gr
 
     keys = [k for k in page.fields]
-    outputs = [page.fields[k] for k in keys] + [train["status"], train["timer"]]
+    outputs = [page.fields[k] for k in keys] + [train["yaml"], train["command"], train["status"], train["timer"]]
 
     def reattach(request, language, saves_dir, output_dir):
         language = _lang_from_request(request, language)
         found, values = train_tab.reattach(page, language, saves_dir, output_dir)
         if found is None:
-            return [gr.update() for _ in keys] + [gr.update(), gr.Timer(active=False)]
+            return [gr.update() for _ in keys] + [gr.update(), gr.update(), gr.update(), gr.Timer(active=False)]
         out_dir = values.get("output_dir") or found
         updates = [gr.update(value=values[k]) if k in values else gr.update() for k in keys]
-        return updates + [t("attached", language, out=out_dir), gr.Timer(active=True)]
+        yaml_path = os.path.join(found, train_tab.runs.CONFIG_FILE)
+        try:
+            with open(yaml_path, encoding="utf-8") as fh:
+                yaml_text = fh.read()
+        except OSError:
+            yaml_text = ""
+        return updates + [yaml_text, f"tunelab train {yaml_path}", t("attached", language, out=out_dir),
+                          gr.Timer(active=True)]
 
     reattach.__annotations__ = {"request": gr.Request}
     demo.load(reattach, [radio, panel.saves_dir, page.fields["output_dir"]], outputs)
