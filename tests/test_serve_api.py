@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from helpers_infer import lora_run, tiny_run as _tiny_run  # noqa: F401 (fixture)
+from helpers_infer import lora_run  # noqa: F401 (fixture)
 
 from tunelab.data.conversation import Conversation
 

@@ -161,7 +161,10 @@ class Scheduler:
                         self._end(job, "cancelled")
             with torch.inference_mode():
                 for slot, job in admit:
-                    self._admit(slot, job, pending)
+                    first: dict[int, Any] = {}
+                    self._admit(slot, job, first)
+                    if first:  # its first token goes out now, not after the other admissions' prefills
+                        self._advance(first)
                 for slot, job in list(self.active.items()):
                     if job.cancelled:
                         self._retire(slot, "cancelled", pending)
