@@ -165,7 +165,7 @@ def test_static_backend_equals_plain_generate_token_for_token(engine):
         expected_stopping = engine.generate_ids(prompts, max_new_tokens=20)
         engine.backend = static
         assert engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=20) == expected  # batch of 3, left-padded
-        assert [engine.generate_ids([p], stop_token_ids=(), max_new_tokens=20)[0] for p in prompts] == expected
+        assert engine.generate_ids(prompts[1:2], stop_token_ids=(), max_new_tokens=20) == expected[1:2]  # alone
         assert engine.generate_ids(prompts, max_new_tokens=20) == expected_stopping
         assert all(len(x) == 20 for x in expected)
         assert static.decoder.max_len == 256 and static.decoder.graphs == {}  # CPU: eager steps
