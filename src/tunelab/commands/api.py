@@ -137,8 +137,12 @@ def main(argv: list[str]) -> int:
         return 0
     from tunelab.utils.logging import setup_logging
 
+    from tunelab.config.parse import parse_cli_args
+    from tunelab.model.loader import use_trained_adapter
+
     opts, rest = split_options(argv, dict(os.environ))
     cfg = load_api_config(rest, opts)  # validated before anything heavy is imported
+    cfg = use_trained_adapter(cfg, "api", set(parse_cli_args(rest)[1]))  # a training config: the adapter it wrote, as chat
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
