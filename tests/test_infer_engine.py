@@ -161,13 +161,13 @@ def test_static_backend_equals_plain_generate_token_for_token(engine):
     saved = engine.backend
     try:
         engine.backend = hf
-        expected = engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=20)
-        expected_stopping = engine.generate_ids(prompts, max_new_tokens=20)
+        expected = engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=12)
+        expected_stopping = engine.generate_ids(prompts, max_new_tokens=12)
         engine.backend = static
-        assert engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=20) == expected  # batch of 3, left-padded
-        assert engine.generate_ids(prompts[1:2], stop_token_ids=(), max_new_tokens=20) == expected[1:2]  # alone
-        assert engine.generate_ids(prompts, max_new_tokens=20) == expected_stopping
-        assert all(len(x) == 20 for x in expected)
+        assert engine.generate_ids(prompts, stop_token_ids=(), max_new_tokens=12) == expected  # batch of 3, left-padded
+        assert engine.generate_ids(prompts[1:2], stop_token_ids=(), max_new_tokens=12) == expected[1:2]  # alone
+        assert engine.generate_ids(prompts, max_new_tokens=12) == expected_stopping
+        assert all(len(x) == 12 for x in expected)
         assert static.decoder.max_len == 256 and static.decoder.graphs == {}  # CPU: eager steps
         pieces = list(engine.stream(_conv(QUESTIONS[0])))
         assert "".join(pieces) == engine.generate([_conv(QUESTIONS[0])])[0]
