@@ -107,6 +107,69 @@ def quantization_config(cfg: Config, compute_dtype: str):
     )
 
 
+# Pre-quantized checkpoints (quantization_config in config.json) transformers loads itself, given its library:
+# method -> (name, modules transformers 5 checks for, what to install). Methods not listed (fp8, mxfp4, bitnet, ...)
+# go to transformers as they are; an ImportError it raises still becomes a sentence (load_base_model).
+PREQUANTIZED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "gptq": ("GPTQ", ("optimum", "gptqmodel"), "optimum gptqmodel"),
+    "awq": ("AWQ", ("gptqmodel",), "gptqmodel"),  # transformers 5 runs AWQ checkpoints through gptqmodel
+    "aqlm": ("AQLM", ("aqlm",), "'aqlm[gpu,cpu]'"),
+    "eetq": ("EETQ", ("kernels",), "kernels"),
+    "hqq": ("HQQ", ("hqq",), "hqq"),
+    "compressed-tensors": ("compressed-tensors", ("compressed_tensors",), "compressed-tensors"),
+    "torchao": ("torchao", ("torchao",), "torchao"),
+    "quanto": ("Quanto", ("optimum", "optimum.quanto"), "optimum-quanto"),
+    "vptq": ("VPTQ", ("vptq",), "vptq"),
+    "spqr": ("SpQR", ("spqr_quant",), "'spqr_quant[gpu]'"),
+    "auto-round": ("AutoRound", ("auto_round",), "auto-round"),
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # "optimum.quanto" without optimum
+        return False
+
+
+def _article(name: str) -> str:
+    return "an" if name[:1].upper() in "AEIO" else "a"
+
+
+def prequantized_method(config) -> str | None:
+    """The quant_method of a pre-quantized checkpoint's config (not bitsandbytes, which tunelab drives), or None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    method = str((qc or {}).get("quant_method") or "").lower()
+    return None if not method or method.startswith("bitsandbytes") else method
+
+
+def check_prequantized(cfg: Config, config, *, quantize: bool) -> None:
+    """Before any weight is read: a pre-quantized base with quantization_bit, or without its library, is a sentence."""
+    method = prequantized_method(config)
+    if method is None:
+        return
+    name, modules, install = PREQUANTIZED.get(method, (method, (), ""))
+    model, a = cfg.model_name_or_path, _article(name)
+    if quantize and cfg.quantization_bit:
+        raise ModelError(
+            f"model_name_or_path '{model}' is already {a} {name}-quantized model (quant_method '{method}' in its "
+            f"config.json), so quantization_bit: {cfg.quantization_bit} cannot quantize it again with bitsandbytes: "
+            f"remove quantization_bit to train LoRA on the {name} base, or use the unquantized model with "
+            f"quantization_bit: {cfg.quantization_bit}."
+        )
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise ModelError(
+            f"model_name_or_path '{model}' is {a} {name}-quantized model (quant_method '{method}' in its config.json); "
+            f"loading it needs `pip install {install}` (LoRA on {a} {name} base), or use the unquantized model with "
+            "quantization_bit: 4."
+        )
+
+
 def device_map_for(device: str) -> Any:
     """The whole model on this process's accelerator: its LOCAL_RANK under torchrun / accelerate (0 alone)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -141,6 +204,7 @@ def load_base_model(
             f"cannot load the model config of '{cfg.model_name_or_path}' (tried {tried}): {str(exc).splitlines()[0]} "
             "Check model_name_or_path (a folder with config.json, or a hub id reachable from this machine)."
         ) from None
+    check_prequantized(cfg, config, quantize=quantize)
     if cfg.rope_scaling:
         config.rope_scaling = {"type": cfg.rope_scaling, "factor": 2.0}
     kwargs: dict[str, Any] = dict(
@@ -164,6 +228,14 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model weights from '{cfg.model_name_or_path}': {str(exc).splitlines()[0]}") from None
+    except ImportError as exc:  # a quantization or kernel library transformers asks for (a version too old, ...)
+        method = prequantized_method(config)
+        name = PREQUANTIZED.get(method, (method,))[0] if method else ""
+        what = f"is {_article(name)} {name}-quantized model and " if method else ""
+        raise ModelError(
+            f"model_name_or_path '{cfg.model_name_or_path}' {what}cannot be loaded without a library that is missing "
+            f"here: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or config.pad_token_id
     return model
 
