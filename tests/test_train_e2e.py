@@ -155,6 +155,7 @@ def test_qlora_saved_config_holds_config_given_and_resolved(qlora_run):
     assert saved["config"]["lora_alpha"] is None  # the user's value is not rewritten ...
     assert saved["resolved"]["lora_alpha"] == 16  # ... the derived one lives in resolved
     assert saved["resolved"]["device"] == "cpu" and saved["resolved"]["compute_dtype"] == "float32"
+    assert saved["resolved"]["fast_path"] == "off (the device is cpu: the fast path needs a CUDA GPU)"
 
 
 def test_qlora_loss_falls_on_the_toy_task(qlora_run):

@@ -37,6 +37,7 @@ class Resolved:
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1  # training processes (torchrun / accelerate WORLD_SIZE)
     parallel: str = "single"  # single | ddp | fsdp | deepspeed-zero<N>
+    fast_path: str = "not applied"  # "on (...)" / "off (reason)": set by model.fast when a training model is built
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -388,6 +388,7 @@ def load_model(cfg: Config, resolved: Resolved, *, for_training: bool):
             if getattr(cfg, "use_fast_kernels", None) is True:
                 raise ModelError(f"use_fast_kernels: true cannot apply with {resolved.parallel} (sharded weights); set it to null or false.")
             logger.info("fast path: off (%s shards the weights)", resolved.parallel)
+            resolved.fast_path = f"off ({resolved.parallel} shards the weights)"
             model.tunelab_fast_path = []
             return model
         model.tunelab_fast_path = apply_fast_path(model, cfg, resolved)  # after the adapters: it patches their layers

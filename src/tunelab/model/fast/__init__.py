@@ -136,11 +136,15 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         if getattr(cfg, "use_fast_kernels", None) is True:
             raise ConfigError(f"use_fast_kernels: true, but the fast path cannot apply here: {reason}. "
                               "Set use_fast_kernels: null (auto) or false.")
-        logger.info("fast path: off (%s)", reason)
-        return []
+        return _record(resolved, f"off ({reason})", [])
     count = patch_lora_layers(model)
     if count == 0:
-        logger.info("fast path: off (no LoRA layer fits the fused projection)")
-        return []
-    logger.info("fast path: on (%s): %d LoRA projections fused", reason, count)
-    return [f"fast-lora({count} projections)"]
+        return _record(resolved, "off (no LoRA layer fits the fused projection)", [])
+    return _record(resolved, f"on ({reason}): {count} LoRA projections fused", [f"fast-lora({count} projections)"])
+
+
+def _record(resolved, decision: str, applied: list[str]) -> list[str]:
+    """Log the decision and keep it in the resolved settings (saved in tunelab_config.yaml beside the outputs)."""
+    logger.info("fast path: %s", decision)
+    resolved.fast_path = decision
+    return applied
