@@ -194,6 +194,22 @@ def test_online_dataset_dir():
     assert (spec.load_from, spec.hf_hub_url, spec.formatting) == ("hf_hub", "org/some_dataset", "alpaca")
 
 
+def test_remote_dataset_dir_is_refused_with_the_local_copy_to_use(tmp_path):
+    # LLaMA-Factory's own example (examples/train_lora/qwen3_lora_sft_ray.yaml) names this registry.
+    expected = ("dataset_dir 'REMOTE:llamafactory/demo_data' is LLaMA-Factory's hub-hosted registry (it downloads "
+                "dataset_info.json from the Hugging Face dataset repo 'llamafactory/demo_data'); tunelab does not "
+                "support REMOTE: dataset_dir yet, it never downloads a registry. Download the repo's "
+                "dataset_info.json and data files into a local folder and point dataset_dir at it: `hf download "
+                "llamafactory/demo_data --repo-type dataset --local-dir data/demo_data`, then "
+                "`dataset_dir: data/demo_data`.")
+    assert _error("identity", "REMOTE:llamafactory/demo_data") == expected
+    # the same sentence wherever the registry is read (validation, listing), never "not registered"
+    for read in (check_registry, load_registry):
+        with pytest.raises(DataError) as info:
+            read("REMOTE:llamafactory/demo_data")
+        assert str(info.value) == expected
+
+
 # ----------------------------------------------------------------------------------------------- plain paths
 
 

@@ -6,6 +6,9 @@
 A name is looked up in `<dataset_dir>/dataset_info.json`, then in BUILTIN_DATASETS, then taken as a path to a
 file or folder (relative to the working directory, then to dataset_dir), whose format is detected from its
 first record. `dataset_dir="ONLINE"` (LLaMA-Factory's convention) takes the name as a hub dataset id.
+`dataset_dir="REMOTE:<repo>"` (LLaMA-Factory's registry read from a hub dataset repo) is refused with a sentence
+saying how to use a local copy instead: nothing here downloads, and a registry fetched at run time would make the
+meaning of a dataset name depend on the hub's state at that moment.
 
 Hub entries prefer `hf_hub_url`; `ms_hub_url` is used when it is the only one, or when ModelScope is asked for
 (`use_modelscope=True`, or LLaMA-Factory's USE_MODELSCOPE_HUB=1 environment variable when the argument is None).
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "dataset_info.json"
 ONLINE = "ONLINE"
+REMOTE = "REMOTE:"
 
 LoadFrom = Literal["file", "hf_hub", "ms_hub"]
 Formatting = Literal["alpaca", "sharegpt", "openai"]
@@ -328,6 +332,8 @@ def _warn_unknown(mapping: Mapping[str, Any], allowed: frozenset[str], where: st
 
 def load_registry(dataset_dir: str) -> dict[str, dict[str, Any]]:
     """dataset_dir/dataset_info.json as {name: entry}; {} when the file does not exist."""
+    if dataset_dir.startswith(REMOTE):
+        raise DataError(_remote_message(dataset_dir))
     path = registry_path(dataset_dir)
     if not os.path.isfile(path):
         return {}
@@ -342,6 +348,19 @@ def load_registry(dataset_dir: str) -> dict[str, dict[str, Any]]:
         raise DataError(f"{path} must hold a JSON object mapping dataset names to entries, "
                         f"not {type(data).__name__}.")
     return data
+
+
+def _remote_message(dataset_dir: str) -> str:
+    """LLaMA-Factory 0.9.5 (data/parser.py) reads REMOTE:<repo> as hf_hub_download(<repo>, "dataset_info.json",
+    repo_type="dataset"); the entries' file_name paths are still joined with dataset_dir, so there only hub entries
+    load. A local copy of the whole repo serves both kinds of entry."""
+    repo = dataset_dir[len(REMOTE):].strip() or "<repo>"
+    folder = "data/" + (repo.rstrip("/").split("/")[-1] if repo != "<repo>" else "remote")
+    return (f"dataset_dir {dataset_dir!r} is LLaMA-Factory's hub-hosted registry (it downloads dataset_info.json "
+            f"from the Hugging Face dataset repo {repo!r}); tunelab does not support REMOTE: dataset_dir yet, "
+            "it never downloads a registry. Download the repo's dataset_info.json and data files into a local "
+            f"folder and point dataset_dir at it: `hf download {repo} --repo-type dataset --local-dir {folder}`, "
+            f"then `dataset_dir: {folder}`.")
 
 
 def write_registry_entry(dataset_dir: str, name: str, entry: Mapping[str, Any], force: bool = False) -> str:
