@@ -23,19 +23,31 @@ def compare(fast: dict, plain: dict) -> dict:
             "first_last_loss": [pairs[0], pairs[-1]]}
 
 
+def load(path: str) -> list[dict]:
+    """The cases of a `--out` JSON file, or of the JSON lines the bench prints (one case a line)."""
+    text = open(path).read()
+    if text.lstrip().startswith('{"device"') or text.lstrip().startswith("{\n"):
+        return json.loads(text)["results"]
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{"variant"')]
+
+
 def main(path: str) -> int:
-    results = json.load(open(path))["results"]
-    by_variant = {r["variant"]: r for r in results if "losses" in r}
+    """Every tunelab-fast* case (+compile, +offload, ...) against the tunelab-plain case of its shape and profile."""
+    results = [r for r in load(path) if "losses" in r]
     ok = True
-    for name, fast in by_variant.items():
+    for fast in results:
+        name = fast["variant"]
         if not name.startswith("tunelab-fast"):
             continue
-        plain = by_variant.get(name.replace("tunelab-fast", "tunelab-plain"))
-        if plain is None or len(plain["losses"]) != len(fast["losses"]):
+        profile = name.partition(":")[2]
+        plain = next((r for r in results if r["variant"].split("+")[0].split(":")[0] == "tunelab-plain"
+                      and r["variant"].partition(":")[2] == profile and r["batch"] == fast["batch"]
+                      and r["seq"] == fast["seq"] and len(r["losses"]) == len(fast["losses"])), None)
+        if plain is None:
             continue
         out = compare(fast, plain)
         ok &= out["loss_ok"] and out["grad_norm_ok"]
-        print(json.dumps({"fast": name, **out}))
+        print(json.dumps({"fast": name, "plain": plain["variant"], **out}))
     return 0 if ok else 1
 
 

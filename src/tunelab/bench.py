@@ -19,7 +19,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
   +offload       appended: checkpointed layer inputs kept in pinned CPU memory (an unmeasured memory lever)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
-  +compile       appended: torch.compile of each decoder layer (an unmeasured launch-overhead lever)
+  +compile       appended: torch.compile of each decoder layer (the launch-overhead lever)
+  +cudagraph     appended: the same with mode="reduce-overhead" (CUDA graphs over each compiled layer)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
 Each case prints one JSON line (tokens/s, step time, peak allocated and reserved GiB, MFU against --matmul-tflops,
@@ -37,6 +38,7 @@ import statistics
 import time
 from typing import Any
 
+_START = time.perf_counter()  # this module is imported first in a `--single` measurement process
 QWEN2 = dict(model_type="qwen2", max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 ARCHS: dict[str, dict[str, Any]] = {
     # published configs (hidden, intermediate, layers, heads, KV heads, vocab, tied head); speed and memory depend
@@ -232,10 +234,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast.offload import offload_checkpoints
 
         out["offloaded_layers"] = offload_checkpoints(model)
-    if "+compile" in variant:  # torch.compile of each decoder layer (tunelab.model.fast.compile); step 1 compiles
+    if "+compile" in variant or "+cudagraph" in variant:  # torch.compile of each decoder layer; step 1 compiles
         from tunelab.model.fast.compile import compile_decoder_layers
 
-        out["compiled_layers"] = compile_decoder_layers(model)
+        out["compiled_layers"] = compile_decoder_layers(model, "reduce-overhead" if "+cudagraph" in variant else None)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
@@ -252,6 +254,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
+            if len(out["times"]) == 1:  # from the process's start (imports, load, compile) to the first step's end
+                out["to_first_step_s"] = round(time.perf_counter() - _START, 1)
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
                 name = os.path.join(profile_dir, variant.replace(":", "_").replace("+", "_") + ".txt")
@@ -282,6 +286,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     trainer.train()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
+    if "compiled_layers" in out:
+        from tunelab.model.fast.compile import compile_counters
+
+        out["dynamo"] = compile_counters()
     del trainer, model
     return out
 

@@ -16,12 +16,22 @@ training path does not compile.
 from __future__ import annotations
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, mode: str | None = None) -> int:
+    """Compile every decoder layer in place (mode: None = inductor's default, "reduce-overhead" = CUDA graphs)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            module.compile()
+            module.compile(mode=mode)
             count += 1
     return count
+
+
+def compile_counters() -> dict:
+    """What dynamo did so far: distinct graphs, graph breaks, recompilations (for the bench record)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "frames_ok": counters["frames"].get("ok", 0), "frames_total": counters["frames"].get("total", 0),
+            "graph_breaks": sum(counters["graph_break"].values())}
