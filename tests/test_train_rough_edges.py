@@ -276,3 +276,31 @@ def test_training_config_given_to_eval_scores_its_adapter(workdir):
     argv = [cfg_path, "task=perplexity", "adapter_name_or_path=other", "save_dir=elsewhere"]
     cfg = trained_adapter_eval(load_config(argv), argv)
     assert (cfg.adapter_name_or_path, cfg.save_dir) == ("other", "elsewhere")
+
+
+def test_training_config_scoring_another_model_writes_beside_not_into_the_run(workdir):
+    """The base model (adapter_name_or_path=none) or another adapter scored from a training config: results in a
+    subfolder named for it, never the run folder (whose tunelab_config.yaml chat and export read)."""
+    from tunelab.commands.eval import trained_adapter_eval
+    from tunelab.config import load_config
+
+    (workdir / "m").mkdir()
+    cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "do_train": True, "output_dir": "run"})
+    cases = {
+        ("adapter_name_or_path=none",): (None, os.path.join("run", "eval_predict_base")),
+        ("adapter_name_or_path=saves/other/",): ("saves/other/", os.path.join("run", "eval_predict_other")),
+        ("adapter_name_or_path=a,b", "save_dir=mine"): ("a,b", "mine"),
+    }
+    for extra, expected in cases.items():
+        argv = [cfg_path, "task=predict", *extra]
+        cfg = trained_adapter_eval(load_config(argv), argv)
+        assert (cfg.adapter_name_or_path, cfg.save_dir) == expected, extra
+    # a full fine-tuning config scores model_name_or_path: the base
+    cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "do_train": True, "output_dir": "run",
+                                   "finetuning_type": "full"})
+    cfg = trained_adapter_eval(load_config([cfg_path, "task=mmlu"]), [cfg_path, "task=mmlu"])
+    assert (cfg.adapter_name_or_path, cfg.save_dir) == (None, os.path.join("run", "eval_mmlu_base"))
+    # not a training config: output_dir as given, as before
+    cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "output_dir": "saves/eval"})
+    cfg = trained_adapter_eval(load_config([cfg_path, "task=predict"]), [cfg_path, "task=predict"])
+    assert (cfg.adapter_name_or_path, cfg.save_dir, cfg.output_dir) == (None, None, "saves/eval")
