@@ -334,6 +334,43 @@ def test_evaluate_perplexity(page, work):
     shot(page, "eval")
 
 
+QWEN_PROMPT = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_evaluate_predict_with_the_chat_tabs_generation_keys(page, work):
+    """predict on the run's adapter: the Data tab's max_samples and the Chat tab's generation keys apply."""
+    import yaml
+
+    tab(page, "Data")
+    fill(page, "field-max_samples", "4")
+    tab(page, "Chat")
+    if not page.locator("#field-max_new_tokens input").is_visible():
+        page.get_by_text("Generation keys").click()
+    fill(page, "field-max_new_tokens", "12")
+    page.locator("#field-do_sample input").uncheck()
+    tab(page, "Evaluate")
+    fill(page, "field-task", "predict", enter=True)
+    out = work / "saves" / "eval_pred"
+    fill(page, "field-save_dir", str(out))
+    page.locator("#eval-run").click()
+    wait_text(page, "eval-status", f"Results written to {out}", timeout=120)
+    assert "predict_bleu-4" in page.locator("#eval-metrics").inner_text()
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    questions = ["Count down from 9 to 1.", "Count down from 9 to 1.", "Count down from 6 to 1.", "Count down from 7 to 1."]
+    assert [r["prompt"] for r in rows] == [QWEN_PROMPT.format(q) for q in questions]  # demo_eval's first 4, in order
+    assert [r["label"] for r in rows] == ["9, 8, 7, 6, 5, 4, 3, 2, 1", "9, 8, 7, 6, 5, 4, 3, 2, 1",
+                                          "6, 5, 4, 3, 2, 1", "7, 6, 5, 4, 3, 2, 1"]
+    assert rows[0]["predict"] == rows[1]["predict"]  # greedy: the same prompt, the same answer
+    results = json.loads((out / "predict_results.json").read_text())
+    assert results["predict_samples"] == 4 and 0 < results["predict_new_tokens"] <= 4 * 12
+    saved = yaml.safe_load((out / "tunelab_config.yaml").read_text())["config"]
+    assert (saved["task"], saved["max_samples"], saved["max_new_tokens"], saved["do_sample"], saved["adapter_name_or_path"]) \
+        == ("predict", 4, 12, False, str(work / "saves" / "run1"))
+    tab(page, "Data")
+    fill(page, "field-max_samples", "")  # the later tests on the whole sets again
+
+
 def test_export_shows_the_merged_folder(page, work):
     tab(page, "Export")
     merged = work / "merged"

@@ -1,18 +1,22 @@
 """The Evaluate tab: `tunelab eval`'s tasks (predict with BLEU / ROUGE, perplexity on an evaluation set,
 mmlu / cmmlu / ceval from task_dir) on the model panel's model, and the compare report (table + chart) of two
-result folders, all through tunelab.eval's own functions. The evaluation set is the Data tab's eval_dataset."""
+result folders, all through tunelab.eval's own functions. The evaluation set is the Data tab's eval_dataset; predict
+generates with the Chat tab's generation keys (do_sample, max_new_tokens, ...), as the Data tab's keys are shared."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
 
+from tunelab.webui.chat_tab import GEN_KEYS
 from tunelab.webui.locale import t
 from tunelab.webui.ui import Page, collect, run_logged, sentence
 
 TASKS = ["perplexity", "predict", "mmlu", "cmmlu", "ceval"]
 EVAL_KEYS = ("task_dir", "n_shot", "lang", "batch_size", "eval_split", "save_dir")
 SHARED_DATA_KEYS = ("dataset_dir", "eval_dataset", "cutoff_len", "max_samples")
+# The Chat tab's generation fields (its system prompt aside: predict's prompts are the dataset's conversations).
+SHARED_GEN_KEYS = tuple(k for k in GEN_KEYS if k != "system")
 
 
 def build(page: Page, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -46,8 +50,9 @@ def build(page: Page, defaults: dict[str, Any]) -> dict[str, Any]:
 def wire(page: Page, c: dict[str, Any], panel, lang: Any) -> None:
     import gradio as gr
 
-    data = [page.fields[k] for k in SHARED_DATA_KEYS]
-    keys = ["task", *EVAL_KEYS, *SHARED_DATA_KEYS]
+    shared = [k for k in (*SHARED_DATA_KEYS, *SHARED_GEN_KEYS) if k in page.fields]
+    data = [page.fields[k] for k in shared]
+    keys = ["task", *EVAL_KEYS, *shared]
     n_panel = len(panel.inputs)
 
     def run(language, *values):
