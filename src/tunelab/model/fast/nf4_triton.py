@@ -1,0 +1,199 @@
+"""One Triton kernel that dequantizes a bitsandbytes 4-bit weight (NF4 or FP4, with or without double
+quantization) straight to its dense dtype, bit-identical to bitsandbytes' own dequantize.
+
+bitsandbytes needs three launches for a double-quantized weight: `dequantize_blockwise` (uint8 absmax ->
+fp32 through its 256-entry code and the second-level fp32 absmax), an in-place `absmax += offset`, then
+`dequantize_4bit`. This kernel does all three in one pass: each program reads its blocks' uint8 absmax, the
+second-level absmax and code entry, rebuilds the fp32 absmax, and writes the dense values.
+
+Arithmetic, matched to bitsandbytes 0.50 (csrc/kernels.cu kDequantizeBlockwise, csrc/cpu_ops.cpp,
+bitsandbytes/functional.py dequantize_4bit), so the output is bit for bit the same:
+* nested absmax: `code2[q] * absmax2[block // blocksize2]` (one fp32 multiply, rounded), then `+ offset`
+  (one fp32 add, rounded). The kernel is compiled with `enable_fp_fusion=False` so the multiply and add are
+  never contracted into an FMA (which would round once instead of twice);
+* element: `table[nibble] * absmax` in fp32 (the high nibble of byte i is element 2i, the low nibble 2i+1;
+  blocks are over the flat element index), rounded once to the output dtype (round to nearest even);
+* the tables are the fp32 constants of bitsandbytes' CUDA kernel (FP4's sign applied to its 3-bit table is
+  exact, so a 16-entry table with -0.0 at 0b1000 is the same function).
+
+bf16 rounding is written with integer operations (`rne_to_bf16`) under Triton's CPU interpreter, because the
+interpreter's float32 -> bfloat16 cast truncates; compiled for a GPU the kernel uses the hardware conversion
+(cvt.rn, round to nearest even) by default. Both give RTNE; tests/test_nf4_triton.py checks each against
+bitsandbytes (the integer version on the CPU under the interpreter and on the GPU, the hardware one on the GPU).
+
+Selection: `dense_weight()` in lora.py calls `dequantize_4bit` here when `enabled_for(weight, quant_state)`
+holds (CUDA tensor, nf4/fp4, a block size bitsandbytes allows, Triton importable, env TUNELAB_NF4_TRITON not
+"0"); otherwise it keeps bitsandbytes' path. See docs/fastpath.md ("One-launch NF4 dequantize").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# bitsandbytes' CUDA tables (csrc/kernels.cu nf4_dequantization_lut / fp4_dequantization_lut), as fp32.
+NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0)
+_FP4_MAGNITUDE = (0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25)
+FP4_TABLE = _FP4_MAGNITUDE + tuple(-v for v in _FP4_MAGNITUDE)  # bit 3 is the sign; -0.0 at 0b1000
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' dequantize_4bit accepts
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Whether dense_weight() uses this kernel when TUNELAB_NF4_TRITON is unset (set from the H200 measurement:
+# docs/fastpath.md). "1" forces it on, "0" off.
+DEFAULT_ON = False
+
+# Tuning: packed bytes per program and warps (tools/nf4_probe.py measured the choices on the H200).
+BYTES_PER_PROGRAM = 2048
+NUM_WARPS = 4
+
+try:  # Triton is optional: without it (or broken) enabled_for() is False and bitsandbytes' path stays
+    import triton
+    import triton.language as tl
+except Exception:
+    triton = tl = None
+_tables: dict = {}
+
+
+def _load_triton():
+    return triton if triton is not None else False
+
+
+def interpreting() -> bool:
+    """Whether the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(nf4_dequant_kernel, InterpretedFunction)
+
+
+def enabled_for(weight, quant_state) -> bool:
+    """True when dense_weight() should use this kernel for `weight` (packed 4-bit) and its quant state."""
+    flag = os.environ.get("TUNELAB_NF4_TRITON")
+    if flag == "0" or (flag is None and not DEFAULT_ON):
+        return False
+    qs = quant_state
+    if not weight.is_cuda or qs.quant_type not in ("nf4", "fp4") or qs.dtype not in OUT_DTYPES:
+        return False
+    if qs.blocksize not in BLOCKSIZES or (qs.nested and qs.state2.blocksize not in BLOCKSIZES):
+        return False
+    return bool(_load_triton())
+
+
+def _table(quant_type: str, device) -> torch.Tensor:
+    key = (quant_type, str(device))
+    t = _tables.get(key)
+    if t is None:
+        t = torch.tensor(NF4_TABLE if quant_type == "nf4" else FP4_TABLE, dtype=torch.float32, device=device)
+        _tables[key] = t
+    return t
+
+
+def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
+                    hw_bf16: bool | None = None, bytes_per_program: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """Dense `quant_state.shape` tensor of `quant_state.dtype`, equal bit for bit to
+    bitsandbytes.functional.dequantize_4bit(weight, quant_state) (flat [N, 1] packed layout).
+
+    `weight` holds the packed bytes in any storage dtype (uint8, or bf16/fp16/fp32 quant storage).
+    hw_bf16: use the hardware fp32 -> bf16 conversion (default: yes when compiled, no under the interpreter,
+    whose cast truncates). bytes_per_program / num_warps: tuning knobs for tools/nf4_probe.py."""
+    if not _load_triton():
+        raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
+    qs = quant_state
+    n = 1
+    for d in qs.shape:
+        n *= int(d)
+    q = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
+    if q.numel() < (n + 1) // 2:
+        raise ValueError(f"packed weight has {q.numel()} bytes, {(n + 1) // 2} needed for shape {tuple(qs.shape)}")
+    if out is None:
+        out = torch.empty(tuple(qs.shape), dtype=qs.dtype, device=weight.device)
+    elif out.dtype != qs.dtype or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {qs.dtype} tensor of {n} elements")
+    bs = int(qs.blocksize)
+    if qs.nested:
+        s2 = qs.state2
+        absmax, absmax2, code2, bs2 = qs.absmax, s2.absmax, s2.code, int(s2.blocksize)
+        offset = qs.offset
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=weight.device)
+    else:  # unused pointers: any fp32 tensor on the device
+        absmax = qs.absmax
+        absmax2 = code2 = offset = absmax
+        bs2 = 256
+    interp = interpreting()
+    if hw_bf16 is None:
+        hw_bf16 = not interp
+    half = bs // 2
+    rows = max(1, (bytes_per_program or BYTES_PER_PROGRAM) // half)
+    n_blocks = -(-n // bs)
+    grid = (-(-n_blocks // rows),)
+    out_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[qs.dtype]
+    if out_kind == 2 and hw_bf16:
+        out_kind = 3
+    args = (q, absmax, absmax2, code2, offset, _table(qs.quant_type, weight.device), out.view(-1), n, n_blocks)
+    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested), OUT_KIND=out_kind,
+              num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
+    if weight.is_cuda and weight.device.index != torch.cuda.current_device():
+        with torch.cuda.device(weight.device):
+            nf4_dequant_kernel[grid](*args, **kw)
+    else:
+        nf4_dequant_kernel[grid](*args, **kw)
+    return out
+
+
+if triton is not None:  # the kernels are module globals: Triton resolves the helper by global name
+
+    @triton.jit
+    def rne_to_bf16(v):
+        """fp32 -> bf16 bits, round to nearest even, in integer ops (NaN -> 0x7FFF, as the hardware gives)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FFF, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
+                           n_elems, n_blocks,
+                           BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
+                           NESTED: tl.constexpr, OUT_KIND: tl.constexpr):
+        # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
+        HALF: tl.constexpr = BS // 2
+        pid = tl.program_id(0).to(tl.int64)
+        blk0 = pid * ROWS  # first block (int64: the flat offsets below can pass 2**31 on large weights)
+        rows = tl.arange(0, ROWS)
+        blk_ok = rows < n_blocks - blk0
+        blk = blk0 + rows
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            a2 = tl.load(absmax2_ptr + blk // BS2, mask=blk_ok, other=0.0)
+            c = tl.load(code2_ptr + qa, mask=blk_ok, other=0.0)
+            scale = c * a2 + tl.load(offset_ptr)  # two roundings, as bitsandbytes (no FMA: see launch)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+        # packed bytes of this tile; offsets inside the tile are int32, the tile base is int64
+        e0 = blk0 * BS
+        # what is left of the tensor from this tile on, clamped to the tile so the masks compare int32
+        byte_left = tl.minimum((n_elems + 1) // 2 - blk0 * HALF, ROWS * HALF).to(tl.int32)
+        e_left = tl.minimum(n_elems - e0, ROWS * BS).to(tl.int32)
+        local_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        byte = tl.load(q_ptr + blk0 * HALF + local_b, mask=local_b < byte_left, other=0)
+        hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
+        lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
+        vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))  # element 2i = high nibble, 2i+1 = low nibble
+        local_e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
+        e_mask = local_e < e_left
+        if OUT_KIND == 0:
+            res = vals
+        elif OUT_KIND == 1:
+            res = vals.to(tl.float16)  # RTNE (numpy's conversion under the interpreter is RTNE as well)
+        elif OUT_KIND == 2:
+            res = rne_to_bf16(vals)
+        else:
+            res = vals.to(tl.bfloat16)  # hardware cvt.rn: RTNE
+        tl.store(out_ptr + e0 + local_e, res, mask=e_mask)

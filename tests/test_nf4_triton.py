@@ -1,0 +1,256 @@
+"""tunelab.model.fast.nf4_triton (one-launch 4-bit dequantize) against bitsandbytes' own dequantize, bit for bit.
+
+CPU: weights are quantized by real bitsandbytes (CPU backend; NF4 and FP4, double quantization on and off,
+block sizes 64/128/4096, shapes whose rows or sizes are not multiples of the block, odd sizes), the kernel runs
+under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is imported, and a
+subprocess keeps it away from every other test in this pytest process), and its outputs come back here to be
+compared with bitsandbytes' dequantize: equal bits in bf16, fp16 and fp32.
+
+Reference on the CPU: bitsandbytes.functional.dequantize_4bit (its C++ CPU kernel), except where that kernel
+indexes the absmax per row instead of per flat block (its AVX512 path, rows a multiple of 16 but not of the
+block size: it then disagrees with bitsandbytes' own quantizer and CUDA kernel) or where bitsandbytes itself
+falls back to its torch implementation (odd row length); there the reference is that torch implementation
+(bitsandbytes.backends.default.ops._dequantize_4bit_compute, run eagerly instead of through torch.compile, which
+would take minutes here); block sizes >= 2048 likewise (bitsandbytes sends them to that torch code on AVX512
+CPUs). That torch code's FP4 table has +0.0 where the CUDA and C++ tables have -0.0, so for
+those cases only, a zero may differ in sign.
+
+GPU (marked gpu): the same at Qwen2.5-7B projection shapes against bitsandbytes' CUDA kernels (strictly equal
+bits, every output element written), both bf16 conversions, and the fast path's dense_weight with the kernel.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+# (shape, nested, quant_type, blocksize, dtype, quant_storage, bytes_per_program, ties)
+# ties: the absmax rewritten so that products with the exact table entries (+-1, 0.5, 0.25 ...) fall exactly
+# halfway between two bf16/fp16 values, which random data almost never does: checks round-half-to-even.
+_SHAPES = [(40, 64), (33, 130), (7, 31), (64, 96), (120, 320)]  # 120x320 at bs 64: three 2nd-level blocks
+CASES = []
+for _shape in _SHAPES:
+    for _nested in (True, False):
+        for _qt in ("nf4", "fp4"):
+            for _dt in (torch.bfloat16, torch.float16, torch.float32):
+                _bs = 64 if _nested != (_qt == "fp4") else 128  # each block size with and without nesting
+                CASES.append((_shape, _nested, _qt, _bs, _dt, torch.uint8, None, False))
+CASES += [
+    ((96, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False),  # tunelab's: bf16 quant storage
+    ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, 32, False),  # one block per program, many programs
+    ((120, 320), True, "fp4", 128, torch.float16, torch.uint8, 512, False),  # partial last tile
+    ((5, 1000), True, "nf4", 4096, torch.bfloat16, torch.uint8, None, False),  # block larger than the tensor
+    ((129, 2048), True, "nf4", 4096, torch.float32, torch.uint8, None, False),
+]
+CASES += [((64, 128), False, qt, 64, dt, torch.uint8, None, True)
+          for qt in ("nf4", "fp4") for dt in (torch.bfloat16, torch.float16)]
+
+_RUNNER = r"""
+import sys, torch
+from tunelab.model.fast import nf4_triton as K
+assert K.interpreting(), "TRITON_INTERPRET did not reach triton"
+items = torch.load(sys.argv[1], weights_only=False)
+outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp) for p, qs, bpp in items]
+torch.save(outs, sys.argv[2])
+"""
+
+
+def _case_id(c):
+    shape, nested, qt, bs, dt, storage, bpp, ties = c
+    return (f"{shape[0]}x{shape[1]}-{qt}-{'dq' if nested else 'nodq'}-bs{bs}-{str(dt)[6:]}"
+            f"{'-st' + str(storage)[6:] if storage != torch.uint8 else ''}{'-bpp' + str(bpp) if bpp else ''}"
+            f"{'-ties' if ties else ''}")
+
+
+def _quantize(case, seed, device="cpu"):
+    import bitsandbytes.functional as F
+
+    shape, nested, qt, bs, dt, storage, _, ties = case
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.05)
+    w[0, :3] = torch.tensor([0.0, 1e-30, -3.0])  # a zero, a tiny and a large value in the first block
+    w = w.to(device=device, dtype=dt)
+    packed, qs = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=qt, quant_storage=storage)
+    if ties:  # low bits 0x8000 (bf16 tie) or 0x1000 (fp16 tie), the bit above alternating between blocks
+        low = 0x8000 if dt == torch.bfloat16 else 0x1000
+        bits = qs.absmax.view(torch.int32) & ~(4 * low - 1)
+        alt = (torch.arange(bits.numel(), device=bits.device, dtype=torch.int32) % 2) * (2 * low)
+        qs.absmax = (bits | low | alt).view(torch.float32)
+    return packed, qs
+
+
+def _bnb_cpu_kernel_is_flat(shape, blocksize):
+    """Whether bitsandbytes runs its C++ CPU kernel here and that kernel indexes blocks over the flat element
+    index (block sizes >= 2048 go to its torch.compile fallback on AVX512 CPUs: run that eagerly instead)."""
+    n = shape[-1]
+    return n % 2 == 0 and (n % 16 != 0 or n % blocksize == 0) and blocksize < 2048
+
+
+def _reference_cpu(packed, qs):
+    """bitsandbytes' own CPU dequantize (see the module docstring for when it is its torch implementation)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    if _bnb_cpu_kernel_is_flat(qs.shape, qs.blocksize):
+        return F.dequantize_4bit(packed, qs), False
+    absmax = qs.absmax
+    if qs.nested:  # what functional.dequantize_4bit does before its kernel
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2)
+        absmax += qs.offset
+    code = F.get_4bit_type(qs.quant_type, device="cpu")
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return eager(packed.reshape(-1).view(torch.uint8), absmax, code, qs.blocksize, qs.shape, qs.dtype), True
+
+
+def _bit_mismatches(got, ref, signed_zero_ok=False):
+    diff = got.view(_INT[ref.dtype]) != ref.view(_INT[ref.dtype])
+    if signed_zero_ok:
+        diff &= ~((got == 0) & (ref == 0))
+    return int(diff.sum())
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Every CASE quantized here, dequantized by the kernel under the interpreter (one subprocess)."""
+    pytest.importorskip("triton")
+    tmp = tmp_path_factory.mktemp("nf4")
+    items = [(*_quantize(c, seed=i), c[6]) for i, c in enumerate(CASES)]
+    torch.save(items, tmp / "in.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp / "in.pt"), str(tmp / "out.pt")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return items, torch.load(tmp / "out.pt")
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
+    items, outs = interpreted
+    packed, qs, _ = items[index]
+    ref, torch_fallback = _reference_cpu(packed, qs)
+    got = outs[index]
+    assert got.shape == ref.shape == tuple(qs.shape) and got.dtype == ref.dtype == qs.dtype
+    assert torch.isfinite(ref).all() and ref.abs().max() > 0  # a real weight, not zeros
+    assert torch.equal(got, ref)
+    assert _bit_mismatches(got, ref, signed_zero_ok=qs.quant_type == "fp4") == 0
+
+
+def test_tables_are_bitsandbytes_code_tables():
+    import bitsandbytes.functional as F
+
+    from tunelab.model.fast import nf4_triton as K
+
+    for qt, table in (("nf4", K.NF4_TABLE), ("fp4", K.FP4_TABLE)):
+        ours = torch.tensor(table, dtype=torch.float32)
+        theirs = F.get_4bit_type(qt, device="cpu")
+        assert torch.equal(ours, theirs)  # FP4's -0.0 at index 8 equals its +0.0 as a value
+    assert torch.tensor(K.FP4_TABLE)[8].item() == 0.0 and str(torch.tensor(K.FP4_TABLE)[8].item()) == "-0.0"
+
+
+def test_bnb_cpu_kernel_row_indexing_is_why_the_reference_switches():
+    """Documents the reason for _reference_cpu's switch: on an AVX512 CPU, bitsandbytes' C++ kernel reads a
+    row-wise absmax for rows of 96 at block size 64, which is not what its quantizer wrote (flat blocks)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.cpu.ops import _has_avx512
+
+    case = ((64, 96), True, "nf4", 64, torch.bfloat16, torch.uint8, None, False)
+    packed, qs = _quantize(case, seed=0)
+    flat, _ = _reference_cpu(packed, qs)
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0, :3] = torch.tensor([0.0, 1e-30, -3.0])
+    flat_err = (flat.float() - w.bfloat16().float()).abs()[1:].mean().item()
+    assert flat_err < 0.01  # the flat reading inverts the quantizer (rows 1.. : away from the -3.0 block)
+    if _has_avx512:
+        row_err = (F.dequantize_4bit(packed, qs).float() - w.bfloat16().float()).abs()[1:].mean().item()
+        assert row_err > 2 * flat_err
+
+
+def test_selection_flags(monkeypatch):
+    from tunelab.model.fast import nf4_triton as K
+
+    case = ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, None, False)
+    packed, qs = _quantize(case, seed=0)
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
+    assert not K.enabled_for(packed, qs)  # a CPU tensor: bitsandbytes' path
+    fake_cuda = type("T", (), {"is_cuda": True})()
+    assert K.enabled_for(fake_cuda, qs) == (K.triton is not None)
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "0")
+    assert not K.enabled_for(fake_cuda, qs)
+    monkeypatch.delenv("TUNELAB_NF4_TRITON")
+    assert K.enabled_for(fake_cuda, qs) == (K.DEFAULT_ON and K.triton is not None)
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
+    qs_bad = type("Q", (), {"quant_type": "int4", "dtype": torch.bfloat16, "blocksize": 64, "nested": False})()
+    assert not K.enabled_for(fake_cuda, qs_bad)
+
+
+def test_dense_weight_on_cpu_keeps_bitsandbytes_path(monkeypatch):
+    from tunelab.model.fast.lora import dense_weight, reference_dense_weight
+
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
+    packed, qs = _quantize(((40, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), seed=2)
+    assert torch.equal(dense_weight(packed, qs, torch.bfloat16), reference_dense_weight(packed, qs, torch.bfloat16))
+
+
+# ---------------------------------------------------------------- GPU (bitsandbytes' CUDA kernels as reference)
+
+_GPU_7B = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]  # q/o, k/v, gate/up, down ([out, in])
+
+
+def _gpu_check(case, seed, **kw):
+    import bitsandbytes.functional as F
+
+    from tunelab.model.fast import nf4_triton as K
+
+    packed, qs = _quantize(case, seed, device="cuda")
+    ref = F.dequantize_4bit(packed, qs)
+    out = torch.full(tuple(qs.shape), float("nan"), dtype=qs.dtype, device="cuda")  # poisoned: all written?
+    got = K.dequantize_4bit(packed, qs, out=out, **kw)
+    torch.cuda.synchronize()
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
+    assert torch.equal(got, ref) and _bit_mismatches(got, ref) == 0, _case_id(case)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("hw_bf16", [True, False])
+@pytest.mark.parametrize("shape", _GPU_7B, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_7b_shapes_equal_bitsandbytes(shape, hw_bf16):
+    _gpu_check((shape, True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), seed=shape[0], hw_bf16=hw_bf16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+def test_gpu_small_cases_equal_bitsandbytes(index):
+    _gpu_check(CASES[index], seed=100 + index, bytes_per_program=CASES[index][6])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_dense_weight_uses_kernel_and_matches(monkeypatch):
+    import bitsandbytes.functional as F
+
+    from tunelab.model.fast import lora, nf4_triton as K
+
+    packed, qs = _quantize(((3584, 3584), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), 7, "cuda")
+    calls = []
+    real = K.dequantize_4bit
+    monkeypatch.setattr(K, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
+    got = lora.dense_weight(packed, qs, torch.bfloat16)
+    assert calls == [1]
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "0")
+    base = lora.dense_weight(packed, qs, torch.bfloat16)
+    assert calls == [1]
+    assert torch.equal(got.view(torch.int16), base.view(torch.int16))
+    assert torch.equal(got.view(torch.int16), F.dequantize_4bit(packed, qs).view(torch.int16))
