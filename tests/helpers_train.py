@@ -1,5 +1,6 @@
-"""Shared helpers for the training tests (test_train_*.py, test_tutorial_configs.py): the tiny model, toy data
-written in tmp folders, a fast base config, and readers for what a run leaves in output_dir.
+"""Shared helpers for the training tests (test_train_*.py, test_distributed*.py, test_tutorial_configs.py): the tiny
+model, toy data written in tmp folders, a fast base config, readers for what a run leaves in output_dir, and the
+wait for a kill-and-resume test's kill point.
 
 Import the fixtures into a test module with `from helpers_train import tiny_model, isolated_env  # noqa: F401`.
 The tiny model is built once per pytest session under the session's base temp folder (`build_tiny_model`
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -213,6 +215,21 @@ def assert_section6_outputs(output_dir: str, *, eval_expected: bool, plots: bool
         saved = yaml.safe_load(fh)
     assert set(saved) == {"config", "given", "resolved"}
     assert saved["resolved"]["output_dir"] == os.path.abspath(output_dir)
+
+
+def wait_for_kill_point(paths: list[str], proc, *, run: str, timeout: float, kill=None) -> None:
+    """Wait until every path exists (a kill-and-resume test's kill point: the pause file its sitecustomize hook
+    writes, the checkpoint marker). Fails with the last of the run's stderr when `proc` ends first; on timeout it
+    kills the run (`kill(proc)`, default `proc.kill()`) and fails."""
+    deadline = time.time() + timeout
+    while not all(os.path.exists(p) for p in paths):
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"{run} ended (rc {proc.returncode}) before the kill point:\n{err[-3000:]}")
+        if time.time() > deadline:
+            (kill or (lambda p: p.kill()))(proc)
+            pytest.fail(f"timed out waiting for {paths}")
+        time.sleep(0.05)
 
 
 def cli_env(extra_pythonpath: str | None = None) -> dict[str, str]:

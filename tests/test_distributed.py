@@ -36,6 +36,7 @@ from helpers_train import (  # noqa: F401  (fixtures)
     read_json,
     read_jsonl,
     tiny_model,
+    wait_for_kill_point,
     write_dataset_dir,
 )
 from tunelab.config import load_config
@@ -109,18 +110,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _wait_for(paths, proc, timeout=240.0):
-    deadline = time.time() + timeout
-    while not all(os.path.exists(p) for p in paths):
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"run C ended (rc {proc.returncode}) before the kill point:\n{err[-3000:]}")
-        if time.time() > deadline:
-            _kill_tree(proc)
-            pytest.fail(f"timed out waiting for {paths}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
@@ -139,7 +128,8 @@ def runs(tiny_model, tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         tunelab.run(_config(tiny_model, data_dir, out["a"], 4, root))
-        _wait_for([pause, os.path.join(out["b"], "checkpoint-2", COMPLETE_MARKER)], proc)
+        wait_for_kill_point([pause, os.path.join(out["b"], "checkpoint-2", COMPLETE_MARKER)], proc, run="run C",
+                            timeout=240.0, kill=_kill_tree)
         _kill_tree(proc)
     finally:
         if proc.poll() is None:

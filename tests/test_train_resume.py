@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -33,6 +32,7 @@ from helpers_train import (  # noqa: F401  (fixtures)
     offline_session,
     read_jsonl,
     tiny_model,
+    wait_for_kill_point,
     write_dataset_dir,
 )
 from tunelab.errors import ConfigError
@@ -77,18 +77,6 @@ def _train_cmd(cfg_path: str) -> list[str]:
     return [sys.executable, "-m", "tunelab.cli", "train", cfg_path]
 
 
-def _wait_for(paths: list[str], proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.time() + timeout
-    while not all(os.path.exists(p) for p in paths):
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"run B ended (rc {proc.returncode}) before the kill point:\n{err[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {paths}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
@@ -107,7 +95,8 @@ def runs(tiny_model, tmp_path_factory):
     proc_b = subprocess.Popen(_train_cmd(cfg_b), cwd=root, env=env_b, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         tunelab.run(cfg_a)  # run A, uninterrupted, in this process while B's first launch runs
-        _wait_for([pause_file, os.path.join(out_b, "checkpoint-4", COMPLETE_MARKER)], proc_b)
+        wait_for_kill_point([pause_file, os.path.join(out_b, "checkpoint-4", COMPLETE_MARKER)], proc_b, run="run B",
+                            timeout=300.0)
         os.kill(proc_b.pid, signal.SIGKILL)
         proc_b.wait(timeout=60)
     finally:
