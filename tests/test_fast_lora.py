@@ -263,8 +263,69 @@ def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # 
     patched = [m for m in model.modules() if hasattr(m, "_tunelab_plain_forward")]
     if device == "cpu":
         assert model.tunelab_fast_path == [] and patched == []
-    else:
-        assert model.tunelab_fast_path == ["fast-lora(14 projections)"] and len(patched) == 14
+    else:  # the defaults on one GPU: fused projections, the embedding on the host (4-bit, untied), compiled layers
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "compile(2 layers)"]
+        assert len(patched) == 14
+        assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+        assert resolved.fast_path.startswith("on (qwen2 LoRA on ") and "2 decoder layers compiled" in resolved.fast_path
+
+
+def test_compile_decision_and_liger_left_out(monkeypatch, caplog):
+    import logging
+
+    import torch.utils._triton
+
+    from tunelab.model.fast import compile_decision
+    from tunelab.model.kernels import apply_kernels
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    single = types.SimpleNamespace(device="cuda", device_name="NVIDIA H200", parallel="single")
+    assert compile_decision(_model("qwen2"), _cfg(), single) == (True, "decoder layers compiled")
+    cpu = types.SimpleNamespace(device="cpu", device_name="CPU")
+    assert compile_decision(_model("qwen2"), _cfg(), cpu) == (False, "the fast path is off (the device is cpu: the fast path needs a CUDA GPU)")
+    assert compile_decision(_model("qwen2"), _cfg(enable_liger_kernel=True), single)[1].startswith("enable_liger_kernel: true")
+    ddp = types.SimpleNamespace(device="cuda", device_name="H200", parallel="ddp")
+    assert compile_decision(_model("qwen2"), _cfg(), ddp) == (False, "parallel ddp: compiled layers are measured on one GPU only")
+    with caplog.at_level(logging.INFO, logger="tunelab.model.kernels"):  # training: inductor fuses what Liger would
+        assert apply_kernels(_model("qwen2"), _cfg(enable_liger_kernel=None), single, for_training=True) == []
+    assert "Liger left out: the compiled decoder layers fuse RMSNorm, RoPE and SwiGLU" in caplog.text
+    monkeypatch.setenv("TUNELAB_FAST_COMPILE", "0")
+    assert compile_decision(_model("qwen2"), _cfg(), single) == (False, "TUNELAB_FAST_COMPILE=0")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    monkeypatch.delenv("TUNELAB_FAST_COMPILE")
+    assert compile_decision(_model("qwen2"), _cfg(), single) == (False, "Triton is not available for torch.compile")
+
+
+def test_host_embedding_decision():
+    from tunelab.model.fast.embed import host_embedding_decision
+
+    model = _tiny_peft("cpu", quantized=False)
+    single = types.SimpleNamespace(device="cuda", parallel="single")
+    assert host_embedding_decision(model, _cfg(quantization_bit=None), single)[1].startswith("the base is not 4-bit")
+    assert host_embedding_decision(model, _cfg(), types.SimpleNamespace(parallel="ddp")) == (False, "parallel ddp: one process only")
+    assert host_embedding_decision(model, _cfg(), single) == (False, "the embedding is on cpu")
+    base = model.get_base_model()
+    base.lm_head.weight = base.model.embed_tokens.weight
+    assert host_embedding_decision(model, _cfg(), single) == (False, "the embedding is tied to the output head")
+
+
+@gpu
+@pytest.mark.gpu
+def test_host_embedding_gives_the_same_step_on_gpu():
+    from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
+
+    model = _tiny_peft("cuda", quantized=True)
+    patch_lora_layers(model)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(13)).cuda()
+    loss_gpu, grads_gpu = _step(model, ids, "cuda")
+    assert host_embedding_decision(model, _cfg(), types.SimpleNamespace(parallel="single")) == (True, "input embedding in pinned host memory")
+    assert keep_embedding_on_host(model) == 512 * 64 * 2
+    weight = model.get_base_model().get_input_embeddings().weight
+    assert weight.device.type == "cpu" and weight.is_pinned()
+    loss_host, grads_host = _step(model, ids, "cuda")
+    assert loss_host.item() == loss_gpu.item()  # a gather copies rows: the same numbers
+    for a, b in zip(grads_host, grads_gpu):
+        assert torch.equal(a, b)
 
 
 @gpu

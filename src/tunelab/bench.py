@@ -12,15 +12,16 @@ do not depend on the weights' values. Each case runs in its own process.
 
 Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   tunelab-fast   tunelab's loader and TunelabTrainer (what `tunelab train` runs) with use_fast_kernels: true
+                 (fused projections, compiled decoder layers, 4-bit: input embedding in host memory)
   tunelab-plain  the same with use_fast_kernels: false (PEFT's LoRA layers over bitsandbytes)
   tunelab        the same with use_fast_kernels left to auto
   plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
   plain          the same without autocast;  plain-trainer: the plain model in the stock transformers Trainer
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
-  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (an unmeasured memory lever)
+  +nocompile     appended: eager decoder layers (TUNELAB_FAST_COMPILE=0); Liger's kernels then apply
+  +gpuembed      appended: the input embedding stays on the GPU (TUNELAB_HOST_EMBEDDING=0)
+  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (eager layers; opt-in lever)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
-  +compile       appended: torch.compile of each decoder layer (the launch-overhead lever)
-  +cudagraph     appended: the same with mode="reduce-overhead" (CUDA graphs over each compiled layer)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
 Each case prints one JSON line (tokens/s, step time, peak allocated and reserved GiB, MFU against --matmul-tflops,
@@ -224,6 +225,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
     from transformers import set_seed
 
+    if "+nocompile" in variant or "+offload" in variant:  # eager decoder layers (offload wraps their checkpoint)
+        os.environ["TUNELAB_FAST_COMPILE"] = "0"
+    if "+gpuembed" in variant:  # the input embedding stays on the GPU
+        os.environ["TUNELAB_HOST_EMBEDDING"] = "0"
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
@@ -234,10 +239,6 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast.offload import offload_checkpoints
 
         out["offloaded_layers"] = offload_checkpoints(model)
-    if "+compile" in variant or "+cudagraph" in variant:  # torch.compile of each decoder layer; step 1 compiles
-        from tunelab.model.fast.compile import compile_decoder_layers
-
-        out["compiled_layers"] = compile_decoder_layers(model, "reduce-overhead" if "+cudagraph" in variant else None)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
@@ -286,7 +287,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     trainer.train()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
-    if "compiled_layers" in out:
+    if any(str(a).startswith("compile(") for a in out["fast_path"] or []):
         from tunelab.model.fast.compile import compile_counters
 
         out["dynamo"] = compile_counters()

@@ -32,11 +32,13 @@ def _liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def apply_kernels(model, cfg, resolved) -> list[str]:
+def apply_kernels(model, cfg, resolved, for_training: bool = False) -> list[str]:
     """Patch module kernels in place; returns the names of what was applied (recorded in the run's config).
 
     enable_liger_kernel null (the default) means: use Liger where it applies (a CUDA GPU with liger-kernel
-    installed) and the plain modules elsewhere; true makes a missing Liger an error; false turns it off.
+    installed) and the plain modules elsewhere, except for training on the fast path's compiled decoder layers,
+    where inductor fuses RMSNorm / RoPE / SwiGLU itself (measured faster: docs/fastpath.md); true makes a missing
+    Liger an error; false turns it off.
     """
     from tunelab.errors import ConfigError
 
@@ -44,6 +46,12 @@ def apply_kernels(model, cfg, resolved) -> list[str]:
     wanted = cfg.enable_liger_kernel
     if wanted is False:
         return applied
+    if for_training and wanted is None and resolved.device == "cuda":
+        from tunelab.model.fast import compile_decision
+
+        if compile_decision(model, cfg, resolved)[0]:
+            logger.info("kernels: Liger left out: the compiled decoder layers fuse RMSNorm, RoPE and SwiGLU (inductor)")
+            return applied
     if resolved.device != "cuda":
         if wanted:
             logger.warning("enable_liger_kernel needs a CUDA GPU; using the plain kernels on %s.", resolved.device)

@@ -377,21 +377,14 @@ def load_model(cfg: Config, resolved: Resolved, *, for_training: bool):
     from tunelab.model.kernels import apply_kernels
 
     model = load_base_model(cfg, resolved)
-    apply_kernels(model, cfg, resolved)
+    apply_kernels(model, cfg, resolved, for_training=for_training)
     if for_training:
         from tunelab.model.fast import apply_fast_path
 
         model = prepare_for_training(model, cfg, resolved)
-        if getattr(resolved, "parallel", "single") in ("fsdp", "deepspeed-zero3"):
-            # the fused projection reads the 4-bit quant_state from the weight tensor; once sharded, the weight is a
-            # gathered plain tensor (bitsandbytes keeps the state on the module for its own forward only)
-            if getattr(cfg, "use_fast_kernels", None) is True:
-                raise ModelError(f"use_fast_kernels: true cannot apply with {resolved.parallel} (sharded weights); set it to null or false.")
-            logger.info("fast path: off (%s shards the weights)", resolved.parallel)
-            resolved.fast_path = f"off ({resolved.parallel} shards the weights)"
-            model.tunelab_fast_path = []
-            return model
-        model.tunelab_fast_path = apply_fast_path(model, cfg, resolved)  # after the adapters: it patches their layers
+        # after the adapters: it patches their layers (and decides itself: off for FSDP / ZeRO-3, whose sharded
+        # weights are no longer bitsandbytes layers with a quant state)
+        model.tunelab_fast_path = apply_fast_path(model, cfg, resolved)
         return model
     if cfg.adapter_name_or_path:
         model = attach_lora(model, cfg, resolved, is_trainable=False)

@@ -9,6 +9,11 @@ default: on where it applies). What it installs (one file per fused op, each bes
 
 * lora.py: each LoRA projection (q, k, v, o, gate, up, down) as one autograd function over the frozen NF4 or
   16-bit base weight: dequantize once per use, LoRA product added in the same GEMM, hand-written backward.
+* compile.py: torch.compile of each decoder layer, its checkpoint included (`compile_decision`: one GPU, Triton
+  present, Liger not forced on; TUNELAB_FAST_COMPILE=0 turns it off). Inductor then fuses the norms, RoPE and
+  SwiGLU itself, so Liger's module kernels are left out where it applies (kernels.apply_kernels asks first).
+* embed.py: the frozen input embedding in pinned host memory (4-bit base, one process, untied head).
+* offload.py: checkpointed layer inputs in pinned host memory (opt-in: `tunelab bench` variant +offload).
 
 Coverage: CUDA, unsharded weights (one GPU, DDP, ZeRO-1/2; not FSDP or ZeRO-3); LoRA (not DoRA), lora_dropout 0, one adapter,
 base layers bitsandbytes 4-bit or plain 16-bit linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense)
@@ -49,6 +54,27 @@ def fast_path_decision(model, cfg, resolved) -> tuple[bool, str]:
     if model_type not in ARCHITECTURES:
         return False, f"architecture {model_type} is not covered yet (covered: {', '.join(ARCHITECTURES)})"
     return True, f"{model_type} LoRA on {resolved.device_name}"
+
+
+def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
+    """(on, reason): whether the fast path compiles the decoder layers (it must be on itself first)."""
+    import os
+
+    on, reason = fast_path_decision(model, cfg, resolved)
+    if not on:
+        return False, f"the fast path is off ({reason})"
+    if os.environ.get("TUNELAB_FAST_COMPILE", "1") == "0":
+        return False, "TUNELAB_FAST_COMPILE=0"
+    if getattr(cfg, "enable_liger_kernel", None) is True:
+        return False, "enable_liger_kernel: true (Liger's kernels are not compiled with the layers)"
+    parallel = getattr(resolved, "parallel", "single")
+    if parallel != "single":
+        return False, f"parallel {parallel}: compiled layers are measured on one GPU only"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return False, "Triton is not available for torch.compile"
+    return True, "decoder layers compiled"
 
 
 def _fast_forward(self, x, *args, **kwargs):
@@ -140,7 +166,21 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
     count = patch_lora_layers(model)
     if count == 0:
         return _record(resolved, "off (no LoRA layer fits the fused projection)", [])
-    return _record(resolved, f"on ({reason}): {count} LoRA projections fused", [f"fast-lora({count} projections)"])
+    applied, what = [f"fast-lora({count} projections)"], [f"{count} LoRA projections fused"]
+    from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
+
+    if host_embedding_decision(model, cfg, resolved)[0]:
+        moved = keep_embedding_on_host(model)
+        applied.append("host-embedding")
+        what.append(f"input embedding in host memory ({moved / 2**30:.2f} GiB off the GPU)")
+    if compile_decision(model, cfg, resolved)[0]:
+        from tunelab.model.fast.compile import compile_decoder_layers
+
+        layers = compile_decoder_layers(model)
+        if layers:
+            applied.append(f"compile({layers} layers)")
+            what.append(f"{layers} decoder layers compiled (the first step compiles)")
+    return _record(resolved, f"on ({reason}): " + "; ".join(what), applied)
 
 
 def _record(resolved, decision: str, applied: list[str]) -> list[str]:

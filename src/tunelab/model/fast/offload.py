@@ -9,9 +9,11 @@ input prefetched while this layer recomputes, so the copies can overlap compute 
 against ~12 ms of compute). The recompute and backward are those of reentrant checkpointing: the layer runs
 again under grad and autograd.backward accumulates into the (LoRA) parameters' .grad.
 
-Status: opt-in (`tunelab bench` variant `+offload`), correctness tested on CPU against plain checkpointing
-(tests/test_fast_lora.py); its GPU speed and memory are not measured yet (docs/fastpath.md, next levers), so
-the default training path does not use it. Single-process only: reentrant-style backward bypasses DDP/FSDP hooks.
+Status: opt-in (`tunelab bench` variant `+offload`, eager layers), correctness tested on CPU and GPU against
+plain checkpointing (tests/test_fast_lora.py). Measured on an H200 (7B QLoRA 4 x 1024, eager fast path): peak
+7.11 -> 6.53 GiB, no loss of speed seen. Not on by default: it replaces the checkpoint function that the compiled
+decoder layers trace (compile.py), and the two do not compose yet. Single-process only: reentrant-style backward
+bypasses DDP/FSDP hooks.
 """
 from __future__ import annotations
 
