@@ -60,25 +60,10 @@ class ChatOptions:
 
 def split_options(argv: list[str]) -> tuple[ChatOptions, list[str]]:
     """Take chat's own flags out of argv; the rest (config file, key=value, --key value) is the config."""
-    opts: dict[str, Any] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        name, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
-        key = name.replace("-", "_")
-        if key in _BOOL_FLAGS:
-            opts[key] = not eq or value.strip().lower() in ("1", "true", "yes", "on")
-        elif key in _VALUE_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"--{name} needs a value.")
-                value = argv[i + 1]
-                i += 1
-            opts[key] = value
-        else:
-            rest.append(tok)
-        i += 1
+    from tunelab.commands.flags import take_flags
+
+    taken, rest = take_flags(argv, _VALUE_FLAGS, _BOOL_FLAGS)
+    opts: dict[str, Any] = dict(taken)  # a repeated flag: the last one wins
     if "batch_size" in opts:
         try:
             opts["batch_size"] = int(opts["batch_size"])
