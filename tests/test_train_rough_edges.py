@@ -304,3 +304,25 @@ def test_training_config_scoring_another_model_writes_beside_not_into_the_run(wo
     cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "output_dir": "saves/eval"})
     cfg = trained_adapter_eval(load_config([cfg_path, "task=predict"]), [cfg_path, "task=predict"])
     assert (cfg.adapter_name_or_path, cfg.save_dir, cfg.output_dir) == (None, None, "saves/eval")
+
+
+def test_eval_compare_runs_a_training_config_on_its_adapter_beside_the_run(workdir, monkeypatch):
+    """`tunelab eval compare train.yaml other` evaluates the trained adapter into <output_dir>/eval_<task>, as
+    `tunelab eval train.yaml` does (before: the base model, written into the run folder itself)."""
+    import tunelab.eval
+    from tunelab.eval.compare import _as_folder
+
+    run = workdir / "run"
+    run.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).write_text("{}")
+    (workdir / "m").mkdir()
+    seen = []
+    monkeypatch.setattr(tunelab.eval, "run_eval", seen.append)  # the model run itself is tested elsewhere
+    cfg_path = _cfg_file(workdir, {"model_name_or_path": "m", "do_train": True, "output_dir": "run",
+                                   "task": "perplexity"})
+    assert _as_folder(cfg_path) == str(workdir / "run" / "eval_perplexity")
+    assert [(c.adapter_name_or_path, c.save_dir) for c in seen] == [("run", os.path.join("run", "eval_perplexity"))]
+    eval_cfg = _cfg_file(workdir, {"model_name_or_path": "m", "output_dir": "saves/e", "task": "perplexity"}, "e.yaml")
+    assert _as_folder(eval_cfg) == str(workdir / "saves" / "e")  # an evaluation config: as before
+    assert (seen[-1].adapter_name_or_path, seen[-1].save_dir) == (None, None)

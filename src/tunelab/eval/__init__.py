@@ -29,6 +29,33 @@ def output_dir_of(cfg) -> str:
     return os.path.abspath(cfg.save_dir or cfg.output_dir)
 
 
+def for_training_config(cfg, cli_keys: set[str] | frozenset[str] = frozenset()):
+    """A training config scores the adapter its training wrote (see model.loader.use_trained_adapter; cli_keys: the
+    keys given on the command line, where adapter_name_or_path wins); its results go to <output_dir>/eval_<task>
+    unless save_dir is given, so the run's own files (tunelab_config.yaml, which chat and export read) are never
+    overwritten. When the model scored is not that adapter (adapter_name_or_path on the command line, or not
+    LoRA), the folder says what it is: eval_<task>_base for the base model alone, eval_<task>_<adapter folder
+    name> for another adapter, so a base-model run never lands in the run folder itself nor over the trained
+    adapter's results. Any other config is returned as it is."""
+    from tunelab.model.loader import use_trained_adapter
+
+    trained = use_trained_adapter(cfg, "eval", cli_keys)
+    if not cfg.do_train or cfg.save_dir or not cfg.task:
+        return trained
+    folder = f"eval_{cfg.task.strip()}"
+    if trained is cfg:
+        folder += "_" + _model_label(cfg.adapter_name_or_path)
+    save_dir = os.path.join(cfg.output_dir, folder)
+    logger.info("eval: results go to %s (set save_dir to choose)", save_dir)
+    return trained.replace(save_dir=save_dir)
+
+
+def _model_label(adapters: str | None) -> str:
+    """'base' without an adapter, else the folder name of the last adapter of the list."""
+    last = [a.strip() for a in (adapters or "").split(",") if a.strip()][-1:]
+    return os.path.basename(os.path.normpath(last[0])) if last else "base"
+
+
 def run_eval(cfg, engine: Any = None) -> dict[str, Any]:
     """Run cfg.task; `engine` (a loaded tunelab.infer.engine.Engine) is built from cfg when not given."""
     from tunelab.config.resolve import resolve, save_resolved

@@ -212,9 +212,9 @@ def _as_folder(arg: str) -> str:
     """An eval output folder as is; an eval config file is run first and its output folder returned."""
     if os.path.isfile(arg) and arg.endswith((".yaml", ".yml", ".json")):
         from tunelab.config import load_config
-        from tunelab.eval import output_dir_of, run_eval
+        from tunelab.eval import for_training_config, output_dir_of, run_eval
 
-        cfg = load_config(arg)
+        cfg = for_training_config(load_config(arg))  # a training config: its adapter, into <output_dir>/eval_<task>
         logger.info("running the evaluation of %s first", arg)
         run_eval(cfg)
         return output_dir_of(cfg)
