@@ -357,6 +357,46 @@ def test_compiled_decoder_layers_train_like_eager_on_gpu():
         assert _rel(g, ge) < 3e-2
 
 
+@gpu
+@pytest.mark.gpu
+def test_offload_with_compiled_forwards_trains_like_eager_on_gpu():
+    from tunelab.model.fast.offload import offload_checkpoints
+
+    model = _tiny_peft("cuda", quantized=True)
+    patch_lora_layers(model)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(14)).cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def backward_step():
+        for p in params:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    loss_eager, grads_eager = backward_step()
+    assert offload_checkpoints(model, compiled=True) == 2
+    for _ in range(2):  # the second step reuses the stash and both compiled graphs
+        loss, grads = backward_step()
+        assert abs(loss - loss_eager) < 1e-3 * loss_eager
+        for g, ge in zip(grads, grads_eager):
+            assert _rel(g, ge) < 3e-2
+
+
+def test_offload_decision(monkeypatch):
+    from tunelab.model.fast import offload_decision
+
+    single = types.SimpleNamespace(device="cuda", parallel="single")
+    assert offload_decision(_cfg(), single) == (False, "opt-in: TUNELAB_OFFLOAD_CHECKPOINTS=1")
+    monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "1")
+    assert offload_decision(_cfg(), single) == (True, "checkpointed layer inputs in pinned host memory")
+    assert offload_decision(_cfg(), types.SimpleNamespace(parallel="ddp"))[0] is False
+
+
 def _train(model, steps: int, seed: int):
     """AdamW with gradient clipping for `steps` steps on seeded random batches: (losses, pre-clip grad norms)."""
     params = [p for p in model.parameters() if p.requires_grad]

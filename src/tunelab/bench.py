@@ -20,7 +20,7 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
   +nocompile     appended: eager decoder layers (TUNELAB_FAST_COMPILE=0); Liger's kernels then apply
   +gpuembed      appended: the input embedding stays on the GPU (TUNELAB_HOST_EMBEDDING=0)
-  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (eager layers; opt-in lever)
+  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (TUNELAB_OFFLOAD_CHECKPOINTS=1)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
@@ -225,8 +225,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
     from transformers import set_seed
 
-    if "+nocompile" in variant or "+offload" in variant:  # eager decoder layers (offload wraps their checkpoint)
+    if "+nocompile" in variant:  # eager decoder layers (and Liger's kernels)
         os.environ["TUNELAB_FAST_COMPILE"] = "0"
+    if "+offload" in variant:  # checkpointed layer inputs in pinned host memory (tunelab.model.fast.offload)
+        os.environ["TUNELAB_OFFLOAD_CHECKPOINTS"] = "1"
     if "+gpuembed" in variant:  # the input embedding stays on the GPU
         os.environ["TUNELAB_HOST_EMBEDDING"] = "0"
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
@@ -235,10 +237,6 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     load_s = time.perf_counter() - t_load
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None)}
-    if "+offload" in variant:  # checkpointed layer inputs in pinned host memory (tunelab.model.fast.offload)
-        from tunelab.model.fast.offload import offload_checkpoints
-
-        out["offloaded_layers"] = offload_checkpoints(model)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):

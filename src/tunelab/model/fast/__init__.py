@@ -13,7 +13,8 @@ default: on where it applies). What it installs (one file per fused op, each bes
   present, Liger not forced on; TUNELAB_FAST_COMPILE=0 turns it off). Inductor then fuses the norms, RoPE and
   SwiGLU itself, so Liger's module kernels are left out where it applies (kernels.apply_kernels asks first).
 * embed.py: the frozen input embedding in pinned host memory (4-bit base, one process, untied head).
-* offload.py: checkpointed layer inputs in pinned host memory (opt-in: `tunelab bench` variant +offload).
+* offload.py: checkpointed layer inputs in pinned host memory (opt-in: TUNELAB_OFFLOAD_CHECKPOINTS=1; then each
+  layer's forward is compiled under the eager offloading checkpoint instead of the whole checkpointed call).
 
 Coverage: CUDA, unsharded weights (one GPU, DDP, ZeRO-1/2; not FSDP or ZeRO-3); LoRA (not DoRA), lora_dropout 0, one adapter,
 base layers bitsandbytes 4-bit or plain 16-bit linear layers; decoder families Qwen2 / Qwen2.5 / Qwen3 (dense)
@@ -75,6 +76,18 @@ def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
     if not has_triton():
         return False, "Triton is not available for torch.compile"
     return True, "decoder layers compiled"
+
+
+def offload_decision(cfg, resolved) -> tuple[bool, str]:
+    """(on, reason) for the checkpoint offload (offload.py): opt-in, TUNELAB_OFFLOAD_CHECKPOINTS=1, one process."""
+    import os
+
+    if os.environ.get("TUNELAB_OFFLOAD_CHECKPOINTS", "0") != "1":
+        return False, "opt-in: TUNELAB_OFFLOAD_CHECKPOINTS=1"
+    parallel = getattr(resolved, "parallel", "single")
+    if parallel != "single":
+        return False, f"parallel {parallel}: its reentrant-style backward bypasses DDP/FSDP hooks"
+    return True, "checkpointed layer inputs in pinned host memory"
 
 
 def _fast_forward(self, x, *args, **kwargs):
@@ -173,10 +186,19 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         moved = keep_embedding_on_host(model)
         applied.append("host-embedding")
         what.append(f"input embedding in host memory ({moved / 2**30:.2f} GiB off the GPU)")
-    if compile_decision(model, cfg, resolved)[0]:
+    compiled = compile_decision(model, cfg, resolved)[0]
+    offloaded = 0
+    if offload_decision(cfg, resolved)[0]:
+        from tunelab.model.fast.offload import offload_checkpoints
+
+        offloaded = offload_checkpoints(model, compiled=compiled)  # compiled: each layer's forward under it
+        if offloaded:
+            applied.append(f"offload({offloaded} layers)")
+            what.append(f"checkpoints of {offloaded} layers in host memory")
+    if compiled:
         from tunelab.model.fast.compile import compile_decoder_layers
 
-        layers = compile_decoder_layers(model)
+        layers = offloaded or compile_decoder_layers(model)
         if layers:
             applied.append(f"compile({layers} layers)")
             what.append(f"{layers} decoder layers compiled (the first step compiles)")

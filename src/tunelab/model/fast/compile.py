@@ -18,14 +18,15 @@ compiled layer) failed there: the 28 calls of the one graph per step overwrite e
 from __future__ import annotations
 
 
-def compile_decoder_layers(model, mode: str | None = None) -> int:
-    """Compile every decoder layer in place (mode: None = inductor's default, "reduce-overhead" = CUDA graphs)."""
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place, checkpoint included (the recompute and the backward in one compiled
+    graph); returns how many. Under the checkpoint offload, offload.py compiles the layers' forwards instead."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            module.compile(mode=mode)
+            module.compile()
             count += 1
     return count
 

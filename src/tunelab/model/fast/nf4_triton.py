@@ -14,7 +14,11 @@ bitsandbytes/functional.py dequantize_4bit), so the output is bit for bit the sa
 * element: `table[nibble] * absmax` in fp32 (the high nibble of byte i is element 2i, the low nibble 2i+1;
   blocks are over the flat element index), rounded once to the output dtype (round to nearest even);
 * the tables are the fp32 constants of bitsandbytes' CUDA kernel (FP4's sign applied to its 3-bit table is
-  exact, so a 16-entry table with -0.0 at 0b1000 is the same function).
+  exact, so a 16-entry table with -0.0 at 0b1000 is the same function);
+* bitsandbytes' CUDA library is built with --use_fast_math, so both of its products flush a subnormal result
+  to a zero of the same sign (mul.ftz); its CPU library does not. The kernel does the same flush on CUDA
+  tensors (`ftz`), with integer operations after each product; torch's offset add does not flush, and neither
+  does the kernel's. (Only blocks whose absmax is below ~1.5e-37 are affected: the tests craft such blocks.)
 
 bf16 rounding is written with integer operations (`rne_to_bf16`) under Triton's CPU interpreter, because the
 interpreter's float32 -> bfloat16 cast truncates; compiled for a GPU the kernel uses the hardware conversion
@@ -94,14 +98,16 @@ def _table(quant_type: str, device) -> torch.Tensor:
 
 
 def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
-                    hw_bf16: bool | None = None, bytes_per_program: int | None = None,
+                    hw_bf16: bool | None = None, ftz: bool | None = None, bytes_per_program: int | None = None,
                     num_warps: int | None = None) -> torch.Tensor:
     """Dense `quant_state.shape` tensor of `quant_state.dtype`, equal bit for bit to
     bitsandbytes.functional.dequantize_4bit(weight, quant_state) (flat [N, 1] packed layout).
 
     `weight` holds the packed bytes in any storage dtype (uint8, or bf16/fp16/fp32 quant storage).
     hw_bf16: use the hardware fp32 -> bf16 conversion (default: yes when compiled, no under the interpreter,
-    whose cast truncates). bytes_per_program / num_warps: tuning knobs for tools/nf4_probe.py."""
+    whose cast truncates). ftz: flush subnormal products like bitsandbytes' CUDA library (default: on for CUDA
+    tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps: tuning knobs for
+    tools/nf4_probe.py."""
     if not _load_triton():
         raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
     qs = quant_state
@@ -138,6 +144,7 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
         out_kind = 3
     args = (q, absmax, absmax2, code2, offset, _table(qs.quant_type, weight.device), out.view(-1), n, n_blocks)
     kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested), OUT_KIND=out_kind,
+              FTZ=bool(weight.is_cuda if ftz is None else ftz),
               num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():
         with torch.cuda.device(weight.device):
@@ -158,10 +165,16 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
         return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def flush_subnormal(v):
+        """A subnormal fp32 value becomes a zero of its sign (what a mul.ftz result is)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        return tl.where((bits & 0x7F800000) == 0, bits & 0x80000000, bits).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
                            n_elems, n_blocks,
                            BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
-                           NESTED: tl.constexpr, OUT_KIND: tl.constexpr):
+                           NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr):
         # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
         HALF: tl.constexpr = BS // 2
         pid = tl.program_id(0).to(tl.int64)
@@ -173,7 +186,10 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
             qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
             a2 = tl.load(absmax2_ptr + blk // BS2, mask=blk_ok, other=0.0)
             c = tl.load(code2_ptr + qa, mask=blk_ok, other=0.0)
-            scale = c * a2 + tl.load(offset_ptr)  # two roundings, as bitsandbytes (no FMA: see launch)
+            prod = c * a2
+            if FTZ:
+                prod = flush_subnormal(prod)
+            scale = prod + tl.load(offset_ptr)  # two roundings, as bitsandbytes (no FMA: see launch)
         else:
             scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
         # packed bytes of this tile; offsets inside the tile are int32, the tile base is int64
@@ -186,6 +202,8 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
         hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
         lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
         vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))  # element 2i = high nibble, 2i+1 = low nibble
+        if FTZ:
+            vals = flush_subnormal(vals)
         local_e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
         e_mask = local_e < e_left
         if OUT_KIND == 0:
