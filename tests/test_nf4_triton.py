@@ -32,9 +32,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 _INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
-# (shape, nested, quant_type, blocksize, dtype, quant_storage, bytes_per_program, ties)
-# ties: the absmax rewritten so that products with the exact table entries (+-1, 0.5, 0.25 ...) fall exactly
-# halfway between two bf16/fp16 values, which random data almost never does: checks round-half-to-even.
+# (shape, nested, quant_type, blocksize, dtype, quant_storage, bytes_per_program, mod)
+# mod "ties": the absmax rewritten so that products with the exact table entries (+-1, 0.5, 0.25 ...) fall
+# exactly halfway between two bf16/fp16 values, which random data almost never does: checks round-half-to-even.
+# mod "tiny": some blocks' absmax (or second-level absmax) so small that products are subnormal: bitsandbytes'
+# CUDA library flushes them to zero (GPU test); "tiny-ftz" runs the kernel's flush on the CPU too, against
+# bitsandbytes' CPU ops with the CUDA library's flushes applied (_reference_cpu).
 _SHAPES = [(40, 64), (33, 130), (7, 31), (64, 96), (120, 320)]  # 120x320 at bs 64: three 2nd-level blocks
 CASES = []
 for _shape in _SHAPES:
@@ -42,48 +45,57 @@ for _shape in _SHAPES:
         for _qt in ("nf4", "fp4"):
             for _dt in (torch.bfloat16, torch.float16, torch.float32):
                 _bs = 64 if _nested != (_qt == "fp4") else 128  # each block size with and without nesting
-                CASES.append((_shape, _nested, _qt, _bs, _dt, torch.uint8, None, False))
+                CASES.append((_shape, _nested, _qt, _bs, _dt, torch.uint8, None, None))
 CASES += [
-    ((96, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False),  # tunelab's: bf16 quant storage
-    ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, 32, False),  # one block per program, many programs
-    ((120, 320), True, "fp4", 128, torch.float16, torch.uint8, 512, False),  # partial last tile
-    ((5, 1000), True, "nf4", 4096, torch.bfloat16, torch.uint8, None, False),  # block larger than the tensor
-    ((129, 2048), True, "nf4", 4096, torch.float32, torch.uint8, None, False),
+    ((96, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None),  # tunelab's: bf16 quant storage
+    ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, 32, None),  # one block per program, many programs
+    ((120, 320), True, "fp4", 128, torch.float16, torch.uint8, 512, None),  # partial last tile
+    ((5, 1000), True, "nf4", 4096, torch.bfloat16, torch.uint8, None, None),  # block larger than the tensor
+    ((129, 2048), True, "nf4", 4096, torch.float32, torch.uint8, None, None),
 ]
-CASES += [((64, 128), False, qt, 64, dt, torch.uint8, None, True)
+CASES += [((64, 128), False, qt, 64, dt, torch.uint8, None, "ties")
           for qt in ("nf4", "fp4") for dt in (torch.bfloat16, torch.float16)]
+CASES += [((320, 128), nested, "nf4", 64, dt, torch.uint8, None, mod)
+          for mod in ("tiny", "tiny-ftz") for nested in (False, True) for dt in (torch.bfloat16, torch.float32)]
 
 _RUNNER = r"""
 import sys, torch
 from tunelab.model.fast import nf4_triton as K
 assert K.interpreting(), "TRITON_INTERPRET did not reach triton"
 items = torch.load(sys.argv[1], weights_only=False)
-outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp) for p, qs, bpp in items]
+outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz) for p, qs, bpp, ftz in items]
 torch.save(outs, sys.argv[2])
 """
 
 
 def _case_id(c):
-    shape, nested, qt, bs, dt, storage, bpp, ties = c
+    shape, nested, qt, bs, dt, storage, bpp, mod = c
     return (f"{shape[0]}x{shape[1]}-{qt}-{'dq' if nested else 'nodq'}-bs{bs}-{str(dt)[6:]}"
             f"{'-st' + str(storage)[6:] if storage != torch.uint8 else ''}{'-bpp' + str(bpp) if bpp else ''}"
-            f"{'-ties' if ties else ''}")
+            f"{'-' + mod if mod else ''}")
 
 
 def _quantize(case, seed, device="cpu"):
     import bitsandbytes.functional as F
 
-    shape, nested, qt, bs, dt, storage, _, ties = case
+    shape, nested, qt, bs, dt, storage, _, mod = case
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(shape, generator=g) * 0.05)
     w[0, :3] = torch.tensor([0.0, 1e-30, -3.0])  # a zero, a tiny and a large value in the first block
     w = w.to(device=device, dtype=dt)
     packed, qs = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=qt, quant_storage=storage)
-    if ties:  # low bits 0x8000 (bf16 tie) or 0x1000 (fp16 tie), the bit above alternating between blocks
+    if mod == "ties":  # low bits 0x8000 (bf16 tie) or 0x1000 (fp16 tie), the bit above alternating by block
         low = 0x8000 if dt == torch.bfloat16 else 0x1000
         bits = qs.absmax.view(torch.int32) & ~(4 * low - 1)
         alt = (torch.arange(bits.numel(), device=bits.device, dtype=torch.int32) % 2) * (2 * low)
         qs.absmax = (bits | low | alt).view(torch.float32)
+    elif mod and mod.startswith("tiny"):  # every other block (or 2nd-level block) tiny: subnormal products
+        target = qs.state2 if nested else qs
+        tiny = torch.tensor([1e-39, 1e-37, 3e-38, 2e-36], device=target.absmax.device)
+        idx = torch.arange(0, target.absmax.numel(), 2, device=target.absmax.device)
+        target.absmax[idx] = tiny[torch.arange(idx.numel(), device=idx.device) % 4]
+        if nested:
+            qs.offset = torch.zeros_like(qs.offset)  # so that the flushed zero reaches the 4-bit products
     return packed, qs
 
 
@@ -94,20 +106,35 @@ def _bnb_cpu_kernel_is_flat(shape, blocksize):
     return n % 2 == 0 and (n % 16 != 0 or n % blocksize == 0) and blocksize < 2048
 
 
-def _reference_cpu(packed, qs):
-    """bitsandbytes' own CPU dequantize (see the module docstring for when it is its torch implementation)."""
+def _reference_cpu(packed, qs, ftz=False):
+    """bitsandbytes' own CPU dequantize (see the module docstring for when it is its torch implementation).
+    ftz: bitsandbytes' CUDA arithmetic instead, built from its CPU ops: the absmax product and the 4-bit
+    products flushed when subnormal, the offset added unflushed (the CUDA library flushes, torch's add not)."""
     import bitsandbytes.functional as F
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-    if _bnb_cpu_kernel_is_flat(qs.shape, qs.blocksize):
+    flat = _bnb_cpu_kernel_is_flat(qs.shape, qs.blocksize)
+    if flat and not ftz:
         return F.dequantize_4bit(packed, qs), False
     absmax = qs.absmax
     if qs.nested:  # what functional.dequantize_4bit does before its kernel
         absmax = F.dequantize_blockwise(qs.absmax, qs.state2)
-        absmax += qs.offset
-    code = F.get_4bit_type(qs.quant_type, device="cpu")
-    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-    return eager(packed.reshape(-1).view(torch.uint8), absmax, code, qs.blocksize, qs.shape, qs.dtype), True
+        absmax = (_flush_subnormals(absmax) if ftz else absmax) + qs.offset
+    # with ftz: the fp32 products (no conversion of the CPU library's own), flushed, then rounded by torch
+    dtype = torch.float32 if ftz else qs.dtype
+    if flat:
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, qs.blocksize, qs.quant_type,
+                                                              qs.shape, dtype)
+    else:
+        code = F.get_4bit_type(qs.quant_type, device="cpu")
+        eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+        out = eager(packed.reshape(-1).view(torch.uint8), absmax, code, qs.blocksize, qs.shape, dtype)
+    return (_flush_subnormals(out).to(qs.dtype) if ftz else out), not flat
+
+
+def _flush_subnormals(t):
+    """fp32 subnormals -> zeros of their sign (what mul.ftz gives)."""
+    return torch.where(t.abs() < torch.finfo(torch.float32).tiny, torch.copysign(torch.zeros_like(t), t), t)
 
 
 def _bit_mismatches(got, ref, signed_zero_ok=False):
@@ -122,7 +149,7 @@ def interpreted(tmp_path_factory):
     """Every CASE quantized here, dequantized by the kernel under the interpreter (one subprocess)."""
     pytest.importorskip("triton")
     tmp = tmp_path_factory.mktemp("nf4")
-    items = [(*_quantize(c, seed=i), c[6]) for i, c in enumerate(CASES)]
+    items = [(*_quantize(c, seed=i), c[6], c[7] == "tiny-ftz") for i, c in enumerate(CASES)]  # all: indices
     torch.save(items, tmp / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -133,11 +160,16 @@ def interpreted(tmp_path_factory):
     return items, torch.load(tmp / "out.pt")
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+# "tiny" (subnormal products, no flush) is GPU-only: bitsandbytes' CPU library rounds subnormals differently by
+# CPU feature (its AVX512-BF16 conversion treats them as zero), and CUDA tensors always take the flush.
+CPU_CASES = [i for i, c in enumerate(CASES) if c[7] != "tiny"]
+
+
+@pytest.mark.parametrize("index", CPU_CASES, ids=[_case_id(CASES[i]) for i in CPU_CASES])
 def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
     items, outs = interpreted
-    packed, qs, _ = items[index]
-    ref, torch_fallback = _reference_cpu(packed, qs)
+    packed, qs, _, ftz = items[index]
+    ref, _ = _reference_cpu(packed, qs, ftz=ftz)
     got = outs[index]
     assert got.shape == ref.shape == tuple(qs.shape) and got.dtype == ref.dtype == qs.dtype
     assert torch.isfinite(ref).all() and ref.abs().max() > 0  # a real weight, not zeros
@@ -163,7 +195,7 @@ def test_bnb_cpu_kernel_row_indexing_is_why_the_reference_switches():
     import bitsandbytes.functional as F
     from bitsandbytes.backends.cpu.ops import _has_avx512
 
-    case = ((64, 96), True, "nf4", 64, torch.bfloat16, torch.uint8, None, False)
+    case = ((64, 96), True, "nf4", 64, torch.bfloat16, torch.uint8, None, None)
     packed, qs = _quantize(case, seed=0)
     flat, _ = _reference_cpu(packed, qs)
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
@@ -178,7 +210,7 @@ def test_bnb_cpu_kernel_row_indexing_is_why_the_reference_switches():
 def test_selection_flags(monkeypatch):
     from tunelab.model.fast import nf4_triton as K
 
-    case = ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, None, False)
+    case = ((40, 64), True, "nf4", 64, torch.bfloat16, torch.uint8, None, None)
     packed, qs = _quantize(case, seed=0)
     monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
     assert not K.enabled_for(packed, qs)  # a CPU tensor: bitsandbytes' path
@@ -197,7 +229,7 @@ def test_dense_weight_on_cpu_keeps_bitsandbytes_path(monkeypatch):
     from tunelab.model.fast.lora import dense_weight, reference_dense_weight
 
     monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
-    packed, qs = _quantize(((40, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), seed=2)
+    packed, qs = _quantize(((40, 64), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), seed=2)
     assert torch.equal(dense_weight(packed, qs, torch.bfloat16), reference_dense_weight(packed, qs, torch.bfloat16))
 
 
@@ -225,12 +257,16 @@ def _gpu_check(case, seed, **kw):
 @pytest.mark.parametrize("hw_bf16", [True, False])
 @pytest.mark.parametrize("shape", _GPU_7B, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gpu_7b_shapes_equal_bitsandbytes(shape, hw_bf16):
-    _gpu_check((shape, True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), seed=shape[0], hw_bf16=hw_bf16)
+    _gpu_check((shape, True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), seed=shape[0], hw_bf16=hw_bf16)
+
+
+# on the GPU: every special case, and the main grid on two shapes (each new shape is another compilation)
+GPU_CASES = [i for i, c in enumerate(CASES) if c[0] in ((7, 31), (120, 320)) or i >= 12 * len(_SHAPES)]
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("index", GPU_CASES, ids=[_case_id(CASES[i]) for i in GPU_CASES])
 def test_gpu_small_cases_equal_bitsandbytes(index):
     _gpu_check(CASES[index], seed=100 + index, bytes_per_program=CASES[index][6])
 
@@ -242,7 +278,7 @@ def test_gpu_dense_weight_uses_kernel_and_matches(monkeypatch):
 
     from tunelab.model.fast import lora, nf4_triton as K
 
-    packed, qs = _quantize(((3584, 3584), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, False), 7, "cuda")
+    packed, qs = _quantize(((3584, 3584), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), 7, "cuda")
     calls = []
     real = K.dequantize_4bit
     monkeypatch.setattr(K, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))

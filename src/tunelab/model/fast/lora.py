@@ -18,6 +18,8 @@ Saved for backward: x and x @ A.T ([tokens, r]); under gradient checkpointing ne
 """
 from __future__ import annotations
 
+from typing import Optional  # custom_op's schema inference reads the annotation (older torch: no X | None)
+
 import torch  # this module is imported only when the fast path is installed
 
 
@@ -71,7 +73,7 @@ def _two_products_eager(a1, b1, bias, a2, b2, alpha: float):
 
 
 @torch.library.custom_op("tunelab::two_products", mutates_args=())
-def _two_products_op(a1: torch.Tensor, b1: torch.Tensor, bias: torch.Tensor | None, a2: torch.Tensor,
+def _two_products_op(a1: torch.Tensor, b1: torch.Tensor, bias: Optional[torch.Tensor], a2: torch.Tensor,  # noqa: UP045
                      b2: torch.Tensor, alpha: float) -> torch.Tensor:
     return _two_products_eager(a1, b1, bias, a2, b2, alpha)
 
