@@ -64,7 +64,9 @@ from tunelab.model.fast import nf4_triton as K
 assert K.interpreting(), "TRITON_INTERPRET did not reach triton"
 items = torch.load(sys.argv[1], weights_only=False)
 outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz) for p, qs, bpp, ftz in items]
-torch.save(outs, sys.argv[2])
+p, qs = items[0][:2]  # the custom op that torch.compile sees (fullgraph: no graph break)
+compiled = torch.compile(lambda w: K.dense(w, qs), backend="aot_eager", fullgraph=True)(p)
+torch.save((outs, compiled), sys.argv[2])
 """
 
 
@@ -167,7 +169,7 @@ CPU_CASES = [i for i, c in enumerate(CASES) if c[7] != "tiny"]
 
 @pytest.mark.parametrize("index", CPU_CASES, ids=[_case_id(CASES[i]) for i in CPU_CASES])
 def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
-    items, outs = interpreted
+    items, (outs, _) = interpreted
     packed, qs, _, ftz = items[index]
     ref, _ = _reference_cpu(packed, qs, ftz=ftz)
     got = outs[index]
@@ -175,6 +177,11 @@ def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
     assert torch.isfinite(ref).all() and ref.abs().max() > 0  # a real weight, not zeros
     assert torch.equal(got, ref)
     assert _bit_mismatches(got, ref, signed_zero_ok=qs.quant_type == "fp4") == 0
+
+
+def test_compiled_custom_op_equals_eager(interpreted):
+    items, (outs, compiled) = interpreted
+    assert items[0][1].nested and torch.equal(compiled.view(torch.int16), outs[0].view(torch.int16))
 
 
 def test_tables_are_bitsandbytes_code_tables():
@@ -269,6 +276,20 @@ GPU_CASES = [i for i, c in enumerate(CASES) if c[0] in ((7, 31), (120, 320)) or 
 @pytest.mark.parametrize("index", GPU_CASES, ids=[_case_id(CASES[i]) for i in GPU_CASES])
 def test_gpu_small_cases_equal_bitsandbytes(index):
     _gpu_check(CASES[index], seed=100 + index, bytes_per_program=CASES[index][6])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_dense_weight_compiled_uses_custom_op(monkeypatch):
+    import bitsandbytes.functional as F
+
+    from tunelab.model.fast import lora
+
+    packed, qs = _quantize(((512, 3584), True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), 9, "cuda")
+    monkeypatch.setenv("TUNELAB_NF4_TRITON", "1")
+    fn = torch.compile(lambda w: lora.dense_weight(w, qs, torch.bfloat16), backend="aot_eager", fullgraph=True)
+    got = fn(packed)
+    assert torch.equal(got.view(torch.int16), F.dequantize_4bit(packed, qs).view(torch.int16))
 
 
 @gpu

@@ -32,11 +32,11 @@ def dense_weight(weight, quant_state, dtype):
     goes through bitsandbytes.functional, so the tests compare the two."""
     if quant_state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    if weight.is_cuda and not torch.compiler.is_compiling():  # compiled graphs keep bitsandbytes' ops
+    if weight.is_cuda:
         from . import nf4_triton  # one Triton launch for the three below, bit-identical (docs/fastpath.md)
 
-        if nf4_triton.enabled_for(weight, quant_state):
-            w = nf4_triton.dequantize_4bit(weight, quant_state)
+        if nf4_triton.enabled_for(weight, quant_state):  # compiled: one opaque op, as bitsandbytes' are
+            w = nf4_triton.dense(weight, quant_state)
             return w if w.dtype == dtype else w.to(dtype)
     ops = torch.ops.bitsandbytes
     qs = quant_state

@@ -25,7 +25,8 @@ interpreter's float32 -> bfloat16 cast truncates; compiled for a GPU the kernel 
 (cvt.rn, round to nearest even) by default. Both give RTNE; tests/test_nf4_triton.py checks each against
 bitsandbytes (the integer version on the CPU under the interpreter and on the GPU, the hardware one on the GPU).
 
-Selection: `dense_weight()` in lora.py calls `dequantize_4bit` here when `enabled_for(weight, quant_state)`
+Selection: `dense_weight()` in lora.py calls `dense` here (inline when eager, the custom op
+tunelab::dequantize_4bit inside torch.compile) when `enabled_for(weight, quant_state)`
 holds (CUDA tensor, nf4/fp4, a block size bitsandbytes allows, Triton importable, env TUNELAB_NF4_TRITON not
 "0"); otherwise it keeps bitsandbytes' path. See docs/fastpath.md ("One-launch NF4 dequantize").
 """
@@ -85,7 +86,7 @@ def enabled_for(weight, quant_state) -> bool:
         return False
     if qs.blocksize not in BLOCKSIZES or (qs.nested and qs.state2.blocksize not in BLOCKSIZES):
         return False
-    return bool(_load_triton())
+    return triton is not None
 
 
 def _table(quant_type: str, device) -> torch.Tensor:
@@ -95,6 +96,17 @@ def _table(quant_type: str, device) -> torch.Tensor:
         t = torch.tensor(NF4_TABLE if quant_type == "nf4" else FP4_TABLE, dtype=torch.float32, device=device)
         _tables[key] = t
     return t
+
+
+def _state_tensors(weight, qs):
+    """(absmax, absmax2, code2, offset, blocksize2) of a quant state; unused ones point at absmax."""
+    if qs.nested:
+        s2 = qs.state2
+        offset = qs.offset
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=weight.device)
+        return qs.absmax, s2.absmax, s2.code, offset, int(s2.blocksize)
+    return qs.absmax, qs.absmax, qs.absmax, qs.absmax, 256
 
 
 def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
@@ -111,39 +123,32 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
     if not _load_triton():
         raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
     qs = quant_state
-    n = 1
-    for d in qs.shape:
-        n *= int(d)
-    q = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
-    if q.numel() < (n + 1) // 2:
-        raise ValueError(f"packed weight has {q.numel()} bytes, {(n + 1) // 2} needed for shape {tuple(qs.shape)}")
+    absmax, absmax2, code2, offset, bs2 = _state_tensors(weight, qs)
     if out is None:
         out = torch.empty(tuple(qs.shape), dtype=qs.dtype, device=weight.device)
-    elif out.dtype != qs.dtype or out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {qs.dtype} tensor of {n} elements")
-    bs = int(qs.blocksize)
-    if qs.nested:
-        s2 = qs.state2
-        absmax, absmax2, code2, bs2 = qs.absmax, s2.absmax, s2.code, int(s2.blocksize)
-        offset = qs.offset
-        if not isinstance(offset, torch.Tensor):
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=weight.device)
-    else:  # unused pointers: any fp32 tensor on the device
-        absmax = qs.absmax
-        absmax2 = code2 = offset = absmax
-        bs2 = 256
-    interp = interpreting()
+    elif out.dtype != qs.dtype or tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)}")
+    _launch(weight, absmax, absmax2, code2, offset, int(qs.blocksize), bs2, bool(qs.nested), qs.quant_type, out,
+            hw_bf16, ftz, bytes_per_program, num_warps)
+    return out
+
+
+def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type, out, hw_bf16=None, ftz=None,
+            bytes_per_program=None, num_warps=None):
+    n = out.numel()
+    q = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
+    if q.numel() < (n + 1) // 2:
+        raise ValueError(f"packed weight has {q.numel()} bytes, {(n + 1) // 2} needed for {n} values")
     if hw_bf16 is None:
-        hw_bf16 = not interp
-    half = bs // 2
-    rows = max(1, (bytes_per_program or BYTES_PER_PROGRAM) // half)
+        hw_bf16 = not interpreting()
+    rows = max(1, (bytes_per_program or BYTES_PER_PROGRAM) // (bs // 2))
     n_blocks = -(-n // bs)
     grid = (-(-n_blocks // rows),)
-    out_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[qs.dtype]
+    out_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[out.dtype]
     if out_kind == 2 and hw_bf16:
         out_kind = 3
-    args = (q, absmax, absmax2, code2, offset, _table(qs.quant_type, weight.device), out.view(-1), n, n_blocks)
-    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=bool(qs.nested), OUT_KIND=out_kind,
+    args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out.view(-1), n, n_blocks)
+    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind,
               FTZ=bool(weight.is_cuda if ftz is None else ftz),
               num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():
@@ -151,7 +156,32 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
             nf4_dequant_kernel[grid](*args, **kw)
     else:
         nf4_dequant_kernel[grid](*args, **kw)
+
+
+@torch.library.custom_op("tunelab::dequantize_4bit", mutates_args=())
+def _dequantize_op(weight: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
+                   offset: torch.Tensor, blocksize: int, blocksize2: int, nested: bool, quant_type: str,
+                   shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=weight.device)
+    _launch(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, out)
     return out
+
+
+@_dequantize_op.register_fake
+def _(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, shape, dtype):
+    return weight.new_empty(shape, dtype=dtype)
+
+
+def dense(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """dequantize_4bit for lora.dense_weight: inline when eager (a custom op's dispatch costs CPU time the
+    launch-bound eager step cannot spare), one opaque op (tunelab::dequantize_4bit) inside torch.compile, as
+    bitsandbytes' own ops are there."""
+    if not torch.compiler.is_compiling():
+        return dequantize_4bit(weight, quant_state)
+    qs = quant_state
+    absmax, absmax2, code2, offset, bs2 = _state_tensors(weight, qs)
+    return _dequantize_op(weight, absmax, absmax2, code2, offset, int(qs.blocksize), bs2, bool(qs.nested),
+                          qs.quant_type, [int(d) for d in qs.shape], qs.dtype)
 
 
 if triton is not None:  # the kernels are module globals: Triton resolves the helper by global name
