@@ -11,7 +11,7 @@ Per shape and path:
 * host_us: CPU time to issue one call (200 calls back to back after a sync, perf_counter, divided; median of
   the batches). On the launch-bound 7B step this is the cost that counts.
 * bit-identical: each configuration's output on fresh random weights against bitsandbytes.functional's, as
-  integer bits.
+  integer bits; lora.dense_weight with TUNELAB_NF4_TRITON=1 (the check and the call included) likewise.
 Kernel configurations (bytes per program, warps, bf16 conversion) are timed too; the table of the default
 configuration is printed last, with the per-step total (7 projections x 28 layers x 3 uses).
 """
@@ -112,13 +112,21 @@ def main(argv=None) -> int:
 
     from tunelab.model.fast import lora, nf4_triton as K
 
-    def bnb_three(p, qs):  # exactly lora.dense_weight's bitsandbytes path
+    ops = torch.ops.bitsandbytes
+
+    def bnb_three(p, qs):  # lora.dense_weight's bitsandbytes path, line for line (without the kernel check)
+        s2 = qs.state2
+        absmax = ops.dequantize_blockwise.default(qs.absmax, s2.absmax, s2.code, s2.blocksize, torch.float32)
+        absmax += qs.offset
+        return ops.dequantize_4bit.default(p.view(-1, 1), absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
+
+    def tunelab_dense(p, qs):  # what dense_weight costs with the kernel on (the check included)
         return lora.dense_weight(p, qs, torch.bfloat16)
 
     def bnb_public(p, qs):
         return F.dequantize_4bit(p, qs)
 
-    os.environ["TUNELAB_NF4_TRITON"] = "0"  # dense_weight -> bitsandbytes
+    os.environ["TUNELAB_NF4_TRITON"] = "1"  # dense_weight -> the kernel (default config)
     l2 = 60 * 2**20
     rows, by_shape = [], {}
     for name, shape in SHAPES.items():
@@ -134,7 +142,10 @@ def main(argv=None) -> int:
                "bnb_three_gpu_us": gpu_us(bnb_three, items, args.calls, args.batches),
                "bnb_public_gpu_us": gpu_us(bnb_public, items, args.calls, args.batches),
                "bnb_three_host_us": host_us(bnb_three, items, args.batches),
-               "bnb_three_identical_to_public": bits_equal(bnb_three(*fresh), ref), "configs": []}
+               "bnb_three_identical_to_public": bits_equal(bnb_three(*fresh), ref),
+               "dense_weight_gpu_us": gpu_us(tunelab_dense, items, args.calls, args.batches),
+               "dense_weight_host_us": host_us(tunelab_dense, items, args.batches),
+               "dense_weight_identical": bits_equal(tunelab_dense(*fresh), ref), "configs": []}
         for cfg in CONFIGS:
             fn = lambda p, qs, cfg=cfg: K.dequantize_4bit(p, qs, **cfg)  # noqa: E731
             out = torch.full(shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)
@@ -157,7 +168,8 @@ def main(argv=None) -> int:
                    and c["num_warps"] == K.NUM_WARPS)
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "bitsandbytes": __import__("bitsandbytes").__version__,
-               "all_identical": all(c["identical"] for r in rows for c in r["configs"]),
+               "all_identical": all(c["identical"] for r in rows for c in r["configs"]) and all(
+                   r["dense_weight_identical"] and r["bnb_three_identical_to_public"] for r in rows),
                "best_config": CONFIGS[best], "layer_gpu_us_by_config": dict(zip(map(str, CONFIGS), totals)),
                "rows": rows}
     for key, i in (("default", default), ("best", best)):
@@ -190,6 +202,9 @@ def main(argv=None) -> int:
         s = summary[key]
         print(f"per step (x{USES_PER_STEP} per projection): GPU {s['step_gpu_ms_saved']:.2f} ms saved, "
               f"host {s['step_host_ms_saved']:.2f} ms saved")
+    print("lora.dense_weight with the kernel on (us, gpu/host/identical):",
+          [(r["proj"], round(r["dense_weight_gpu_us"], 1), round(r["dense_weight_host_us"], 1),
+            r["dense_weight_identical"]) for r in rows])
     print("subnormal blocks, kernel == bitsandbytes:", summary["subnormal_identical"])
     print("ALL IDENTICAL" if summary["all_identical"] else "NOT IDENTICAL: see configs")
     return 0 if summary["all_identical"] else 1
