@@ -64,39 +64,87 @@ def load_engine(base: str, adapter: str, bits: int | None):
     return engine
 
 
+FAST = {"tunelab fast, eager layers": "0", "tunelab fast": "1"}  # TUNELAB_COMPILE_DECODE for each fast variant
+
+
 def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None) -> None:
     import torch
 
     from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
 
     prompt = torch.randint(0, 150000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    paths = {"plain generate": HFDecodeBackend(), "tunelab fast": StaticDecodeBackend()}
+    paths = {"plain generate": HFDecodeBackend(), **{name: StaticDecodeBackend() for name in FAST}}
     times: dict[str, list[float]] = {k: [] for k in paths}
     tokens: dict[str, list[int]] = {}
-    # rep 0 warms both up (graph capture for the fast path); then plain, fast, fast (plain is the slow one to time)
-    for rep, names in enumerate((list(paths), list(paths), ["tunelab fast"])):
+    # rep 0 warms each up (the fast paths build their decoder: graph capture, compilation); then plain once, each
+    # fast path twice (plain is the slow one to time)
+    for rep, names in enumerate((list(paths), list(paths), list(FAST))):
         for name in names:
             backend = paths[name]
             engine.backend = backend
+            os.environ["TUNELAB_COMPILE_DECODE"] = FAST.get(name, "1")
+            n = 16 if rep == 0 and name == "plain generate" else new
             _sync()
             t = time.perf_counter()
-            ids = engine.generate_ids([prompt], max_new_tokens=new, min_new_tokens=new, stop_token_ids=())[0]
+            ids = engine.generate_ids([prompt], max_new_tokens=n, min_new_tokens=n, stop_token_ids=())[0]
             _sync()
             if rep:
                 times[name].append(time.perf_counter() - t)
-            assert len(ids) == new, f"{name} produced {len(ids)} tokens"
-            tokens[name] = ids
-    a, b = tokens["plain generate"], tokens["tunelab fast"]
-    first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    dec = paths["tunelab fast"].decoder
+                tokens[name] = ids
+            elif name in FAST:
+                log(f"{label} / {name}: decoder built (capture + compile) in {backend.decoder.warmup_seconds:.1f} s")
+            assert len(ids) == n, f"{name} produced {len(ids)} tokens"
+    os.environ.pop("TUNELAB_COMPILE_DECODE", None)
+
+    def first_diff(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
     for name in paths:
         best = min(times[name])
-        emit({"case": "single", "weights": label, "path": name, "prompt": prompt_len, "new": new, "tokens_per_s": round(new / best, 1),
-              "seconds": [round(x, 3) for x in times[name]], "greedy_equal": first_diff is None, "first_difference": first_diff,
-              "cuda_graphs": len(dec.graphs) if name == "tunelab fast" else 0, "graph_error": dec.graph_error if name == "tunelab fast" else None}, out)
+        row = {"case": "single", "weights": label, "path": name, "prompt": prompt_len, "new": new, "tokens_per_s": round(new / best, 1),
+               "seconds": [round(x, 3) for x in times[name]], "first_difference_vs_plain": first_diff(tokens["plain generate"], tokens[name])}
+        if name in FAST:
+            dec = paths[name].decoder
+            row.update(cuda_graphs=len(dec.graphs), graph_error=dec.graph_error, compiled=dec.compiled is not None,
+                       compile_error=dec.compile_error, decoder_build_s=round(dec.warmup_seconds, 1),
+                       lora_groups=dec.router.groups if dec.router else None, **step_profile(dec))
+            if name != "tunelab fast, eager layers":
+                row["first_difference_vs_eager_layers"] = first_diff(tokens["tunelab fast, eager layers"], tokens[name])
+        emit(row, out)
     engine.backend = HFDecodeBackend()
-    paths["tunelab fast"].decoder = None
+    for name in FAST:
+        paths[name].decoder = None
     _free()
+
+
+def step_profile(dec) -> dict:
+    """Time of one graph replay (batch 1, the longest length bucket; median of 50, CUDA events) and the number
+    of GPU kernels in it (torch.profiler over one replay): what one decode step costs without any Python."""
+    import torch
+
+    key = (1, max(w for b, w in dec.graphs if b == 1)) if dec.graphs else None
+    if key is None:
+        return {}
+    graph, _ = dec.graphs[key]
+    times = []
+    for _ in range(50):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    result = {"replay_ms": round(statistics.median(times), 3), "replay_bucket": list(key)}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        result["kernels_per_step"] = sum(1 for e in prof.events() if str(e.device_type).endswith("CUDA"))
+    except Exception as exc:  # the profiler is a diagnostic only
+        result["kernels_per_step"] = f"{type(exc).__name__}: {exc}"[:120]
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ serving
@@ -112,7 +160,9 @@ def start_server(engine, adapter_b: str, streams: int, max_len: int):
     t = time.time()
     decoder = SlotDecoder(engine.model, max_slots=streams, max_len=max_len, adapters=["default", "b"], pad_token_id=PAD)
     decoder.warmup([PAD, PAD])
-    log(f"decoder ready in {time.time() - t:.1f} s: {len(decoder.graphs)} CUDA graphs, error {decoder.graph_error}")
+    startup = {"decoder_build_s": round(time.time() - t, 1), "cuda_graphs": len(decoder.graphs), "graph_error": decoder.graph_error,
+               "compiled": decoder.compiled is not None, "compile_error": decoder.compile_error, "lora_groups": decoder.router.groups}
+    log(f"decoder ready: {startup}")
     scheduler = Scheduler(decoder, engine.template.stop_token_ids, max_queue=streams)
     service = Service(engine, scheduler, models={"base": None, "a": "default", "b": "b"}, context=max_len)
     scheduler.start()
@@ -132,7 +182,7 @@ def start_server(engine, adapter_b: str, streams: int, max_len: int):
                 break
         except httpx.HTTPError:
             time.sleep(0.1)
-    return server, thread, scheduler, decoder, f"http://127.0.0.1:{port}"
+    return server, thread, scheduler, decoder, f"http://127.0.0.1:{port}", startup
 
 
 def run_client(url: str, models: list[str], streams: int, prompt_len: int, new: int, seed: int, solo: int = 0) -> dict:
@@ -179,27 +229,31 @@ async def _client_main(args) -> dict:
         start = time.perf_counter()
         results = await asyncio.gather(*(one(client, i) for i in range(args.streams)))
         wall = max(r["done"] for r in results) - start
-        solo_equal = []
+        solo_equal, solo_prefix = [], []
         for i in range(args.solo):  # the same requests one at a time afterwards
             alone = await one(client, i)
             solo_equal.append(alone["text"] == results[i]["text"])
+            a, b = alone["text"], results[i]["text"]
+            solo_prefix.append(next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
     ttft = sorted(r["ttft"] for r in results)
     total = sum(r["tokens"] for r in results)
     return {"streams": args.streams, "models": models, "tokens": total, "all_complete": all(r["tokens"] == args.new for r in results),
             "wall_s": round(wall, 2), "aggregate_tokens_per_s": round(total / wall, 1),
             "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
-            "solo_equal": f"{sum(solo_equal)}/{len(solo_equal)}" if solo_equal else None}
+            "solo_equal": f"{sum(solo_equal)}/{len(solo_equal)}" if solo_equal else None,
+            "solo_common_prefix_chars": solo_prefix or None, "text_chars": [len(r["text"]) for r in results[: args.solo]] or None}
 
 
 def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int, out: str | None, label: str) -> None:
     max_len = 1 << (prompt_len + new - 1).bit_length()
-    server, thread, scheduler, decoder, url = start_server(engine, adapter_b, streams, max_len)
+    server, thread, scheduler, decoder, url, startup = start_server(engine, adapter_b, streams, max_len)
     try:
-        run_client(url, ["a"], streams, prompt_len, 16, seed=99)  # warm-up round
+        run_client(url, ["a", "b"], streams, prompt_len, 16, seed=99)  # warm-up round
         for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
-            row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 1 else 0)
+            # the two-adapter round re-runs 4 streams alone afterwards (2 per adapter): routing checked per row
+            row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 2 else 0)
             emit({"case": "serve", "weights": label, "round": name, "peak_batch": scheduler.stats()["peak_running"],
-                  "cuda_graphs": len(decoder.graphs), "step_ms_avg": round(1000 * scheduler.step_seconds, 2), **row}, out)
+                  "step_ms_avg": round(1000 * scheduler.step_seconds, 2), **row, **startup}, out)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -25,7 +25,8 @@ Supported: plain LoRA on Linear layers (16-bit, bitsandbytes 4/8-bit bases); DoR
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
+import types
 from typing import Any, Iterator, Sequence
 
 from tunelab.errors import ModelError
@@ -39,6 +40,7 @@ class AdapterRouter:
         from peft.tuners.lora import LoraLayer
 
         self.names = list(names)
+        self.model = model
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         if not self.layers:
             raise ModelError("adapters were named for routing but the model holds no LoRA layer.")
@@ -65,12 +67,56 @@ class AdapterRouter:
                 self.folded[n] = values.pop()
         self._cast: tuple[Any, Any] | None = None
         for layer in self.layers:
-            layer.forward = functools.partial(_routed_forward, layer, self, layer.forward)
+            # One bound method per layer, the same function for all (not a partial holding this router): a
+            # compiled decoder layer then sees the same code in every layer and reuses one compiled graph.
+            layer.forward = types.MethodType(_routed_forward, layer)
+        self.members = set(self.layers)
+        self.stash: tuple[Any, Any] | None = None
+        self.groups = 0
+        self.plan: list[tuple[Any, ...]] | None = None
+        self._install()
+
+    def _install(self) -> None:
+        """Put this router's stacked A/B on the layers (buffers, so a compiled layer reads them as inputs
+        rather than guarding on a per-layer dict key); another router on the same model may have replaced them."""
+        global _INSTALLED
+        if _INSTALLED is self:
+            return
+        for layer in self.layers:
+            a_cat, b_cat = self.stacked.weights[id(layer)] if self.stacked is not None else (None, None)
+            layer.register_buffer("_tl_a_cat", a_cat, persistent=False)
+            layer.register_buffer("_tl_b_cat", b_cat, persistent=False)
+        _INSTALLED = self
+        if self.plan is None:  # built once: a captured graph reads these tensors, whichever router is installed
+            self.plan = _group(self.model, self) if os.environ.get("TUNELAB_GROUP_LORA", "1") != "0" else []
+        for layer in self.layers:
+            layer._tl_role = 0
+        for lead, ga, gb, parts, members in self.plan:
+            lead.register_buffer("_tl_ga", ga, persistent=False)
+            lead.register_buffer("_tl_gb", gb, persistent=False)
+            lead._tl_parts = parts
+            for m, (role, start, stop, last) in members:
+                m._tl_role, m._tl_start, m._tl_stop, m._tl_last = role, start, stop, last
+        self.groups = len(self.plan)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        global _ACTIVE
+        self._install()
+        _ACTIVE = self
+        try:
+            yield
+        finally:
+            _ACTIVE, self.current, self._cast, self.stash = None, None, None, None
+            if self.stacked is not None:
+                self.stacked.current, self.stacked.current_tiled = None, None
 
     def cast(self, x: Any, dtype: Any) -> Any:
         """x in the adapters' dtype, cast once for the projections that share an input (q/k/v, gate/up)."""
         if x.dtype == dtype:
             return x
+        if _compiling():  # the compiler fuses the cast into its consumers; no Python-side cache in a trace
+            return x.to(dtype)
         if self._cast is not None and self._cast[0] is x and self._cast[1].dtype == dtype:
             return self._cast[1]
         y = x.to(dtype)
@@ -95,10 +141,9 @@ class AdapterRouter:
         self.current = {name: buf[:n] for name, buf in self.scales.items()}
         if self.stacked is not None:
             self.stacked.current = self.stacked.masks[:n]
-        try:
+            self.stacked.current_tiled = {p: t[:n] for p, t in self.stacked.tiled[id(self.stacked.masks)].items()}
+        with self._active():
             yield
-        finally:
-            self.current, self._cast = None, None
 
     @contextlib.contextmanager
     def prefill(self, adapter: str | None) -> Iterator[None]:
@@ -110,31 +155,46 @@ class AdapterRouter:
         if self.stacked is not None:
             self.stacked.set_row(self.stacked.one, 0, adapter)
             self.stacked.current = self.stacked.one
-        try:
+            self.stacked.current_tiled = self.stacked.tiled[id(self.stacked.one)]
+        with self._active():
             yield
-        finally:
-            self.current, self._cast = None, None
 
 
-def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *args: Any, **kwargs: Any):
+_ACTIVE: AdapterRouter | None = None  # the router of the forward running now (None: PEFT's own forward)
+_INSTALLED: AdapterRouter | None = None  # whose stacked weights the layers hold
+
+
+def _compiling() -> bool:
+    import torch
+
+    return bool(getattr(torch, "compiler", None) and torch.compiler.is_compiling())
+
+
+def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
     """PEFT's LoRA Linear forward (plain and bitsandbytes flavours), one term per adapter scaled per row."""
     import torch
 
+    router = _ACTIVE
     # Routing decides by the scales alone (not PEFT's disable flag): a captured graph must not bake that flag in.
-    if router.current is None or layer.merged:
-        return original(x, *args, **kwargs)
+    if router is None or router.current is None or layer.merged:
+        return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     quantized = type(layer).__name__ != "Linear"
+    grouped = _grouped_term(layer, router, x)  # this projection's slice of its group's LoRA product, or None
     if router.stacked is not None:
-        a_cat, b_cat = router.stacked.weights[id(layer)]
-        out = ((router.cast(x, a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
-        return result + out.to(dtype) if quantized else (result + out).to(dtype)
+        if grouped is None:
+            a_cat, b_cat = layer._tl_a_cat, layer._tl_b_cat
+            grouped = ((router.cast(x, a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
+        return result + grouped.to(dtype) if quantized else (result + grouped).to(dtype)
     for name, scale in router.current.items():
         if name not in layer.lora_A:
             continue  # this adapter does not target this layer
-        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
+        if grouped is not None:
+            out = grouped  # one routed adapter: the group's product is this adapter's
+        else:
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
         if name not in router.folded:
             out = out * layer.scaling[name]
         out = out * scale.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)  # (row scale x scaling): PEFT's x * s
@@ -143,6 +203,62 @@ def _routed_forward(layer: Any, router: AdapterRouter, original: Any, x: Any, *a
         else:
             result = (result + out).to(dtype)  # as peft.tuners.lora.layer.Linear: add, then cast
     return result
+
+
+# Projections that read the same input in one block: their LoRA products are computed together.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _grouped_term(layer: Any, router: AdapterRouter, x: Any):
+    """For a grouped projection (q/k/v, gate/up): the group leader (q, gate; called first by the attention and
+    MLP blocks) computes every member's LoRA term in two matmuls, x @ A_group^T (the members' A stacked) and @
+    B_group^T (their B's block-diagonal), instead of two per member, and leaves the result for the others, which
+    take their slice. None when the layer is not grouped or the leader's result is not for this input."""
+    role = layer._tl_role  # an int per projection kind, the same in every decoder layer (no per-layer guard)
+    if not role:
+        return None
+    if role == 1:
+        a, b = layer._tl_ga, layer._tl_gb
+        u = router.cast(x, a.dtype) @ a.t()
+        if router.stacked is not None:
+            u = u * router.stacked.current_tiled[layer._tl_parts]  # each row's adapter block in every member
+        router.stash = (x, u @ b.t())
+    stash = router.stash
+    if stash is None or stash[0] is not x:
+        return None
+    if layer._tl_last:
+        router.stash = None
+    return stash[1][..., layer._tl_start : layer._tl_stop]
+
+
+def _group(model: Any, router: AdapterRouter) -> list[tuple[Any, ...]]:
+    """The q/k/v and gate/up groups (see _grouped_term): (leader, A_group, B_group, member count, [(member, (role,
+    start, stop, last))]). A group needs its members to carry the same routed adapters with the same ranks."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    plan = []
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, LoraLayer) and m in router.members for m in members):
+                continue
+            if router.stacked is not None:
+                parts = [router.stacked.weights[id(m)] for m in members]
+            else:
+                (name,) = router.names
+                if not all(name in m.lora_A for m in members):
+                    continue
+                parts = [(m.lora_A[name].weight.detach(), m.lora_B[name].weight.detach()) for m in members]
+            if len({(a.shape, a.dtype) for a, _ in parts}) != 1 or len({b.dtype for _, b in parts}) != 1:
+                continue
+            ga, gb = torch.cat([a for a, _ in parts]), torch.block_diag(*[b for _, b in parts])
+            roles, start = [], 0
+            for i, (m, (_, b)) in enumerate(zip(members, parts)):
+                roles.append((m, (1 if i == 0 else 2, start, start + b.shape[0], i == len(members) - 1)))
+                start += b.shape[0]
+            plan.append((members[0], ga, gb, len(members), roles))
+    return plan
 
 
 class _Stacked:
@@ -156,13 +272,20 @@ class _Stacked:
         dtype = next(iter(weights.values()))[0].dtype
         self.masks = torch.zeros((max_rows, 1, width), dtype=dtype, device=device)
         self.one = torch.zeros((1, 1, width), dtype=dtype, device=device)
+        # the same masks repeated once per member of a projection group (q/k/v: 3, gate/up: 2)
+        parts = sorted({len(g) for g in GROUPS})
+        self.tiled = {id(self.masks): {p: torch.zeros((max_rows, 1, width * p), dtype=dtype, device=device) for p in parts},
+                      id(self.one): {p: torch.zeros((1, 1, width * p), dtype=dtype, device=device) for p in parts}}
         self.current: Any = None
+        self.current_tiled: dict[int, Any] | None = None
 
     def set_row(self, buf, row: int, adapter: str | None) -> None:
         buf[row] = 0.0
         if adapter is not None:
             start, stop, scaling = self.blocks[adapter]
             buf[row, :, start:stop] = scaling
+        for p, tiled in self.tiled[id(buf)].items():
+            tiled[row] = buf[row].repeat(1, p)
 
 
 def _stack(layers, names, max_rows, device) -> _Stacked | None:

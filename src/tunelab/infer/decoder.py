@@ -24,9 +24,13 @@ inside one forward pass.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
-from typing import Any, Sequence
+import os
+import time
+from typing import Any, Iterator, Sequence
 
 from tunelab.errors import ModelError
 from tunelab.infer.adapters import AdapterRouter
@@ -61,17 +65,119 @@ class _SlotCache:
 
     is_compileable = False
 
-    def __init__(self, keys: list[Any], values: list[Any], index: Any) -> None:
-        self.keys, self.values, self.index = keys, values, index  # index: [rows, 1, 1, 1] write positions
+    def __init__(self, keys: list[Any], values: list[Any], rows: Any, pos: Any) -> None:
+        self.keys, self.values, self.rows, self.pos = keys, values, rows, pos  # rows: arange [n]; pos: [n] write positions
 
     def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
-        idx = self.index.expand(-1, key_states.shape[1], 1, key_states.shape[-1])
-        self.keys[layer_idx].scatter_(2, idx, key_states)
-        self.values[layer_idx].scatter_(2, idx, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        return _write(self.keys[layer_idx], self.values[layer_idx], self.rows, self.pos, key_states, value_states)
+
+    def layer(self, layer_idx: int) -> "_LayerCache":
+        return _LayerCache(self.keys[layer_idx], self.values[layer_idx], self.rows, self.pos)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never consulted: position ids are always given
+
+
+class _LayerCache(_SlotCache):
+    """One layer's slice of the slot cache; `update` ignores the layer index, so one compiled decoder layer (which
+    would otherwise specialise on that index) serves every layer."""
+
+    def __init__(self, keys: Any, values: Any, rows: Any, pos: Any) -> None:
+        self.keys, self.values, self.rows, self.pos = keys, values, rows, pos
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        return _write(self.keys, self.values, self.rows, self.pos, key_states, value_states)
+
+
+def _write(keys, values, rows, pos, key_states, value_states):
+    # row r, every head, position pos[r]: one index_put_ kernel each, an op the compiler updates in place
+    keys[rows, :, pos] = key_states[:, :, 0]
+    values[rows, :, pos] = value_states[:, :, 0]
+    return keys, values
+
+
+def _decoder_layers(lm: Any) -> list[Any]:
+    """The model's repeated decoder layers (the ModuleList of *DecoderLayer modules), or [] if it has none."""
+    import torch
+
+    for module in lm.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__.endswith("DecoderLayer"):
+            if all(type(m) is type(module[0]) for m in module):
+                return list(module)
+    return []
+
+
+class _FlatAbsmax:
+    """4-bit layers with double quantization store their per-block scales (absmax) in 8 bits, and bitsandbytes
+    dequantizes them (two kernels: dequantize_blockwise, + offset) in every forward before its 4-bit GEMV. Decode
+    steps run 7 such projections per layer for one token, so those two kernels are ~2/3 of the 4-bit work's
+    launches. Here the float32 scales are computed once (the same kernels, so the same values: the output is
+    unchanged) and swapped in during decode steps: +4 bytes per 64 weights (~0.4 GB for a 7B model)."""
+
+    def __init__(self, lm: Any, devices: Sequence[str] = ("cuda",)) -> None:
+        # CUDA only by default: bitsandbytes' CPU layer repacks its weights and scales at the first forward
+        self.swaps: list[tuple[Any, Any, Any]] = []
+        for module in lm.modules():
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            if type(module).__name__ != "Linear4bit" or state is None or not getattr(state, "nested", False):
+                continue
+            if weight.device.type not in devices or any(weight is w for w, _, _ in self.swaps):  # PEFT's LoRA wrapper shows its base layer's weight too
+                continue
+            from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+            absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset  # as bitsandbytes' gemv_4bit
+            flat = QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                              quant_type=state.quant_type, dtype=state.dtype)
+            self.swaps.append((weight, state, flat))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for weight, _, flat in self.swaps:
+            weight.quant_state = flat
+        try:
+            yield
+        finally:
+            for weight, state, _ in self.swaps:
+                weight.quant_state = state
+
+
+class _CompiledLayers:
+    """`torch.compile` of one decoder layer's forward, shared by every layer (regional compilation): the eager
+    kernels of a decode step (RMSNorm in float32, rotary embedding, SwiGLU, residual adds, the LoRA casts and
+    scales) fuse into a few Triton kernels per layer, and the graph captured around it holds those. It is active
+    only inside decode steps: prefills and plain `generate` on the same model run the eager layers."""
+
+    def __init__(self, layers: list[Any], mode: str | None, backend: str = "inductor") -> None:
+        import torch
+
+        self.layers = layers
+        # one entry per (shape, dtype, router) combination, all layers sharing each: well under 64
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+        # dynamic=True: one compilation serves every batch and length bucket (batch 1 is specialised apart)
+        dynamic = os.environ.get("TUNELAB_COMPILE_DYNAMIC", "1") != "0" or None
+        self.fn = torch.compile(type(layers[0]).forward, mode=mode, dynamic=dynamic, backend=backend)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for i, layer in enumerate(self.layers):
+            layer.forward = functools.partial(_layer_step, self.fn, i, layer)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+
+
+def _layer_step(fn: Any, index: int, layer: Any, *args: Any, **kwargs: Any):
+    """Eager shim around the compiled layer: hands it its own layer's cache (see _LayerCache)."""
+    for kw in ("cache", "past_key_values"):
+        cache = kwargs.get(kw)
+        if isinstance(cache, _SlotCache) and not isinstance(cache, _LayerCache):
+            kwargs[kw] = cache.layer(index)
+    return fn(layer, *args, **kwargs)
 
 
 class SlotDecoder:
@@ -85,6 +191,8 @@ class SlotDecoder:
         max_len: int,
         adapters: Sequence[str] = (),
         use_graphs: bool | None = None,
+        compile: bool | None = None,
+        compile_backend: str = "inductor",
         pad_token_id: int = 0,
     ) -> None:
         import torch
@@ -106,9 +214,22 @@ class SlotDecoder:
         self.layer_types = sorted(set(getattr(self.lm.config, "layer_types", None) or ["full_attention"]))
         self.ids_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
+        self.row_ids = torch.arange(self.max_slots, device=self.device)
         self.arange = torch.arange(self.max_len, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.graph_error: str | None = None
+        self.compiled: _CompiledLayers | None = None
+        self.flat: _FlatAbsmax | None = None  # built at the first step (the weights are on their device by then)
+        self.compile_error: str | None = None
+        self.warmup_seconds = 0.0
+        if compile is None:  # default: on wherever graphs are (TUNELAB_COMPILE_DECODE=0 turns it off)
+            compile = self.use_graphs and os.environ.get("TUNELAB_COMPILE_DECODE", "1") != "0"
+        if compile:  # explicitly True without graphs: compiled eager steps (how the CPU tests check the compiled code)
+            layers = _decoder_layers(self.lm)
+            if layers:
+                self.compiled = _CompiledLayers(layers, os.environ.get("TUNELAB_COMPILE_MODE") or None, compile_backend)
+            else:
+                self.compile_error = "no repeated *DecoderLayer modules found"
         # transformers 5.2x names the forward's cache argument `cache` (older: `past_key_values`, still accepted
         # there with a warning per call): pass it by the name this version declares.
         attn = getattr(self.lm.config, "_attn_implementation", None) or "sdpa"
@@ -199,27 +320,34 @@ class SlotDecoder:
                 graph, out = self.graphs[(rows, width)]
                 graph.replay()
             else:
-                out = self._forward(rows, need, masked=rows > 1)
+                out = self._forward(rows, need, masked=rows > 1, compiled=True)
             picked = out[torch.tensor(slots, device=self.device)].float()
         for s in slots:
             self.lengths[s] += 1
         return {s: picked[i] for i, s in enumerate(slots)}
 
-    def _forward(self, rows: int, width: int, *, masked: bool = True):
+    def _forward(self, rows: int, width: int, *, masked: bool = True, compiled: bool = False):
         """One decode step of the first `rows` slots over `width` cached positions -> logits [rows, vocab]."""
         import torch
 
         ids, pos = self.ids_buf[:rows], self.pos_buf[:rows]
-        cache = _SlotCache([k[:rows, :, :width] for k in self.keys], [v[:rows, :, :width] for v in self.values], pos.view(rows, 1, 1, 1))
+        cache = _SlotCache([k[:rows, :, :width] for k in self.keys], [v[:rows, :, :width] for v in self.values], self.row_ids[:rows], pos.view(rows))
         mask = None  # unmasked: one row over exactly its cached positions (as generate's decode step)
         if masked:
             mask = (self.arange[:width].view(1, width) <= pos).view(rows, 1, 1, width)
             if self.additive_mask:  # eager attention adds its mask: 0 where attended, the dtype's minimum elsewhere
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         mask = {t: mask for t in self.layer_types}  # a dict is used as given: no mask building from the cache
-        with self._route(rows=rows):
+        compiled = self.compiled.active() if compiled and self.compiled is not None else contextlib.nullcontext()
+        with self._route(rows=rows), compiled, self._flat_absmax():
             out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{self.cache_kw: cache})
         return out.logits[:, -1]
+
+    def _flat_absmax(self):
+        if self.flat is None:
+            with torch_inference():
+                self.flat = _FlatAbsmax(self.lm)
+        return self.flat.active() if self.flat.swaps else contextlib.nullcontext()
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------------
     def warmup(self, dummy_prompt: Sequence[int] = (0, 0)) -> None:
@@ -233,19 +361,37 @@ class SlotDecoder:
             self.release(0)
         if not self.use_graphs or self.graphs:
             return
+        t = time.perf_counter()
+        try:
+            self._capture_all()
+        except Exception as exc:
+            if self.compiled is None:  # an op that cannot be captured (a host sync in some layer): decode eagerly
+                self.use_graphs = False
+                self.graph_error = _error(exc)
+                logger.warning("CUDA graph capture failed (%s); decoding without graphs", self.graph_error)
+            else:  # the compiled layers failed (compiler or capture): graphs of the eager layers instead
+                self.compiled, self.compile_error = None, _error(exc)
+                logger.warning("compiling the decode step failed (%s); capturing the eager step", self.compile_error)
+                torch.cuda.synchronize()
+                self.warmup_seconds += time.perf_counter() - t
+                return self.warmup(dummy_prompt)
+        self.warmup_seconds += time.perf_counter() - t
+        logger.info("decoder: %d CUDA graphs captured (batch %s x length %s, compiled layers: %s) in %.1f s", len(self.graphs),
+                    self.batch_buckets, self.len_buckets, self.compiled is not None, self.warmup_seconds)
+
+    def _capture_all(self) -> None:
+        import torch
+
         pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
                 for rows in reversed(self.batch_buckets):  # largest first: the shared pool is sized once
                     for width in reversed(self.len_buckets):
                         self.graphs[(rows, width)] = self._capture(rows, width, pool)
-        except Exception as exc:  # an op that cannot be captured (a host sync in some layer): decode eagerly
+        except Exception:
             self.graphs.clear()
-            self.use_graphs = False
-            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            logger.warning("CUDA graph capture failed (%s); decoding without graphs", self.graph_error)
             torch.cuda.synchronize()
-        logger.info("decoder: %d CUDA graphs captured (batch %s x length %s)", len(self.graphs), self.batch_buckets, self.len_buckets)
+            raise
 
     def _capture(self, rows: int, width: int, pool: Any):
         import torch
@@ -255,10 +401,20 @@ class SlotDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up passes: lazy inits and library handles happen outside the capture
-                self._forward(rows, width)
+            for _ in range(2):  # warm-up passes: compilation, lazy inits and library handles happen outside the capture
+                self._forward(rows, width, compiled=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = self._forward(rows, width)
+            out = self._forward(rows, width, compiled=True)
         return graph, out
+
+
+def torch_inference():
+    import torch
+
+    return torch.inference_mode()
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"

@@ -1,0 +1,109 @@
+"""The slot decoder's fast-step pieces on the CPU: the compiled decoder layer (torch.compile, one graph shared by
+every layer), the grouped LoRA products (q/k/v, gate/up) and the flat 4-bit scales; each must leave the greedy
+tokens exactly as they were. (On CUDA the same code runs under CUDA graphs: tests/test_infer_engine.py, GPU-marked.)"""
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+
+from helpers_infer import lora_run  # noqa: F401 (fixture)
+
+PROMPTS = [[100 + i for i in range(7)], [300 + i for i in range(11)], [5, 6, 7]]
+OTHER = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")  # a second adapter, trained apart
+
+
+def _engine(lora_run, **extra):
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    model, run = lora_run
+    return Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "template": "qwen",
+                                           "do_sample": False, "decode_backend": "hf", **extra}))
+
+
+def _decode(dec, plan, steps: int = 8) -> list[list[int]]:
+    """Greedy tokens of each (prompt, adapter) row, all decoded together."""
+    import torch
+
+    got: dict[int, list[int]] = {}
+    with torch.inference_mode():
+        logits = {i: dec.prefill(i, p, a) for i, (p, a) in enumerate(plan)}
+        while logits:
+            for s, lg in logits.items():
+                got.setdefault(s, []).append(int(torch.argmax(lg)))
+                if len(got[s]) == steps:
+                    dec.release(s)
+            logits = dec.step({s: got[s][-1] for s in dec.lengths})
+    return [got[i] for i in range(len(plan))]
+
+
+def _recording_backend(graphs: list):
+    """A torch.compile backend that runs the traced graph as it is (aot_eager: functionalized, so in-place cache
+    writes on inference tensors are exercised) and records the ops of every graph it is given."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backend(gm, inputs):
+        graphs.append(collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return aot_autograd(fw_compiler=lambda g, i: g.forward)(gm, inputs)
+
+    return backend
+
+
+def test_compiled_layers_and_grouped_lora_keep_the_greedy_tokens(lora_run):
+    import torch
+
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = _engine(lora_run)
+    eng.add_adapter("second", OTHER)
+    names = ["default", "second"]
+    plans = {"one adapter": [(p, "default") for p in PROMPTS], "two adapters": [(p, names[i % 2]) for i, p in enumerate(PROMPTS)] + [(PROMPTS[0], None)]}
+    torch._dynamo.reset()
+    for label, plan in plans.items():
+        routed = ["default"] if label == "one adapter" else names
+        os.environ["TUNELAB_GROUP_LORA"] = "0"
+        try:
+            reference = _decode(SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed), plan)
+        finally:
+            os.environ.pop("TUNELAB_GROUP_LORA")
+        grouped = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed)
+        assert grouped.router.groups == 4  # q/k/v and gate/up in each of the 2 layers
+        assert _decode(grouped, plan) == reference, label
+        graphs: list = []
+        compiled = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed, compile=True, compile_backend=_recording_backend(graphs))
+        assert _decode(compiled, plan) == reference, label
+        # one graph per decoder layer call shape (batch 4 masked; then batch of 1 unmasked), shared by both layers
+        assert 1 <= len(graphs) <= 3, (label, len(graphs))
+        mm = graphs[0]["<built-in function linear>"] + graphs[0]["<built-in function matmul>"]
+        # 7 base projections + 2 matmuls for each LoRA group (q/k/v, gate/up) and for o and down: 15, where one
+        # pair per projection would be 21
+        assert mm == 15, (label, graphs[0])
+    eng.unload()
+
+
+def test_flat_4bit_scales_give_the_same_projection(lora_run):
+    import torch
+
+    from tunelab.infer.decoder import _FlatAbsmax
+
+    eng = _engine(lora_run, quantization_bit=4)
+    lm = eng.model.get_base_model()
+    proj = lm.model.layers[0].mlp.down_proj.base_layer
+    assert proj.weight.quant_state.nested  # double quantization: 8-bit scales
+    assert _FlatAbsmax(lm).swaps == []  # CUDA only by default
+    for m in lm.modules():  # bitsandbytes' CPU layer would repack weight and scales at the first forward (not on CUDA)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    flat = _FlatAbsmax(lm, devices=("cpu",))
+    assert len(flat.swaps) == 2 * 7  # every 4-bit projection of the 2 layers, once
+    x = torch.randn(3, 1, proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with flat.active():
+            assert not proj.weight.quant_state.nested
+            fast = proj(x)
+        assert proj.weight.quant_state.nested  # restored
+        plain = proj(x)
+    assert torch.equal(fast, plain)
+    eng.unload()
