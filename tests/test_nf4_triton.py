@@ -63,7 +63,8 @@ import sys, torch
 from tunelab.model.fast import nf4_triton as K
 assert K.interpreting(), "TRITON_INTERPRET did not reach triton"
 items = torch.load(sys.argv[1], weights_only=False)
-outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz) for p, qs, bpp, ftz in items]
+outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz, element_tile=bool(i % 2))
+        for i, (p, qs, bpp, ftz) in enumerate(items)]  # odd cases: the element-tile form of the kernel
 p, qs = items[0][:2]  # the custom op that torch.compile sees (fullgraph: no graph break)
 compiled = torch.compile(lambda w: K.dense(w, qs), backend="aot_eager", fullgraph=True)(p)
 torch.save((outs, compiled), sys.argv[2])
@@ -261,10 +262,11 @@ def _gpu_check(case, seed, **kw):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("hw_bf16", [True, False])
+@pytest.mark.parametrize("form", [(True, False), (False, False), (True, True)], ids=["hw", "intround", "hw-elem"])
 @pytest.mark.parametrize("shape", _GPU_7B, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gpu_7b_shapes_equal_bitsandbytes(shape, hw_bf16):
-    _gpu_check((shape, True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), seed=shape[0], hw_bf16=hw_bf16)
+def test_gpu_7b_shapes_equal_bitsandbytes(shape, form):
+    _gpu_check((shape, True, "nf4", 64, torch.bfloat16, torch.bfloat16, None, None), seed=shape[0],
+               hw_bf16=form[0], element_tile=form[1])
 
 
 # on the GPU: every special case, and the main grid on two shapes (each new shape is another compilation)
@@ -275,7 +277,7 @@ GPU_CASES = [i for i, c in enumerate(CASES) if c[0] in ((7, 31), (120, 320)) or 
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", GPU_CASES, ids=[_case_id(CASES[i]) for i in GPU_CASES])
 def test_gpu_small_cases_equal_bitsandbytes(index):
-    _gpu_check(CASES[index], seed=100 + index, bytes_per_program=CASES[index][6])
+    _gpu_check(CASES[index], seed=100 + index, bytes_per_program=CASES[index][6], element_tile=bool(index % 2))
 
 
 @gpu

@@ -29,6 +29,7 @@ SHAPES = {"q": (3584, 3584), "k": (512, 3584), "v": (512, 3584), "o": (3584, 358
           "gate": (18944, 3584), "up": (18944, 3584), "down": (3584, 18944)}  # weight [out, in]
 CONFIGS = [dict(hw_bf16=True, bytes_per_program=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
 CONFIGS.append(dict(hw_bf16=False, bytes_per_program=2048, num_warps=4))
+CONFIGS += [dict(hw_bf16=True, bytes_per_program=b, num_warps=w, element_tile=True) for b, w in ((2048, 4), (4096, 8))]
 USES_PER_STEP = 28 * 3  # layers x (forward, recompute, backward), per projection
 DEVICE = "cuda"  # a CPU smoke run of this script's logic overrides it (with fake timers)
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     totals = [sum(r["configs"][i]["gpu_us"] for r in rows) for i in range(len(CONFIGS))]
     best = min(range(len(CONFIGS)), key=totals.__getitem__)
     default = next(i for i, c in enumerate(CONFIGS) if c["hw_bf16"] and c["bytes_per_program"] == K.BYTES_PER_PROGRAM
-                   and c["num_warps"] == K.NUM_WARPS)
+                   and c["num_warps"] == K.NUM_WARPS and c.get("element_tile", False) == K.ELEMENT_TILE)
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "bitsandbytes": __import__("bitsandbytes").__version__,
                "all_identical": all(c["identical"] for r in rows for c in r["configs"]) and all(

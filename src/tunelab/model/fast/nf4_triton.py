@@ -51,9 +51,12 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # docs/fastpath.md). "1" forces it on, "0" off.
 DEFAULT_ON = False
 
-# Tuning: packed bytes per program and warps (tools/nf4_probe.py measured the choices on the H200).
+# Tuning: packed bytes per program, warps, and the tile form (tools/nf4_probe.py measured them on the H200):
+# byte tile (load packed bytes, split the nibbles, interleave with join/reshape) or element tile (each output
+# element loads its byte and shifts by its parity: no interleave, each byte read twice through L1).
 BYTES_PER_PROGRAM = 2048
 NUM_WARPS = 4
+ELEMENT_TILE = False
 
 try:  # Triton is optional: without it (or broken) enabled_for() is False and bitsandbytes' path stays
     import triton
@@ -111,15 +114,15 @@ def _state_tensors(weight, qs):
 
 def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
                     hw_bf16: bool | None = None, ftz: bool | None = None, bytes_per_program: int | None = None,
-                    num_warps: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, element_tile: bool | None = None) -> torch.Tensor:
     """Dense `quant_state.shape` tensor of `quant_state.dtype`, equal bit for bit to
     bitsandbytes.functional.dequantize_4bit(weight, quant_state) (flat [N, 1] packed layout).
 
     `weight` holds the packed bytes in any storage dtype (uint8, or bf16/fp16/fp32 quant storage).
     hw_bf16: use the hardware fp32 -> bf16 conversion (default: yes when compiled, no under the interpreter,
     whose cast truncates). ftz: flush subnormal products like bitsandbytes' CUDA library (default: on for CUDA
-    tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps: tuning knobs for
-    tools/nf4_probe.py."""
+    tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps / element_tile:
+    tuning knobs for tools/nf4_probe.py."""
     if not _load_triton():
         raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
     qs = quant_state
@@ -129,12 +132,12 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
     elif out.dtype != qs.dtype or tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)}")
     _launch(weight, absmax, absmax2, code2, offset, int(qs.blocksize), bs2, bool(qs.nested), qs.quant_type, out,
-            hw_bf16, ftz, bytes_per_program, num_warps)
+            hw_bf16, ftz, bytes_per_program, num_warps, element_tile)
     return out
 
 
 def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type, out, hw_bf16=None, ftz=None,
-            bytes_per_program=None, num_warps=None):
+            bytes_per_program=None, num_warps=None, element_tile=None):
     n = out.numel()
     q = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
     if q.numel() < (n + 1) // 2:
@@ -150,7 +153,7 @@ def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type,
     args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out.view(-1), n, n_blocks)
     kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind,
               FTZ=bool(weight.is_cuda if ftz is None else ftz),
-              num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
+              ELEM=bool(ELEMENT_TILE if element_tile is None else element_tile), num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():
         with torch.cuda.device(weight.device):
             nf4_dequant_kernel[grid](*args, **kw)
@@ -204,7 +207,8 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
     def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
                            n_elems, n_blocks,
                            BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
-                           NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr):
+                           NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr,
+                           ELEM: tl.constexpr):
         # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
         HALF: tl.constexpr = BS // 2
         pid = tl.program_id(0).to(tl.int64)
@@ -227,15 +231,20 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
         # what is left of the tensor from this tile on, clamped to the tile so the masks compare int32
         byte_left = tl.minimum((n_elems + 1) // 2 - blk0 * HALF, ROWS * HALF).to(tl.int32)
         e_left = tl.minimum(n_elems - e0, ROWS * BS).to(tl.int32)
-        local_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        byte = tl.load(q_ptr + blk0 * HALF + local_b, mask=local_b < byte_left, other=0)
-        hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
-        lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
-        vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))  # element 2i = high nibble, 2i+1 = low nibble
-        if FTZ:
-            vals = flush_subnormal(vals)
         local_e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
         e_mask = local_e < e_left
+        if ELEM:  # element tile: byte e // 2, high nibble for even e
+            byte = tl.load(q_ptr + blk0 * HALF + local_e // 2, mask=e_mask, other=0).to(tl.int32)
+            nib = (byte >> (4 - (local_e & 1) * 4)) & 15
+            vals = tl.load(table_ptr + nib) * scale[:, None]
+        else:  # byte tile: element 2i = high nibble of byte i, 2i+1 = its low nibble
+            local_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+            byte = tl.load(q_ptr + blk0 * HALF + local_b, mask=local_b < byte_left, other=0)
+            hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
+            lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
+            vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))
+        if FTZ:
+            vals = flush_subnormal(vals)
         if OUT_KIND == 0:
             res = vals
         elif OUT_KIND == 1:
