@@ -152,10 +152,11 @@ class _CompiledLayers:
         import torch
 
         self.layers = layers
-        # one entry per (shape, dtype, router) combination, all layers sharing each: well under 64
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+        # one entry per (batch 1 or more, dtype, router) combination, all layers sharing each: well under 64
+        config = torch._dynamo.config
+        for name, least in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512), ("accumulated_cache_size_limit", 512)):
+            if isinstance(getattr(config, name, None), int):
+                setattr(config, name, max(getattr(config, name), least))
         # dynamic=True: one compilation serves every batch and length bucket (batch 1 is specialised apart)
         dynamic = os.environ.get("TUNELAB_COMPILE_DYNAMIC", "1") != "0" or None
         self.fn = torch.compile(type(layers[0]).forward, mode=mode, dynamic=dynamic, backend=backend)
@@ -226,10 +227,13 @@ class SlotDecoder:
             compile = self.use_graphs and os.environ.get("TUNELAB_COMPILE_DECODE", "1") != "0"
         if compile:  # explicitly True without graphs: compiled eager steps (how the CPU tests check the compiled code)
             layers = _decoder_layers(self.lm)
-            if layers:
+            try:
+                if not layers:
+                    raise ModelError("no repeated *DecoderLayer modules found")
                 self.compiled = _CompiledLayers(layers, os.environ.get("TUNELAB_COMPILE_MODE") or None, compile_backend)
-            else:
-                self.compile_error = "no repeated *DecoderLayer modules found"
+            except Exception as exc:  # no compiler here: the eager step (still graphed on CUDA)
+                self.compile_error = _error(exc)
+                logger.warning("not compiling the decode step: %s", self.compile_error)
         # transformers 5.2x names the forward's cache argument `cache` (older: `past_key_values`, still accepted
         # there with a warning per call): pass it by the name this version declares.
         attn = getattr(self.lm.config, "_attn_implementation", None) or "sdpa"
