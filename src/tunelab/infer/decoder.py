@@ -159,7 +159,15 @@ class _CompiledLayers:
                 setattr(config, name, max(getattr(config, name), least))
         # dynamic=True: one compilation serves every batch and length bucket (batch 1 is specialised apart)
         dynamic = os.environ.get("TUNELAB_COMPILE_DYNAMIC", "1") != "0" or None
-        self.fn = torch.compile(type(layers[0]).forward, mode=mode, dynamic=dynamic, backend=backend)
+        options = None
+        if backend == "inductor" and mode is None:
+            import torch._inductor.config as inductor_config
+
+            # round to bf16/fp16 wherever the eager layer does (e.g. the residual sum before RMSNorm), so the
+            # fused kernels compute what eager computes and greedy tokens stay plain generate's
+            if hasattr(inductor_config, "emulate_precision_casts"):
+                options = {"emulate_precision_casts": True}
+        self.fn = torch.compile(type(layers[0]).forward, mode=mode, dynamic=dynamic, backend=backend, options=options)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
