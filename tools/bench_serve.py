@@ -1,5 +1,5 @@
 """Decode and serving speed of `tunelab api`'s engine path on a random-init Qwen2.5-7B-architecture model: one JSON
-line per case, then a Markdown table (docs/serve.md holds the measured one).
+line per case (docs/serve.md holds the table made from them, and the raw lines).
 
     PYTHONPATH=src python tools/bench_serve.py --workdir /tmp/bench7b --out serve.jsonl          # H200: all cases
     PYTHONPATH=src python tools/bench_serve.py --small --device cpu --streams 4 --new 16         # CPU smoke test
@@ -7,17 +7,22 @@ line per case, then a Markdown table (docs/serve.md holds the measured one).
 Cases (the issue's speed targets):
 - single16 / single4: one stream, a 128-token prompt (random ids), exactly 256 new tokens (stop tokens off), greedy,
   base + a LoRA adapter (rank 16, every linear layer), bf16 and 4-bit NF4 (double quantization, bf16 compute).
-  'plain generate' (the engine's hf backend: transformers' generate, dynamic cache) and 'tunelab fast' (the static
-  backend: slot decoder, static KV cache, one CUDA graph replay per token) on the same model object in the same run,
-  one full-length warm-up call of each, then plain, fast, fast; tokens/s = 256 / wall time of the call (prefill
-  included); the fast figure is the better of its two timed calls. Greedy equality of the two
-  paths' tokens is reported (first differing position, if any).
+  'plain generate' (the engine's hf backend: transformers' generate, dynamic cache), 'tunelab fast, eager layers'
+  (the static backend with TUNELAB_COMPILE_DECODE=0: slot decoder, static KV cache, one CUDA graph replay per
+  token of the eager layers) and 'tunelab fast' (the default: the same graphs around the compiled decoder layer)
+  on the same model object in the same run. One warm-up call of each (plain: 16 tokens; the fast paths build their
+  decoder there: capture and compilation, timed apart as decoder_build_s), then plain once and each fast path
+  twice; tokens/s = 256 / wall time of the call (prefill and sampling included), the fast figure the better of its
+  two calls. Also: the first position where each path's tokens differ from plain generate's (None: all equal),
+  and for the fast paths one graph replay alone (replay_ms: median of 50, CUDA events; batch 1, longest bucket)
+  and the GPU kernels in it (kernels_per_step: torch.profiler over one replay).
 - serve16: 32 concurrent streaming requests through the real HTTP server (FastAPI + uvicorn in this process, the
   scheduler's continuous batching), sent by a client in a separate process (httpx, server-sent events, no shared
   GIL), each a distinct 128-token prompt with 256 new tokens (min_tokens = max_tokens = 256). Aggregate tokens/s =
   all streamed tokens / wall time from the first request sent to the last [DONE]; time to first token per stream
-  (p50, p99). Rounds: every request on adapter a ('one adapter') and requests alternating a / b ('two adapters').
-  Each stream's token count is checked (none lost); four streams are re-run alone afterwards and compared.
+  (p50, p99). Rounds: every request on adapter a ('one adapter'), requests alternating a / b ('two adapters'),
+  then 'one adapter' again. Each stream's token count is checked (none lost); after the two-adapter round four of
+  its streams (two per adapter) are re-run alone and their texts compared with the batched ones.
 
 Needs torch, transformers, peft, bitsandbytes, fastapi, uvicorn, httpx and tunelab (src/) on PYTHONPATH.
 """
