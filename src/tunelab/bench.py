@@ -235,7 +235,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
     load_s = time.perf_counter() - t_load
-    out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "load_s": round(load_s, 1),
+    out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None)}
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
@@ -244,6 +244,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
         def on_step_begin(self, args, state, control, **kw):
             torch.cuda.synchronize()
+            out["step_peaks"].append(None)  # this step's peak, filled in at its end (the overall peak is their max)
             if profile_dir and state.global_step == 5:
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.prof = torch.profiler.profile(activities=acts)
@@ -253,6 +254,9 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
+            # step 1 also holds compilation's transients: the steady peak (of the later steps) is kept beside it
+            out["step_peaks"][-1] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats()
             if len(out["times"]) == 1:  # from the process's start (imports, load, compile) to the first step's end
                 out["to_first_step_s"] = round(time.perf_counter() - _START, 1)
             if self.prof is not None:
@@ -271,6 +275,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
         def on_train_begin(self, args, state, control, **kw):
             torch.cuda.reset_peak_memory_stats()
+            out["static_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)  # weights, adapter: before step 1
 
     args = training_arguments(cfg, resolved, has_eval=False)
     args.train_sampling_strategy = "sequential"
@@ -313,7 +318,9 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
 
         raise ConfigError(f"unknown bench variant '{name}': use tunelab-fast, tunelab-plain, tunelab, plain-autocast, plain or plain-trainer.")
     times = run.pop("times")
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peaks = [p for p in run.get("step_peaks", []) if p is not None]
+    # tunelab's cases reset the peak at each step: the overall peak is the largest step's
+    peak = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
     reserved = torch.cuda.max_memory_reserved() / 2**30
     gc.collect()
     torch.cuda.empty_cache()
@@ -335,7 +342,8 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     mfu = round(tokens_per_s * flops_per_token(arch, seq) / (matmul_tflops * 1e12), 4) if arch in ARCHS else None
     return {"variant": variant, "arch": arch, "method": method, "batch": batch, "seq": seq, "steps": len(times),
             "median_step_s": round(step, 4), "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2),
-            "reserved_gib": round(reserved, 2), "mfu": mfu, "matmul_tflops": matmul_tflops, "profile": profile or "full",
+            "reserved_gib": round(reserved, 2),
+            "steady_peak_gib": round(max(peaks[3:]), 2) if len(peaks) > 3 else None, "mfu": mfu, "matmul_tflops": matmul_tflops, "profile": profile or "full",
             "step_times": [round(t, 4) for t in times],
             "losses": [round(x, 5) for x in run.pop("losses")],
             "grad_norms": [None if x is None else round(float(x), 5) for x in run.pop("grad_norms")], **run}
