@@ -326,6 +326,12 @@ def test_host_embedding_gives_the_same_step_on_gpu():
     assert loss_host.item() == loss_gpu.item()  # a gather copies rows: the same numbers
     for a, b in zip(grads_host, grads_gpu):
         assert torch.equal(a, b)
+    from tunelab.model.fast import embed
+
+    before = embed.RETURNS[0]
+    weight.data = weight.data.cuda()  # as a later model.to("cuda") would: the next forward returns it to the host
+    loss_again, _ = _step(model, ids, "cuda")
+    assert weight.device.type == "cpu" and embed.RETURNS[0] == before + 1 and loss_again.item() == loss_gpu.item()
 
 
 @gpu

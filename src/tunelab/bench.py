@@ -290,6 +290,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     trainer.train()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
+    if "host-embedding" in (out["fast_path"] or []):
+        from tunelab.model.fast import embed
+
+        out["host_embedding_returns"] = embed.RETURNS[0]  # > 0: something moved it back to the GPU after loading
     if any(str(a).startswith("compile(") for a in out["fast_path"] or []):
         from tunelab.model.fast.compile import compile_counters
 

@@ -17,8 +17,11 @@ TUNELAB_HOST_EMBEDDING=0 in the environment keeps it on the GPU.
 """
 from __future__ import annotations
 
+import logging
 import os
 import types
+
+logger = logging.getLogger(__name__)
 
 
 def host_embedding_decision(model, cfg, resolved) -> tuple[bool, str]:
@@ -43,12 +46,27 @@ def host_embedding_decision(model, cfg, resolved) -> tuple[bool, str]:
     return True, "input embedding in pinned host memory"
 
 
+RETURNS = [0]  # how often a forward found the table back on the GPU and returned it to the host (bench record)
+
+
+def _to_host(emb) -> None:
+    import torch
+
+    emb.weight.data = emb.weight.data.to("cpu").pin_memory() if torch.cuda.is_available() else emb.weight.data.cpu()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _host_forward(self, input_ids):
     """nn.Embedding.forward with the table on the host: gather there, one copy of the rows to the ids' device."""
     import torch
 
-    if self.weight.device.type != "cpu" or input_ids.device.type == "cpu":  # moved back, or a CPU caller
+    if input_ids.device.type == "cpu":  # a CPU caller: the plain lookup
         return self._tunelab_gpu_forward(input_ids)
+    if self.weight.device.type != "cpu":  # a later .to(device) of the whole model brought it back: once more
+        logger.info("fast path: the input embedding was moved back to %s; returned to host memory", self.weight.device)
+        _to_host(self)
+        RETURNS[0] += 1
     ids = input_ids.to("cpu")  # a synchronisation (see the module docstring)
     rows = torch.empty((ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=True)
     torch.index_select(self.weight, 0, ids.reshape(-1), out=rows)
@@ -57,15 +75,11 @@ def _host_forward(self, input_ids):
 
 def keep_embedding_on_host(model) -> int:
     """Move the input embedding's table to pinned host memory and route its forward there; returns the bytes moved."""
-    import torch
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb = base.get_input_embeddings()
     if hasattr(emb, "_tunelab_gpu_forward"):
         return 0
-    emb.weight.data = emb.weight.data.to("cpu").pin_memory() if torch.cuda.is_available() else emb.weight.data.cpu()
+    _to_host(emb)
     emb._tunelab_gpu_forward = emb.forward
     emb.forward = types.MethodType(_host_forward, emb)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return emb.weight.numel() * emb.weight.element_size()
