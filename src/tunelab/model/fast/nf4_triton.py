@@ -47,9 +47,10 @@ FP4_TABLE = _FP4_MAGNITUDE + tuple(-v for v in _FP4_MAGNITUDE)  # bit 3 is the s
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' dequantize_4bit accepts
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Whether dense_weight() uses this kernel when TUNELAB_NF4_TRITON is unset (set from the H200 measurement:
-# docs/fastpath.md). "1" forces it on, "0" off.
-DEFAULT_ON = False
+# Whether dense_weight() uses this kernel when TUNELAB_NF4_TRITON is unset: yes, since on the H200 it was bit-
+# identical to bitsandbytes at every 7B projection shape and 1.44-1.87x faster on the GPU, about even on the
+# host (tools/nf4_probe.py; docs/fastpath.md). "0" forces bitsandbytes' path, "1" the kernel.
+DEFAULT_ON = True
 
 # Tuning: packed bytes per program, warps, and the tile form (tools/nf4_probe.py measured them on the H200):
 # byte tile (load packed bytes, split the nibbles, interleave with join/reshape) or element tile (each output
