@@ -263,11 +263,25 @@ def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # 
     patched = [m for m in model.modules() if hasattr(m, "_tunelab_plain_forward")]
     if device == "cpu":
         assert model.tunelab_fast_path == [] and patched == []
-    else:  # the defaults on one GPU: fused projections, the embedding on the host (4-bit, untied), compiled layers
-        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "compile(2 layers)"]
+    else:  # the defaults on one GPU: fused projections and compiled layers
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "compile(2 layers)"]
         assert len(patched) == 14
-        assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+        assert model.get_base_model().get_input_embeddings().weight.device.type == "cuda"
         assert resolved.fast_path.startswith("on (qwen2 LoRA on ") and "2 decoder layers compiled" in resolved.fast_path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loader_keeps_the_embedding_on_the_host_when_asked(tiny_model, monkeypatch):  # noqa: F811
+    from tunelab.config import load_config
+    from tunelab.config.resolve import resolve
+    from tunelab.model.loader import load_model
+
+    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
+    cfg = load_config({"model_name_or_path": tiny_model, "do_train": True, "lora_target": "all", "quantization_bit": 4, "bf16": True})
+    model = load_model(cfg, resolve(cfg), for_training=True)
+    assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "compile(2 layers)"]
+    assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
 
 
 def test_compile_decision_and_liger_left_out(monkeypatch, caplog):
@@ -296,11 +310,13 @@ def test_compile_decision_and_liger_left_out(monkeypatch, caplog):
     assert compile_decision(_model("qwen2"), _cfg(), single) == (False, "Triton is not available for torch.compile")
 
 
-def test_host_embedding_decision():
+def test_host_embedding_decision(monkeypatch):
     from tunelab.model.fast.embed import host_embedding_decision
 
     model = _tiny_peft("cpu", quantized=False)
     single = types.SimpleNamespace(device="cuda", parallel="single")
+    assert host_embedding_decision(model, _cfg(), single) == (False, "opt-in: TUNELAB_HOST_EMBEDDING=1")
+    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
     assert host_embedding_decision(model, _cfg(quantization_bit=None), single)[1].startswith("the base is not 4-bit")
     assert host_embedding_decision(model, _cfg(), types.SimpleNamespace(parallel="ddp")) == (False, "parallel ddp: one process only")
     assert host_embedding_decision(model, _cfg(), single) == (False, "the embedding is on cpu")
@@ -311,13 +327,14 @@ def test_host_embedding_decision():
 
 @gpu
 @pytest.mark.gpu
-def test_host_embedding_gives_the_same_step_on_gpu():
+def test_host_embedding_gives_the_same_step_on_gpu(monkeypatch):
     from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
 
     model = _tiny_peft("cuda", quantized=True)
     patch_lora_layers(model)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(13)).cuda()
     loss_gpu, grads_gpu = _step(model, ids, "cuda")
+    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
     assert host_embedding_decision(model, _cfg(), types.SimpleNamespace(parallel="single")) == (True, "input embedding in pinned host memory")
     assert keep_embedding_on_host(model) == 512 * 64 * 2
     weight = model.get_base_model().get_input_embeddings().weight

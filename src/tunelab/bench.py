@@ -12,14 +12,14 @@ do not depend on the weights' values. Each case runs in its own process.
 
 Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   tunelab-fast   tunelab's loader and TunelabTrainer (what `tunelab train` runs) with use_fast_kernels: true
-                 (fused projections, compiled decoder layers, 4-bit: input embedding in host memory)
+                 (fused projections, compiled decoder layers on one GPU)
   tunelab-plain  the same with use_fast_kernels: false (PEFT's LoRA layers over bitsandbytes)
   tunelab        the same with use_fast_kernels left to auto
   plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
   plain          the same without autocast;  plain-trainer: the plain model in the stock transformers Trainer
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
   +nocompile     appended: eager decoder layers (TUNELAB_FAST_COMPILE=0); Liger's kernels then apply
-  +gpuembed      appended: the input embedding stays on the GPU (TUNELAB_HOST_EMBEDDING=0)
+  +hostembed     appended: the input embedding in pinned host memory (TUNELAB_HOST_EMBEDDING=1; 4-bit)
   +offload       appended: checkpointed layer inputs kept in pinned CPU memory (TUNELAB_OFFLOAD_CHECKPOINTS=1)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
@@ -229,8 +229,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         os.environ["TUNELAB_FAST_COMPILE"] = "0"
     if "+offload" in variant:  # checkpointed layer inputs in pinned host memory (tunelab.model.fast.offload)
         os.environ["TUNELAB_OFFLOAD_CHECKPOINTS"] = "1"
-    if "+gpuembed" in variant:  # the input embedding stays on the GPU
-        os.environ["TUNELAB_HOST_EMBEDDING"] = "0"
+    if "+hostembed" in variant:  # the input embedding in pinned host memory (opt-in lever)
+        os.environ["TUNELAB_HOST_EMBEDDING"] = "1"
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)

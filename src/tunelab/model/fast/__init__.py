@@ -12,7 +12,8 @@ default: on where it applies). What it installs (one file per fused op, each bes
 * compile.py: torch.compile of each decoder layer, its checkpoint included (`compile_decision`: one GPU, Triton
   present, Liger not forced on; TUNELAB_FAST_COMPILE=0 turns it off). Inductor then fuses the norms, RoPE and
   SwiGLU itself, so Liger's module kernels are left out where it applies (kernels.apply_kernels asks first).
-* embed.py: the frozen input embedding in pinned host memory (4-bit base, one process, untied head).
+* embed.py: the frozen input embedding in pinned host memory (opt-in: TUNELAB_HOST_EMBEDDING=1; 4-bit base, one
+  process, untied head).
 * offload.py: checkpointed layer inputs in pinned host memory (opt-in: TUNELAB_OFFLOAD_CHECKPOINTS=1; then each
   layer's forward is compiled under the eager offloading checkpoint instead of the whole checkpointed call).
 

@@ -10,10 +10,16 @@ token ids back from the GPU first: one synchronisation at the start of each forw
 queued before it (the previous optimizer step) and so stops the CPU from running ahead into the next step. Values are bit-identical to the GPU lookup (a gather copies rows), and the module keeps
 its parameter and state_dict key; only the tensor's device changes.
 
-Where it applies (`host_embedding_decision`): the fast path is on, the base is 4-bit (the Trainer leaves a
-bitsandbytes model where it is; a 16-bit model it would move back whole), one process (DDP expects one device
-type), a plain nn.Embedding that is frozen and not shared with the output head (tied heads need it on the GPU).
-TUNELAB_HOST_EMBEDDING=0 in the environment keeps it on the GPU.
+Where it applies (`host_embedding_decision`): opt-in (TUNELAB_HOST_EMBEDDING=1), the fast path on, a 4-bit base
+(the Trainer leaves a bitsandbytes model where it is; a 16-bit model it would move back whole), one process (DDP
+expects one device type), a plain nn.Embedding that is frozen and not shared with the output head (tied heads
+need it on the GPU).
+
+Status: opt-in, because its one measurement did not show the saving: on the H200 (run 6, docs/fastpath.md) the
+7B step's peak stayed where it was with the table moved (7.42 GiB against 7.44), although the GPU test sees the
+table on the host after loading. If something moves it back (a `.to(device)` of the whole model after loading),
+the next forward returns it to the host (counted in RETURNS, which the bench records); that fix and the bench's
+per-step peaks are not measured yet (tools/fast_run7.sh).
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ def host_embedding_decision(model, cfg, resolved) -> tuple[bool, str]:
     """(on, reason) for moving the input embedding to host memory."""
     import torch
 
-    if os.environ.get("TUNELAB_HOST_EMBEDDING", "1") == "0":
-        return False, "TUNELAB_HOST_EMBEDDING=0"
+    if os.environ.get("TUNELAB_HOST_EMBEDDING", "0") != "1":
+        return False, "opt-in: TUNELAB_HOST_EMBEDDING=1"
     if getattr(cfg, "quantization_bit", None) != 4:
         return False, "the base is not 4-bit (the Trainer moves a 16-bit model to the GPU whole)"
     if getattr(resolved, "parallel", "single") != "single":
