@@ -18,15 +18,16 @@ compiled layer) failed there: the 28 calls of the one graph per step overwrite e
 from __future__ import annotations
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, backend=None) -> int:
     """Compile every decoder layer in place, checkpoint included (the recompute and the backward in one compiled
-    graph); returns how many. Under the checkpoint offload, offload.py compiles the layers' forwards instead."""
+    graph); returns how many. Under the checkpoint offload, offload.py compiles the layers' forwards instead.
+    backend: torch.compile's (None: inductor; the CPU tests pass a counting one that skips code generation)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            module.compile()
+            module.compile() if backend is None else module.compile(backend=backend)
             count += 1
     return count
 
