@@ -7,8 +7,9 @@ Method (the same as the peers' figures in the README): a random-init model of th
 saved as safetensors and loaded with from_pretrained (qlora: 4-bit NF4 + double quantization, bf16 compute;
 lora: bf16 weights); LoRA r=8, alpha=16, dropout 0 on every linear layer; gradient checkpointing
 (non-reentrant); fused AdamW; full-length random token sequences with labels = inputs; 13 optimizer steps, the
-median of the last 10; peak = torch.cuda.max_memory_allocated (and _reserved) over the steps. Speed and memory
-do not depend on the weights' values. Each case runs in its own process.
+median of the last 10; peak = torch.cuda.max_memory_allocated (and _reserved) over the steps (tunelab's cases
+also record each step's peak, the steady peak of the steps after the first three, and the memory allocated
+before step 1). Speed and memory do not depend on the weights' values. Each case runs in its own process.
 
 Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   tunelab-fast   tunelab's loader and TunelabTrainer (what `tunelab train` runs) with use_fast_kernels: true
@@ -17,7 +18,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   tunelab        the same with use_fast_kernels left to auto
   plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
   plain          the same without autocast;  plain-trainer: the plain model in the stock transformers Trainer
-  +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed)
+  +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed, except
+                 under the compiled layers, where inductor fuses the same; forcing Liger on keeps the layers eager)
   +nocompile     appended: eager decoder layers (TUNELAB_FAST_COMPILE=0); Liger's kernels then apply
   +hostembed     appended: the input embedding in pinned host memory (TUNELAB_HOST_EMBEDDING=1; 4-bit)
   +offload       appended: checkpointed layer inputs kept in pinned CPU memory (TUNELAB_OFFLOAD_CHECKPOINTS=1)
