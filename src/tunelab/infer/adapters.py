@@ -19,7 +19,15 @@ over the rank blocks that carries each row's adapter scaling selects that row's 
 The other blocks are exact zeros, so a row gets its own adapter's LoRA term; only the rounding of the products may
 differ from PEFT's separate ones (tested: the same greedy tokens). The masks/scales are fixed-address buffers that a
 captured CUDA graph reads.
-Outside `rows()` / `prefill()` the layers run PEFT's own forward (chat, eval, training are untouched).
+
+Projections that read the same input (q/k/v; gate/up) are grouped: their A's stacked and their B's block-diagonal,
+so each group costs two matmuls per step instead of two per projection (`_grouped_term`).
+
+Every LoRA layer gets the same bound function as its forward, and the router of the running forward is a module
+global (`_ACTIVE`), its per-layer tensors buffers on the layers and its per-kind numbers plain ints: a compiled
+decoder layer (tunelab.infer.decoder) then sees the same code and guards in all layers and compiles once.
+Outside `rows()` / `prefill()` the layers run PEFT's own forward (chat, eval, training are untouched). One routed
+forward at a time per model (the decoders run theirs from one thread).
 Supported: plain LoRA on Linear layers (16-bit, bitsandbytes 4/8-bit bases); DoRA and other variants are refused.
 """
 from __future__ import annotations
