@@ -382,6 +382,8 @@ class SlotDecoder:
         if not self.use_graphs or self.graphs:
             return
         t = time.perf_counter()
+        logger.info("decoder: capturing %d CUDA graphs%s", len(self.batch_buckets) * len(self.len_buckets),
+                    " of the compiled decoder layer (compiling first: tens of seconds, once)" if self.compiled is not None else "")
         try:
             self._capture_all()
         except Exception as exc:

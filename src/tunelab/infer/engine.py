@@ -22,9 +22,11 @@ Why it is built this way:
   on into a made-up next turn; greedy decoding (do_sample false) is deterministic.
 - The decode loop is a replaceable backend (`DECODE_BACKENDS`, chosen by `decode_backend`). 'hf' calls
   `model.generate` with the dynamic KV cache. Batch-1 decode of a 7B model is overhead-bound in plain generate
-  (see docs/chat_export.md), so 'static' decodes step-wise over a static KV cache with one CUDA graph per step
-  (tunelab.infer.decoder; the API server batches continuously on the same decoder); 'auto' is static on CUDA
-  and hf elsewhere. Greedy output is the same token for token.
+  (see docs/chat_export.md), so 'static' decodes step-wise over a static KV cache with one CUDA graph per step,
+  around the torch.compile'd decoder layer (tunelab.infer.decoder; compiled at the first call, ~20 s for a 7B;
+  the API server batches continuously on the same decoder); 'auto' is static on CUDA and hf elsewhere. Greedy
+  output is the same token for token on the CPU (tested); on CUDA the graph path was tested before the compiled
+  layer and the grouped LoRA products came, whose GPU test is written but not yet run (docs/serve.md).
 - Streaming runs the backend in a worker thread that feeds token ids to a queue; the caller's thread decodes them
   incrementally (holding back a piece that ends inside a multi-byte character), so the pieces joined equal the
   text `generate` returns. Closing the iterator (or Ctrl-C in the caller) stops the worker at the next token.

@@ -80,8 +80,11 @@ def build_service(cfg: Any, *, loras: dict[str, str], max_slots: int = 32, max_l
                           pad_token_id=engine.pad_token_id)
     decoder.warmup([engine.pad_token_id] * 2)
     scheduler = Scheduler(decoder, engine.template.stop_token_ids, max_queue=max_queue)
-    logger.info("serving %s: %d slots x %d positions, queue %d, %s", ", ".join(models), max_slots, context, max_queue,
-                f"{len(decoder.graphs)} CUDA graphs" if decoder.graphs else "eager decode steps")
+    step = "eager decode steps"
+    if decoder.graphs:
+        layers = "compiled decoder layers" if decoder.compiled is not None else f"eager decoder layers ({decoder.compile_error or 'TUNELAB_COMPILE_DECODE=0'})"
+        step = f"{len(decoder.graphs)} CUDA graphs of the {layers}, built in {decoder.warmup_seconds:.0f} s"
+    logger.info("serving %s: %d slots x %d positions, queue %d, %s", ", ".join(models), max_slots, context, max_queue, step)
     return Service(engine, scheduler, models=models, context=context)
 
 
