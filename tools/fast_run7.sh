@@ -6,50 +6,8 @@
 #     embedding leave the GPU (run 6's peak did not move), and is the compiled peak a step-1 transient?
 #  2. 1x1024 compiled (never measured; eager was 80% launch overhead).
 #  3. Unsloth 4x1024 (run 6 cut it at 100 s), with a longer box; then 1x1024 plain if time.
-export PYTHONPATH=$PWD/.devsite:$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-B="python3 -m tunelab.bench --arch qwen2.5-7b"
-M=/tmp/tunelab-bench-qwen2.5-7b
-L=$OUT/log.txt
 END=${END:-300}
-PAIR_STEPS=${PAIR_STEPS:-13}
-box() { local want=$1 left=$((END - SECONDS)); echo $((want < left ? want : left)); }
-summary() { python3 -c "
-import json,sys
-for l in sys.stdin:
-    r=json.loads(l); r.pop('losses',0); r.pop('grad_norms',0); t=r.pop('step_times',[]); r['first_steps']=t[:3]
-    print(json.dumps(r)[:700])"; }
-case_() {  # case_ NAME WANT ARGS...: one bench invocation, its JSON lines appended to all.jsonl
-  local name=$1 t; t=$(box "$2"); shift 2
-  if [ "$t" -lt 35 ]; then echo "skip $name (no time left)" | tee -a $L; return; fi
-  echo "== $name (box ${t}s, at ${SECONDS}s)" | tee -a $L
-  timeout "$t" $B "$@" > $OUT/$name.out 2>$OUT/$name.err; echo "rc=$? at ${SECONDS}s" | tee -a $L
-  grep '^{"variant"' $OUT/$name.out >> $OUT/all.jsonl
-  grep '^{"variant"' $OUT/$name.out | summary | tee -a $L
-  { echo "== $name"; tail -c 1200 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
-}
-peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
-  local name=$1 t; t=$(box "$2"); shift 2
-  if [ "$t" -lt 35 ]; then echo "skip $name (no time left)" | tee -a $L; return; fi
-  echo "== $name (box ${t}s, at ${SECONDS}s)" | tee -a $L
-  PYTHONPATH=$PWD/.peersite:$PWD/.devsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 timeout "$t" python3 .peerbench/peer_bench.py run $M "$@" > $OUT/$name.out 2>$OUT/$name.err
-  echo "rc=$? at ${SECONDS}s" | tee -a $L; grep '^{' $OUT/$name.out | tee -a $L | sed "s/^/{\"peer\": \"$name\", \"r\": /; s/$/}/" >> $OUT/all.jsonl
-  { echo "== $name"; tail -c 1500 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
-}
-nvidia-smi --query-gpu=name,memory.used,clocks.sm,temperature.gpu --format=csv,noheader | tee -a $L
-python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" | tee -a $L
-(timeout 150 python3 - > /tmp/build.txt 2>&1 <<'EOF'
-# the bench's random-init 7B, plus a word-level tokenizer for Unsloth's loader (as peer_bench.py make writes one)
-from tunelab.bench import build_random_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-path = build_random_model("qwen2.5-7b", "/tmp/tunelab-bench-qwen2.5-7b")
-vocab = {"<unk>": 0, "<|endoftext|>": 1, "<|im_start|>": 2, "<|im_end|>": 3, **{f"w{i}": 4 + i for i in range(1000)}}
-tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>")); tk.pre_tokenizer = pre_tokenizers.Whitespace()
-PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>").save_pretrained(path)
-print("built")
-EOF
-echo "build rc=$? at ${SECONDS}s" >> /tmp/build.txt) &
-BUILD=$!
+source "$(dirname "$0")/fast_cases.sh"
 wait $BUILD; tail -2 /tmp/build.txt | tee -a $L
 case_ q4x1024 110 --variants tunelab-fast,tunelab-fast+hostembed --shapes 4x1024
 case_ q1x1024 60 --variants tunelab-fast --shapes 1x1024
