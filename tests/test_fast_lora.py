@@ -351,17 +351,15 @@ def test_host_embedding_gives_the_same_step_on_gpu(monkeypatch):
     assert weight.device.type == "cpu" and embed.RETURNS[0] == before + 1 and loss_again.item() == loss_gpu.item()
 
 
-@gpu
-@pytest.mark.gpu
-def test_compiled_decoder_layers_train_like_eager_on_gpu():
-    from tunelab.model.fast.compile import compile_decoder_layers
-
+def _checkpointed_nf4_on_gpu(seed):
+    """The 4-bit tiny model with fused projections and non-reentrant checkpointing on the GPU, and a function that
+    runs one bf16 step on fixed ids and returns (loss, LoRA gradients)."""
     model = _tiny_peft("cuda", quantized=True)
     patch_lora_layers(model)
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.base_model.model.enable_input_require_grads()
     model.train()
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(12)).cuda()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed)).cuda()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def backward_step():
@@ -372,6 +370,15 @@ def test_compiled_decoder_layers_train_like_eager_on_gpu():
         loss.backward()
         return loss.item(), [p.grad.clone() for p in params]
 
+    return model, backward_step
+
+
+@gpu
+@pytest.mark.gpu
+def test_compiled_decoder_layers_train_like_eager_on_gpu():
+    from tunelab.model.fast.compile import compile_decoder_layers
+
+    model, backward_step = _checkpointed_nf4_on_gpu(12)
     loss_eager, grads_eager = backward_step()
     assert compile_decoder_layers(model) == 2
     loss, grads = backward_step()
@@ -385,22 +392,7 @@ def test_compiled_decoder_layers_train_like_eager_on_gpu():
 def test_offload_with_compiled_forwards_trains_like_eager_on_gpu():
     from tunelab.model.fast.offload import offload_checkpoints
 
-    model = _tiny_peft("cuda", quantized=True)
-    patch_lora_layers(model)
-    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.base_model.model.enable_input_require_grads()
-    model.train()
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(14)).cuda()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def backward_step():
-        for p in params:
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in params]
-
+    model, backward_step = _checkpointed_nf4_on_gpu(14)
     loss_eager, grads_eager = backward_step()
     assert offload_checkpoints(model, compiled=True) == 2
     for _ in range(2):  # the second step reuses the stash and both compiled graphs
