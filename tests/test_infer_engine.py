@@ -196,45 +196,107 @@ def test_static_backend_closed_stream_stops_and_frees_its_slots(engine):
         engine.backend = saved
 
 
-def test_slot_decoder_rows_with_different_adapters_equal_each_adapter_alone(lora_run, tmp_path_factory):
-    """Continuous batching with per-row adapters: rows join at different steps, each with its own adapter (or none),
-    and every row's greedy tokens equal plain generate with that adapter alone."""
-    import torch
-
+@pytest.fixture(scope="module")
+def two_adapters(lora_run):
+    """An engine (plain generate) with two adapters, 'default' (the lora run) and 'second' (trained apart), and
+    `solo(adapter, prompt)`: that adapter's greedy 10 tokens alone (None: the base)."""
     from tunelab.config import load_config
     from tunelab.infer import Engine
-    from tunelab.infer.decoder import SlotDecoder
 
     model, run = lora_run
-    other = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")  # a second adapter, trained apart
+    other = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")
     eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "max_new_tokens": 10, "decode_backend": "hf"}))
     eng.add_adapter("second", other)
-    prompts = [eng.encode(_conv(q)) for q in QUESTIONS]
-    plan = [("default", prompts[0], 0), ("second", prompts[1], 0), (None, prompts[2], 3), ("second", prompts[0], 5)]  # adapter, prompt, join step
-    expected = []
-    for adapter, prompt, _ in plan:
+
+    def solo(adapter, prompt):
         if adapter is None:
             with eng.adapter_disabled():
-                expected.append(eng.generate_ids([prompt], stop_token_ids=())[0])
-        else:
-            eng.model.set_adapter(adapter)
-            expected.append(eng.generate_ids([prompt], stop_token_ids=())[0])
-    assert expected[0] != expected[3] and expected[2] not in (expected[0], expected[1], expected[3])  # they really differ
-    dec = SlotDecoder(eng.model, max_slots=4, max_len=128, adapters=["default", "second"])
+                return eng.generate_ids([prompt], stop_token_ids=())[0]
+        eng.model.set_adapter(adapter)
+        return eng.generate_ids([prompt], stop_token_ids=())[0]
+
+    eng.solo = solo
+    yield eng
+    eng.unload()
+
+
+def _run_plan(dec, plan, steps: int = 40, batched: bool = False) -> list[list[int]]:
+    """Drive a slot decoder: plan[i] = (adapter, prompt, join step) -> row i's 10 greedy tokens. batched: the rows
+    joining at one step are prefilled together (prefill_many)."""
+    import torch
+
     got: dict[int, list[int]] = {}
     logits: dict = {}
     with torch.inference_mode():
-        for step in range(40):
-            for slot, (adapter, prompt, join) in enumerate(plan):
-                if join == step:  # joins the running batch
-                    logits[slot] = dec.prefill(slot, prompt, adapter)
+        for step in range(steps):
+            joining = [(slot, prompt, adapter) for slot, (adapter, prompt, join) in enumerate(plan) if join == step]
+            if batched and joining:
+                logits.update(dec.prefill_many(joining))
+            for slot, prompt, adapter in ([] if batched else joining):
+                logits[slot] = dec.prefill(slot, prompt, adapter)  # joins the running batch
             for s, lg in logits.items():
                 got.setdefault(s, []).append(int(torch.argmax(lg)))
                 if len(got[s]) == 10:
                     dec.release(s)  # leaves the batch
             logits = dec.step({s: got[s][-1] for s in dec.lengths})
-    assert [got[s] for s in range(len(plan))] == expected
-    eng.unload()
+    return [got[s] for s in range(len(plan))]
+
+
+def test_slot_decoder_rows_with_different_adapters_equal_each_adapter_alone(two_adapters):
+    """Continuous batching with per-row adapters: rows join at different steps, each with its own adapter (or none),
+    and every row's greedy tokens equal plain generate with that adapter alone."""
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = two_adapters
+    prompts = [eng.encode(_conv(q)) for q in QUESTIONS]
+    plan = [("default", prompts[0], 0), ("second", prompts[1], 0), (None, prompts[2], 3), ("second", prompts[0], 5)]  # adapter, prompt, join step
+    expected = [eng.solo(adapter, prompt) for adapter, prompt, _ in plan]
+    assert expected[0] != expected[3] and expected[2] not in (expected[0], expected[1], expected[3])  # they really differ
+    dec = SlotDecoder(eng.model, max_slots=4, max_len=128, adapters=["default", "second"])
+    assert _run_plan(dec, plan) == expected
+
+
+def test_batched_prefill_equals_one_prompt_prefills(two_adapters):
+    """prefill_many: prompts of different lengths with mixed adapters (two stacked adapters and the base; then one
+    adapter routed alone and the base) go through ONE forward per call, give the one-prompt prefill's logits and
+    cache rows, and every row's greedy tokens (a second group joining the running batch) equal plain generate alone."""
+    import torch
+
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = two_adapters
+    texts = QUESTIONS + ["Count from 1 to 9, slowly.", "Say nothing at all."]
+    prompts = [eng.encode(_conv(q)) for q in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
+    forwards = []
+    hook = eng.model.get_base_model().register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        for adapters in (["default", "second"], ["default"]):
+            names = adapters + [None]
+            plan = [(names[i % len(names)], p, 0 if i < 3 else 2) for i, p in enumerate(prompts)]  # 3 at step 0, 2 join at step 2
+            expected = [eng.solo(adapter, prompt) for adapter, prompt, _ in plan]
+            solo_dec = SlotDecoder(eng.model, max_slots=5, max_len=128, adapters=adapters)
+            packed_dec = SlotDecoder(eng.model, max_slots=5, max_len=128, adapters=adapters)
+            solo_dec.warmup()
+            packed_dec.warmup()  # the first prefill allocates the cache; prefill_many writes into it
+            items = [(slot, prompt, adapter) for slot, (adapter, prompt, _) in enumerate(plan)]
+            with torch.inference_mode():
+                one = {slot: solo_dec.prefill(slot, prompt, adapter) for slot, prompt, adapter in items}
+                del forwards[:]
+                together = packed_dec.prefill_many(items)
+            assert len(forwards) == 1  # one forward for all five prompts
+            assert sorted(together) == list(range(5)) and packed_dec.lengths == solo_dec.lengths
+            for slot, (_, prompt, _) in enumerate(plan):
+                assert torch.allclose(together[slot], one[slot], rtol=0, atol=1e-4), (adapters, slot)
+                for k_solo, k_packed in ((solo_dec.keys[0], packed_dec.keys[0]), (solo_dec.values[-1], packed_dec.values[-1])):
+                    assert torch.allclose(k_packed[slot, :, : len(prompt)], k_solo[slot, :, : len(prompt)], rtol=0, atol=1e-5)
+            for slot in range(5):
+                packed_dec.release(slot)
+            del forwards[:]
+            assert _run_plan(packed_dec, plan, batched=True) == expected, adapters
+            assert len(forwards) == 2 + 11  # two prefill forwards (3 prompts, then 2) + a decode step per token until the last row's 10th
+    finally:
+        hook.remove()
 
 
 @pytest.mark.gpu

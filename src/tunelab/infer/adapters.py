@@ -167,6 +167,31 @@ class AdapterRouter:
         with self._active():
             yield
 
+    @contextlib.contextmanager
+    def tokens(self, adapters: Sequence[str | None], lengths: Sequence[int]) -> Iterator[None]:
+        """Route a packed forward (one row holding several prompts back to back, `lengths[i]` tokens of prompt i
+        with `adapters[i]`) by per-token scales: every token gets the scale (or rank-block mask) its prompt's
+        row would get, so each prompt's LoRA terms are the values of its own one-row prefill."""
+        import torch
+
+        for a in adapters:
+            self.check(a)
+        device = next(iter(self.scales.values())).device
+        counts = torch.tensor(list(lengths), device=device)
+        self.current = {}
+        for name in self.names:
+            per = torch.tensor([self.folded.get(name, 1.0) if a == name else 0.0 for a in adapters], dtype=torch.float32, device=device)
+            self.current[name] = per.repeat_interleave(counts).view(1, -1, 1)
+        if self.stacked is not None:
+            rows = torch.zeros((len(adapters), 1, self.stacked.masks.shape[-1]), dtype=self.stacked.masks.dtype, device=device)
+            for i, a in enumerate(adapters):
+                self.stacked.fill(rows, i, a)
+            per_token = rows[:, 0].repeat_interleave(counts, dim=0).unsqueeze(0)  # [1, tokens, width]
+            self.stacked.current = per_token
+            self.stacked.current_tiled = {p: per_token.repeat(1, 1, p) for p in self.stacked.tiled[id(self.stacked.masks)]}
+        with self._active():
+            yield
+
 
 _ACTIVE: AdapterRouter | None = None  # the router of the forward running now (None: PEFT's own forward)
 _INSTALLED: AdapterRouter | None = None  # whose stacked weights the layers hold
@@ -205,7 +230,9 @@ def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
             out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
         if name not in router.folded:
             out = out * layer.scaling[name]
-        out = out * scale.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)  # (row scale x scaling): PEFT's x * s
+        if scale.dim() != out.dim():  # per-row scales [rows, 1, 1] (per-token ones of a packed prefill already fit)
+            scale = scale.view(-1, *([1] * (out.dim() - 1)))
+        out = out * scale.to(out.dtype)  # (row scale x scaling): PEFT's x * s
         if quantized and not torch.is_autocast_enabled():
             result = result + out.to(dtype)  # as peft.tuners.lora.bnb: cast the LoRA term, then add
         else:
@@ -287,11 +314,15 @@ class _Stacked:
         self.current: Any = None
         self.current_tiled: dict[int, Any] | None = None
 
-    def set_row(self, buf, row: int, adapter: str | None) -> None:
+    def fill(self, buf, row: int, adapter: str | None) -> None:
+        """Row `row` of `buf` [rows, 1, width]: the adapter's rank block set to its scaling, zeros elsewhere."""
         buf[row] = 0.0
         if adapter is not None:
             start, stop, scaling = self.blocks[adapter]
             buf[row, :, start:stop] = scaling
+
+    def set_row(self, buf, row: int, adapter: str | None) -> None:
+        self.fill(buf, row, adapter)
         for p, tiled in self.tiled[id(buf)].items():
             tiled[row] = buf[row].repeat(1, p)
 

@@ -95,6 +95,25 @@ class _LayerCache(_SlotCache):
         return _write(self.keys, self.values, self.rows, self.pos, key_states, value_states)
 
 
+class _PackedCache:
+    """The Cache protocol for a packed prefill (several prompts back to back in one row): `update` writes every
+    token's key/value into its own slot's row at its own position (one index_put_ per layer) and hands attention
+    the packed keys/values themselves (the block-diagonal mask keeps the prompts apart)."""
+
+    is_compileable = False
+
+    def __init__(self, keys: list[Any], values: list[Any], slots: Any, pos: Any) -> None:
+        self.keys, self.values, self.slots, self.pos = keys, values, slots, pos  # slots, pos: [tokens]
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        self.keys[layer_idx][self.slots, :, self.pos] = key_states[0].transpose(0, 1)
+        self.values[layer_idx][self.slots, :, self.pos] = value_states[0].transpose(0, 1)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never consulted: position ids are always given
+
+
 def _write(keys, values, rows, pos, key_states, value_states):
     # row r, every head, position pos[r]: one index_put_ kernel each, an op the compiler updates in place
     keys[rows, :, pos] = key_states[:, :, 0]
@@ -303,6 +322,56 @@ class SlotDecoder:
         if self.router is not None:
             self.router.set_row(slot, adapter)
         return out.logits[0, -1].float()
+
+    def prefill_many(self, items: Sequence[tuple[int, Sequence[int], str | None]]) -> dict[int, Any]:
+        """Prefill several prompts in ONE forward: items are (slot, prompt, adapter); returns {slot: next-token
+        logits}. The prompts are packed back to back into one row (no padding), with per-token position ids (each
+        prompt counts from 0), a block-diagonal causal mask (a token sees only its own prompt's earlier tokens)
+        and per-token adapter routing; each layer's keys/values are written straight into their slots' rows,
+        and logits are computed only at each prompt's last token. So every prompt sees what its own prefill
+        would see. A single item, a model with sliding-window layers (the mask here is full attention) or the
+        very first prefill (it allocates the cache) runs the one-prompt `prefill`."""
+        import torch
+
+        items = [(int(s), list(p), a) for s, p, a in items]
+        seen: set[int] = set()
+        for slot, prompt, adapter in items:
+            if slot in self.lengths or slot in seen:
+                raise ModelError(f"slot {slot} is in use.")
+            seen.add(slot)
+            if not 0 < len(prompt) < self.max_len:
+                raise ModelError(f"a prompt of {len(prompt)} tokens does not fit the decoder's context of {self.max_len} positions.")
+            if self.router is not None:
+                self.router.check(adapter)
+        if len(items) < 2 or not self.keys or self.layer_types != ["full_attention"]:
+            return {slot: self.prefill(slot, prompt, adapter) for slot, prompt, adapter in items}
+        lengths = [len(p) for _, p, _ in items]
+        total = sum(lengths)
+        dev = self.device
+        counts = torch.tensor(lengths, device=dev)
+        ids = torch.tensor([[t for _, p, _ in items for t in p]], dtype=torch.long, device=dev)
+        starts = torch.cumsum(counts, 0) - counts  # where each prompt begins in the packed row
+        seg = torch.arange(len(items), device=dev).repeat_interleave(counts)  # prompt index of every token
+        pos = torch.arange(total, device=dev) - starts[seg]  # position of every token within its prompt
+        slots = torch.tensor([s for s, _, _ in items], device=dev)[seg]
+        mask = (seg.view(-1, 1) == seg.view(1, -1)) & (pos.view(1, -1) <= pos.view(-1, 1))  # [query, key]
+        mask = mask.view(1, 1, total, total)
+        if self.additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill(~mask, torch.finfo(self.dtype).min)
+        cache = _PackedCache(self.keys, self.values, slots, pos)
+        last = starts + counts - 1
+        route = self.router.tokens([a for _, _, a in items], lengths) if self.router is not None else contextlib.nullcontext()
+        with torch.inference_mode(), route:
+            out = self.lm(input_ids=ids, position_ids=pos.view(1, -1), attention_mask={t: mask for t in self.layer_types},
+                          use_cache=True, logits_to_keep=last, **{self.cache_kw: cache})
+        logits = out.logits[0].float()
+        result = {}
+        for i, (slot, prompt, adapter) in enumerate(items):
+            self.lengths[slot] = len(prompt)
+            if self.router is not None:
+                self.router.set_row(slot, adapter)
+            result[slot] = logits[i]
+        return result
 
     def _route(self, *, adapter: str | None = None, rows: int | None = None):
         import contextlib
