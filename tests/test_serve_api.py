@@ -281,6 +281,7 @@ def test_32_concurrent_streams_each_equal_to_its_solo_answer(client, server):
     assert together == solo
     health = httpx.get(server["url"] + "/health").json()
     assert health["peak_running"] >= 16  # they were decoded together, not one after another
+    assert health["peak_prefill"] >= 2 and health["prefills"] < health["steps"]  # waiting prompts were prefilled together
     assert health["steps"] - steps_before < 32 * MAX_TOKENS / 4
     assert (health["running"], health["waiting"]) == (0, 0)
 

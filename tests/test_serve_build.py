@@ -44,6 +44,11 @@ def test_api_flags_config_key_and_their_errors(tmp_path):
                                 "model_name_or_path=m", "--template", "qwen"], {})
     assert opts.lora == {"zh": "saves/zh", "math": "saves/math"} and opts.max_batch == 4 and not opts.cuda_graphs
     assert rest == ["model_name_or_path=m", "--template", "qwen"]
+    assert opts.max_prefill_tokens is None  # the scheduler's default
+    opts2, rest2 = split_options(["--max-prefill-tokens=0", "--no-cuda-graphs=false", "cfg.yaml"], {})
+    assert (opts2.max_prefill_tokens, opts2.cuda_graphs, rest2) == (0, True, ["cfg.yaml"])  # =false keeps the graphs
+    assert split_options(["--max_prefill_tokens", "4096", "--no-cuda-graphs=yes"], {})[0].max_prefill_tokens == 4096
+    assert not split_options(["--no-cuda-graphs=yes"], {})[0].cuda_graphs
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text("model_name_or_path: some/model\ntemplate: qwen\nlora_modules:\n  - zh=saves/other\n  - code=saves/code\n")
     cfg = load_api_config([str(cfg_file)], opts)
@@ -58,6 +63,8 @@ def test_api_flags_config_key_and_their_errors(tmp_path):
         (lambda: split_options(["--lora", "justapath"], {}), "--lora 'justapath' is not NAME=PATH (e.g. --lora zh=saves/qwen-zh)."),
         (lambda: split_options(["--lora", "a=x", "--lora", "a=y"], {}), "--lora a is given twice."),
         (lambda: split_options(["--host"], {}), "--host needs a value."),
+        (lambda: split_options(["--max-prefill-tokens", "-1"], {}), "--max-prefill-tokens -1 is out of range."),
+        (lambda: split_options(["--max-prefill-tokens", "lots"], {}), "--max-prefill-tokens 'lots' is not valid: expected an integer."),
     ]
     for call, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -75,4 +82,4 @@ def test_api_help_lists_the_flags(capsys):
 
     assert main(["api", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--lora NAME=PATH" in out and "API_KEY" in out and "max_new_tokens" in out
+    assert "--lora NAME=PATH" in out and "API_KEY" in out and "max_new_tokens" in out and "--max-prefill-tokens N" in out

@@ -15,13 +15,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.commands.flags import take_flags
 from tunelab.errors import ConfigError
 
 USAGE = (
     "usage: tunelab api [config.yaml] [key=value ...] [--key value ...]\n"
     "                   [--host H] [--port P] [--api-key K] [--lora NAME=PATH ...] [--max-batch N] [--max-queue N]\n"
     "                   [--max-model-len N] [--served-model-name NAME] [--grace-period S] [--max-request-bytes N]\n"
-    "                   [--no-cuda-graphs]"
+    "                   [--max-prefill-tokens N] [--no-cuda-graphs]"
 )
 FLAGS_HELP = """api options:
   --host H              address to bind (default $API_HOST, else 127.0.0.1: only this machine can connect)
@@ -34,12 +35,15 @@ FLAGS_HELP = """api options:
   --served-model-name   model id of the base model (default the model path's last part, or its hub id)
   --grace-period S      on SIGTERM, seconds to let running requests finish (default 30)
   --max-request-bytes N largest request body accepted (default 4194304)
+  --max-prefill-tokens N  waiting prompts prefilled together in one forward, up to N tokens (default 8192;
+                        0: one prompt per forward)
   --no-cuda-graphs      decode steps without CUDA graphs (for debugging)
 """
 SECTIONS = ("model", "quantization", "generation")
 _VALUE_FLAGS = {"host", "port", "api_key", "lora", "max_batch", "max_queue", "max_model_len", "served_model_name",
-                "grace_period", "max_request_bytes"}
-_INT_FLAGS = ("port", "max_batch", "max_queue", "max_model_len", "max_request_bytes")
+                "grace_period", "max_request_bytes", "max_prefill_tokens"}
+_INT_FLAGS = ("port", "max_batch", "max_queue", "max_model_len", "max_request_bytes", "max_prefill_tokens")
+_ZERO_OK = ("max_queue", "max_prefill_tokens")  # 0 is meaningful: no queue; one prompt per prefill forward
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ApiOptions:
     served_model_name: str | None = None
     grace_period: float = 30.0
     max_request_bytes: int | None = None
+    max_prefill_tokens: int | None = None  # None: the scheduler's default (8192)
     cuda_graphs: bool = True
 
 
@@ -68,29 +73,17 @@ def split_options(argv: list[str], env: dict[str, str]) -> tuple[ApiOptions, lis
     """Take api's own flags out of argv (environment variables fill in host, port and key); the rest is config."""
     opts = ApiOptions(host=env.get("API_HOST") or "127.0.0.1", api_key=env.get("API_KEY") or None)
     raw: dict[str, Any] = {"port": env["API_PORT"]} if env.get("API_PORT") else {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        name, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
-        key = name.replace("-", "_")
+    taken, rest = take_flags(argv, _VALUE_FLAGS, ("no_cuda_graphs",))
+    for key, value in taken:
         if key == "no_cuda_graphs":
-            opts.cuda_graphs = False
-        elif key in _VALUE_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"--{name} needs a value.")
-                value, i = argv[i + 1], i + 1
-            if key == "lora":
-                lname, path = _lora_pair(value, "--lora")
-                if lname in opts.lora:
-                    raise ConfigError(f"--lora {lname} is given twice.")
-                opts.lora[lname] = path
-            else:
-                raw[key] = value
+            opts.cuda_graphs = not value  # --no-cuda-graphs (or =true/1/yes/on) turns them off; =false keeps them
+        elif key == "lora":
+            lname, path = _lora_pair(value, "--lora")
+            if lname in opts.lora:
+                raise ConfigError(f"--lora {lname} is given twice.")
+            opts.lora[lname] = path
         else:
-            rest.append(tok)
-        i += 1
+            raw[key] = value
     for key, value in raw.items():
         if key in _INT_FLAGS:
             try:
@@ -98,7 +91,7 @@ def split_options(argv: list[str], env: dict[str, str]) -> tuple[ApiOptions, lis
             except ValueError:
                 src = "API_PORT" if key == "port" and "--port" not in " ".join(argv) else f"--{key.replace('_', '-')}"
                 raise ConfigError(f"{src} {value!r} is not valid: expected an integer.") from None
-            if value < (0 if key == "max_queue" else 1) or (key == "port" and value > 65535):
+            if value < (0 if key in _ZERO_OK else 1) or (key == "port" and value > 65535):
                 raise ConfigError(f"--{key.replace('_', '-')} {value} is out of range.")
         elif key == "grace_period":
             try:
@@ -152,6 +145,7 @@ def main(argv: list[str]) -> int:
     from tunelab.serve.server import build_service, serve
 
     service = build_service(cfg, loras=opts.lora, max_slots=opts.max_batch, max_len=opts.max_model_len, max_queue=opts.max_queue,
-                            served_model_name=opts.served_model_name, use_graphs=None if opts.cuda_graphs else False)
+                            served_model_name=opts.served_model_name, use_graphs=None if opts.cuda_graphs else False,
+                            max_prefill_tokens=opts.max_prefill_tokens)
     serve(service, host=opts.host, port=opts.port, api_key=opts.api_key, grace=opts.grace_period, max_request_bytes=opts.max_request_bytes)
     return 0

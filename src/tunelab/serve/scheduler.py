@@ -4,7 +4,9 @@
     job = Job(prompt_ids, adapter, SamplingParams(), max_tokens=256); sched.submit(job)   # QueueFull -> 429
     async for token_id in job: ...                                                        # from an asyncio task
 
-The loop: admit waiting jobs into free slots (each prefilled alone: its first token comes from the prefill), drop
+The loop: admit waiting jobs into free slots (prefilled together: the waiting prompts, in arrival order, packed
+into one forward up to `max_prefill_tokens` tokens per forward, see `prefill_groups`; each job's first token comes
+from its prefill and is sent as soon as that forward is done), drop
 cancelled jobs (a client that went away, a stop string found), pick the next token of every live slot, retire the
 finished ones (stop token or max_tokens), then decode one step for all live slots together. So a new request
 joins the running batch at the next step and a finished one leaves it at once; the decode step's batch is
@@ -26,6 +28,25 @@ from typing import Any, Sequence
 from tunelab.infer.sampling import RowState, SamplingParams, choose_all
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_PREFILL_TOKENS = 8192
+
+
+def prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Split prompts (their lengths, in admission order) into prefill forwards: consecutive prompts while their
+    total stays within `budget` tokens; a prompt longer than the budget goes alone; budget 0: one prompt each.
+    Order is kept (first come, first served), so an early long prompt is never overtaken."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if groups and budget > 0 and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
 
 
 class QueueFull(Exception):
@@ -87,8 +108,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, decoder: Any, stop_ids: Sequence[int], *, max_queue: int = 64) -> None:
+    def __init__(self, decoder: Any, stop_ids: Sequence[int], *, max_queue: int = 64, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
         self.decoder = decoder
+        self.max_prefill_tokens = max(0, int(max_prefill_tokens))  # 0: one prompt per prefill forward
         self.stop_ids = list(stop_ids)
         self.max_queue = max(0, int(max_queue))
         self.waiting: collections.deque[Job] = collections.deque()
@@ -101,6 +123,8 @@ class Scheduler:
         self.step_seconds = 0.05  # moving average, for Retry-After
         self.steps = 0
         self.peak_running = 0  # the largest batch so far (/health shows it)
+        self.prefills = 0  # prefill forwards run
+        self.peak_prefill = 0  # the most prompts prefilled in one forward so far
 
     # ----- outside API ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,7 +158,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self.cv:
             return {"running": len(self.active), "waiting": len(self.waiting), "slots": self.decoder.max_slots,
-                    "max_queue": self.max_queue, "steps": self.steps, "peak_running": self.peak_running}
+                    "max_queue": self.max_queue, "steps": self.steps, "peak_running": self.peak_running,
+                    "prefills": self.prefills, "peak_prefill": self.peak_prefill, "max_prefill_tokens": self.max_prefill_tokens}
 
     def _retry_after(self) -> int:
         typical = max((j.max_tokens for j in self.active.values()), default=16)
@@ -160,10 +185,10 @@ class Scheduler:
                     else:
                         self._end(job, "cancelled")
             with torch.inference_mode():
-                for slot, job in admit:
+                for group in prefill_groups([len(job.prompt) for _, job in admit], self.max_prefill_tokens):
                     first: dict[int, Any] = {}
-                    self._admit(slot, job, first)
-                    if first:  # its first token goes out now, not after the other admissions' prefills
+                    self._admit([admit[i] for i in group], first)
+                    if first:  # these first tokens go out now, not after the other groups' prefills
                         self._advance(first)
                 for slot, job in list(self.active.items()):
                     if job.cancelled:
@@ -177,14 +202,36 @@ class Scheduler:
             while self.waiting:
                 self._end(self.waiting.popleft(), "cancelled")
 
-    def _admit(self, slot: int, job: Job, pending: dict[int, Any]) -> None:
-        try:
-            pending[slot] = self.decoder.prefill(slot, job.prompt, job.adapter)
-        except Exception as exc:  # a prompt the decoder refuses fails that request alone
-            logger.warning("prefill failed: %s", exc)
-            job.error = exc
-            self._end(job, "error")
-            return
+    def _admit(self, group: list[tuple[int, Job]], pending: dict[int, Any]) -> None:
+        """Prefill a group of (slot, job) in one forward; if that fails, each alone, so a prompt the decoder
+        refuses fails that request alone."""
+        if len(group) > 1:
+            try:
+                logits = self.decoder.prefill_many([(slot, job.prompt, job.adapter) for slot, job in group])
+            except Exception as exc:
+                logger.warning("batched prefill of %d prompts failed (%s); prefilling them one by one", len(group), exc)
+            else:
+                self._count_prefill(len(group))
+                for slot, job in group:
+                    self._activate(slot, job)
+                    pending[slot] = logits[slot]
+                return
+        for slot, job in group:
+            try:
+                pending[slot] = self.decoder.prefill(slot, job.prompt, job.adapter)
+            except Exception as exc:
+                logger.warning("prefill failed: %s", exc)
+                job.error = exc
+                self._end(job, "error")
+                continue
+            self._count_prefill(1)
+            self._activate(slot, job)
+
+    def _count_prefill(self, prompts: int) -> None:
+        self.prefills += 1
+        self.peak_prefill = max(self.peak_prefill, prompts)
+
+    def _activate(self, slot: int, job: Job) -> None:
         with self.cv:
             self.active[slot] = job
             self.peak_running = max(self.peak_running, len(self.active))

@@ -56,7 +56,7 @@ def base_model_id(cfg: Any) -> str:
 
 
 def build_service(cfg: Any, *, loras: dict[str, str], max_slots: int = 32, max_len: int | None = None, max_queue: int = 64,
-                  served_model_name: str | None = None, use_graphs: bool | None = None):
+                  served_model_name: str | None = None, use_graphs: bool | None = None, max_prefill_tokens: int | None = None):
     from tunelab.infer import Engine
     from tunelab.infer.decoder import SlotDecoder
     from tunelab.serve.scheduler import Scheduler
@@ -79,12 +79,15 @@ def build_service(cfg: Any, *, loras: dict[str, str], max_slots: int = 32, max_l
     decoder = SlotDecoder(engine.model, max_slots=max_slots, max_len=context, adapters=adapters, use_graphs=use_graphs,
                           pad_token_id=engine.pad_token_id)
     decoder.warmup([engine.pad_token_id] * 2)
-    scheduler = Scheduler(decoder, engine.template.stop_token_ids, max_queue=max_queue)
+    if max_prefill_tokens is None:
+        from tunelab.serve.scheduler import DEFAULT_MAX_PREFILL_TOKENS as max_prefill_tokens
+    scheduler = Scheduler(decoder, engine.template.stop_token_ids, max_queue=max_queue, max_prefill_tokens=max_prefill_tokens)
     step = "eager decode steps"
     if decoder.graphs:
         layers = "compiled decoder layers" if decoder.compiled is not None else f"eager decoder layers ({decoder.compile_error or 'TUNELAB_COMPILE_DECODE=0'})"
         step = f"{len(decoder.graphs)} CUDA graphs of the {layers}, built in {decoder.warmup_seconds:.0f} s"
-    logger.info("serving %s: %d slots x %d positions, queue %d, %s", ", ".join(models), max_slots, context, max_queue, step)
+    prefill = f"prefill up to {max_prefill_tokens} tokens per forward" if max_prefill_tokens else "one prompt per prefill forward"
+    logger.info("serving %s: %d slots x %d positions, queue %d, %s, %s", ", ".join(models), max_slots, context, max_queue, prefill, step)
     return Service(engine, scheduler, models=models, context=context)
 
 
