@@ -23,6 +23,14 @@ Cases (the issue's speed targets):
   (p50, p99). Rounds: every request on adapter a ('one adapter'), requests alternating a / b ('two adapters'),
   then 'one adapter' again. Each stream's token count is checked (none lost); after the two-adapter round four of
   its streams (two per adapter) are re-run alone and their texts compared with the batched ones.
+  The three rounds run once per server setting of `--serve-settings` (one decoder, built once, shared): the
+  prefill token budget (the scheduler's max_prefill_tokens: 8192 = waiting prompts prefilled together in one
+  forward, the default; 0 = one prompt per forward, the behaviour before batched prefill) and the interpreter's
+  GIL switch interval in ms (sys.setswitchinterval: how long the decode thread may wait for the GIL that the
+  event loop's thread holds; Python's default is 5 ms). Default: 8192/5, 0/5, 8192/0.5. Each row also carries
+  the round's prefill forwards and the most prompts in one of them (prefills, peak_prefill).
+
+    PYTHONPATH=src python tools/bench_serve.py --workdir /tmp/b7 --out serve.jsonl --phases serve16   # serving only
 
 Needs torch, transformers, peft, bitsandbytes, fastapi, uvicorn, httpx and tunelab (src/) on PYTHONPATH.
 """
@@ -249,17 +257,36 @@ async def _client_main(args) -> dict:
             "solo_common_prefix_chars": solo_prefix or None, "text_chars": [len(r["text"]) for r in results[: args.solo]] or None}
 
 
-def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int, out: str | None, label: str) -> None:
+def parse_settings(text: str) -> list[tuple[int, float]]:
+    """'8192/5,0/5' -> [(8192, 5.0), (0, 5.0)]: (max_prefill_tokens, GIL switch interval in ms) per setting."""
+    out = []
+    for part in text.split(","):
+        budget, _, ms = part.partition("/")
+        out.append((int(budget), float(ms or 5)))
+    return out
+
+
+def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int, out: str | None, label: str,
+                 settings: list[tuple[int, float]] = ((8192, 5.0),)) -> None:
     max_len = 1 << (prompt_len + new - 1).bit_length()
     server, thread, scheduler, decoder, url, startup = start_server(engine, adapter_b, streams, max_len)
+    interval = sys.getswitchinterval()
     try:
         run_client(url, ["a", "b"], streams, prompt_len, 16, seed=99)  # warm-up round
-        for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
-            # the two-adapter round re-runs 4 streams alone afterwards (2 per adapter): routing checked per row
-            row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 2 else 0)
-            emit({"case": "serve", "weights": label, "round": name, "peak_batch": scheduler.stats()["peak_running"],
-                  "step_ms_avg": round(1000 * scheduler.step_seconds, 2), **row, **startup}, out)
+        for budget, ms in settings:
+            scheduler.max_prefill_tokens = budget  # read by the scheduler's loop at each admission
+            sys.setswitchinterval(ms / 1000)
+            for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
+                # the two-adapter round re-runs 4 streams alone afterwards (2 per adapter): routing checked per row
+                scheduler.peak_prefill, before = 0, scheduler.stats()
+                row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 2 else 0)
+                after = scheduler.stats()
+                emit({"case": "serve", "weights": label, "round": name, "max_prefill_tokens": budget, "switch_interval_ms": ms,
+                      "peak_batch": after["peak_running"], "step_ms_avg": round(1000 * scheduler.step_seconds, 2),
+                      "prefills": after["prefills"] - before["prefills"], "peak_prefill": after["peak_prefill"],
+                      "steps": after["steps"] - before["steps"], **row, **startup}, out)
     finally:
+        sys.setswitchinterval(interval)
         server.should_exit = True
         thread.join(30)
         scheduler.stop()
@@ -276,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--serve-settings", default="8192/5,0/5,8192/0.5",
+                    help="serving rounds per setting: max_prefill_tokens/GIL switch interval in ms, comma-separated")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", default="a", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -312,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if "single16" in phases:
             guarded("single16", single_stream, engine, "bf16 + LoRA", args.prompt, args.new, args.out)
         if "serve16" in phases:
-            guarded("serve16", serve_rounds, engine, adapter_b, args.streams, args.prompt, args.new, args.out, "bf16 + LoRA")
+            guarded("serve16", serve_rounds, engine, adapter_b, args.streams, args.prompt, args.new, args.out, "bf16 + LoRA",
+                    parse_settings(args.serve_settings))
         if "merged16" in phases:  # last: merging into bf16 weights and back would round the base
 
             def merged():
