@@ -247,7 +247,12 @@ def test_stop_strings_and_seeded_sampling(client, server, reference):
     stop = full[3:6]
     r = _chat(client, "a", QUESTIONS[0], stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    assert _streamed(client, "a", QUESTIONS[0], stop=stop)[0] == full[: full.index(stop)]
+    streamed = _streamed(client, "a", QUESTIONS[0], stop=stop)
+    assert streamed[0] == full[: full.index(stop)]
+    # usage counts the tokens through the one that completed the stop string, whatever the scheduler decoded after
+    ids = reference.answer_ids("a", _user(QUESTIONS[0]))
+    through = next(k for k in range(1, len(ids) + 1) if stop in reference.decode(ids[:k]))
+    assert r.usage.completion_tokens == streamed[3].completion_tokens == through < len(ids)
     base = os.path.basename(server["model"])  # the random base model: a flat distribution, so seeds differ visibly
     sampled = [client.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], temperature=1.0, top_p=1.0,
                                               seed=s, max_tokens=16).choices[0].message.content for s in (7, 7, 8)]

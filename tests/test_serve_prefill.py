@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 
 import pytest
 
@@ -51,9 +52,11 @@ def _solo(eng, adapter, prompt) -> list[int]:
     return eng.generate_ids([prompt])[0]
 
 
-def _serve_all(eng, jobs_spec, budget: int):
+def _serve_all(eng, jobs_spec, budget: int, slow_reader: bool = False):
     """Submit every job before the scheduler starts (so they all wait together), run them, return (token lists,
-    jobs, scheduler stats)."""
+    jobs, scheduler stats + 'wakeups': the scheduler's call_soon_threadsafe calls, 'batches': what each
+    next_tokens call returned). slow_reader: the first job's reader blocks the event loop for 1 s after its
+    first token (the decode thread runs on meanwhile)."""
     from tunelab.infer.decoder import SlotDecoder
     from tunelab.infer.sampling import SamplingParams
     from tunelab.serve.scheduler import Job, Scheduler
@@ -62,29 +65,37 @@ def _serve_all(eng, jobs_spec, budget: int):
     dec.warmup([eng.pad_token_id] * 2)
     sched = Scheduler(dec, eng.template.stop_token_ids, max_queue=len(jobs_spec), max_prefill_tokens=budget)
 
+    wakeups, batches = [], []
+
     async def run():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (wakeups.append(1), real(*a, **k))[1]
         jobs = [Job(prompt, adapter, SamplingParams(), NEW) for adapter, prompt in jobs_spec]
         for job in jobs:
             job.bind()
             sched.submit(job)
         sched.start()
 
-        async def collect(job):
+        async def collect(i, job):
             out = []
             try:
-                async for tok in job:
-                    out.append(tok)
+                while toks := await job.next_tokens():
+                    batches.append((i, len(toks)))
+                    if slow_reader and i == 0 and not out:
+                        time.sleep(1.0)
+                    out.extend(toks)
             except Exception as exc:  # the refused prompt
                 return exc
             return out
 
-        return await asyncio.wait_for(asyncio.gather(*(collect(j) for j in jobs)), 120), jobs
+        return await asyncio.wait_for(asyncio.gather(*(collect(i, j) for i, j in enumerate(jobs))), 120), jobs
 
     try:
         got, jobs = asyncio.run(run())
     finally:
         sched.stop()
-    return got, jobs, sched.stats()
+    return got, jobs, dict(sched.stats(), wakeups=len(wakeups), batches=batches)
 
 
 def test_waiting_prompts_are_prefilled_together_and_answer_as_alone(engine):
@@ -114,3 +125,17 @@ def test_budget_zero_prefills_one_prompt_per_forward(engine):
     got, _, stats = _serve_all(engine, spec, 0)
     assert got == [_solo(engine, a, p) for a, p in spec]
     assert (stats["prefills"], stats["peak_prefill"]) == (3, 1)
+
+
+def test_one_wakeup_per_step_and_a_slow_reader_takes_its_tokens_at_once(engine):
+    """The decode thread hands each step's tokens (and the ends) to the event loop in one call, not one per
+    stream; a reader that fell behind gets every waiting token in one next_tokens call; the answers stay exact."""
+    prompts = [engine.encode(Conversation(messages=[{"role": "user", "content": t}])) for t in TEXTS[:4]]
+    spec = [("default", prompts[0]), ("tools", prompts[1]), (None, prompts[2]), ("default", prompts[3])]
+    got, jobs, stats = _serve_all(engine, spec, 8192, slow_reader=True)
+    assert got == [_solo(engine, a, p) for a, p in spec]
+    items = sum(len(g) for g in got) + len(jobs)  # every token and every end
+    assert stats["wakeups"] <= stats["steps"] + stats["prefills"] + 1 < items  # at most one per step (+ prefills)
+    first_reader = [n for i, n in stats["batches"] if i == 0]
+    assert first_reader[0] == 1 and max(first_reader[1:]) >= 2  # behind after the pause: several tokens at once
+    assert sum(first_reader) == len(got[0])

@@ -13,7 +13,10 @@ joins the running batch at the next step and a finished one leaves it at once; t
 whatever is live. Admission is first come, first served; `max_queue` bounds the jobs waiting for a slot, and
 `submit` refuses beyond it (QueueFull, with a Retry-After estimate) and after `drain()` (ShuttingDown).
 
-The model runs only in this thread; jobs receive their tokens through their asyncio loop (call_soon_threadsafe).
+The model runs only in this thread; jobs receive their token ids (not text: detokenization, stop strings and
+event building happen on the asyncio side, tunelab.serve.serving) through their asyncio loop, all of one step's
+tokens in ONE call_soon_threadsafe per loop (one wake-up of the event loop per step, not one per stream); a
+reader that fell behind takes every token waiting for it at once (`Job.next_tokens`).
 An error inside a step fails the jobs in that step, never the loop: the server keeps serving.
 """
 from __future__ import annotations
@@ -76,8 +79,10 @@ class Job:
         self.cancelled = False
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
+        self.stop_at: int | None = None  # tokens through the one that completed a stop string (set by the reader)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
+        self._ended = False
 
     def bind(self) -> None:
         """Attach to the running asyncio loop (call from the request's task before submit)."""
@@ -88,23 +93,30 @@ class Job:
         """Stop generating (the slot is freed at the scheduler's next iteration)."""
         self.cancelled = True
 
-    def _push(self, item: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            except RuntimeError:  # the loop closed in between
-                pass
-
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> int:
-        item = await self._queue.get()
+        item = _END if self._ended else await self._queue.get()
         if item is _END:
+            self._ended = True
             if self.error is not None:
                 raise self.error
             raise StopAsyncIteration
         return item
+
+    async def next_tokens(self) -> list[int]:
+        """Every token that arrived since the last call (waits for at least one); [] at the end (or the job's
+        error raised). Don't mix with iterating the job."""
+        items = [] if self._ended else [await self._queue.get()]
+        while items and items[-1] is not _END and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if items and items[-1] is _END:
+            items.pop()
+            self._ended = True
+        if not items and self._ended and self.error is not None:
+            raise self.error
+        return items
 
 
 class Scheduler:
@@ -123,6 +135,7 @@ class Scheduler:
         self.step_seconds = 0.05  # moving average, for Retry-After
         self.steps = 0
         self.peak_running = 0  # the largest batch so far (/health shows it)
+        self._outbox: dict[Any, list[tuple[Any, Any]]] = {}  # asyncio loop -> [(job queue, item)] not yet sent
         self.prefills = 0  # prefill forwards run
         self.peak_prefill = 0  # the most prompts prefilled in one forward so far
 
@@ -171,6 +184,7 @@ class Scheduler:
 
         pending: dict[int, Any] = {}
         while True:
+            self._flush()  # e.g. the ends of the jobs a failed step retired
             with self.cv:
                 while not self.stopped and not self.waiting and not self.active:
                     self.cv.wait(0.5)
@@ -195,12 +209,14 @@ class Scheduler:
                         self._retire(slot, "cancelled", pending)
                 if pending:
                     self._advance(pending)
+                self._flush()
                 pending = self._step()
         for slot in list(self.active):
             self._retire(slot, "cancelled", pending)
         with self.cv:
             while self.waiting:
                 self._end(self.waiting.popleft(), "cancelled")
+        self._flush()
 
     def _admit(self, group: list[tuple[int, Job]], pending: dict[int, Any]) -> None:
         """Prefill a group of (slot, job) in one forward; if that fails, each alone, so a prompt the decoder
@@ -249,10 +265,11 @@ class Scheduler:
             if tok in stops:
                 self._retire(slot, "stop", pending)
                 continue
-            job._push(tok)
+            self._send(job, tok)
             if len(job.output) >= job.max_tokens:
                 self._retire(slot, "length", pending)
         pending.clear()
+        self._flush()
 
     def _step(self) -> dict[int, Any]:
         live = {s: self.active[s].output[-1] for s in self.decoder.lengths if s in self.active}
@@ -280,7 +297,25 @@ class Scheduler:
         if job is not None:
             self._end(job, reason)
 
-    @staticmethod
-    def _end(job: Job, reason: str) -> None:
+    def _end(self, job: Job, reason: str) -> None:
         job.finish_reason = reason
-        job._push(_END)
+        self._send(job, _END)
+
+    def _send(self, job: Job, item: Any) -> None:
+        if job._loop is not None:
+            self._outbox.setdefault(job._loop, []).append((job._queue, item))
+
+    def _flush(self) -> None:
+        """Hand the collected items to their loops: one call_soon_threadsafe per loop, in order."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # the loop closed in between
+                    pass
+
+
+def _deliver(items: list[tuple[Any, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

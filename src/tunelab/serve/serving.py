@@ -175,28 +175,34 @@ class Service:
         decoder = IncrementalDecoder(self.engine.tokenizer, self.stop_ids)
         held = ""
         longest = max((len(s) for s in prep.stops), default=0)
+        consumed = 0
         try:
-            async for tok in job:
-                held += decoder.add([tok])
-                if prep.stops:
+            while toks := await job.next_tokens():  # every token that arrived since the last turn: one piece for all
+                if not prep.stops:
+                    consumed += len(toks)
+                    held += decoder.add(toks)
+                    if held:
+                        yield held
+                        held = ""
+                    continue
+                for tok in toks:  # with stop strings token by token, so the cut (and usage) is at the exact token
+                    consumed += 1
+                    held += decoder.add([tok])
                     cut = _first_stop(held, prep.stops)
                     if cut is not None:
                         job.cancel()
-                        job.finish_reason = "stop"
+                        job.finish_reason, job.stop_at = "stop", consumed
                         if held[:cut]:
                             yield held[:cut]
                         return
-                    safe = len(held) - (longest - 1)
-                    if safe > 0:
-                        yield held[:safe]
-                        held = held[safe:]
-                elif held:
-                    yield held
-                    held = ""
+                safe = len(held) - (longest - 1)
+                if safe > 0:
+                    yield held[:safe]
+                    held = held[safe:]
             held += decoder.flush()
             cut = _first_stop(held, prep.stops) if prep.stops else None
             if cut is not None:
-                held, job.finish_reason = held[:cut], "stop"
+                held, job.finish_reason, job.stop_at = held[:cut], "stop", consumed
             if held:
                 yield held
         finally:
@@ -211,6 +217,8 @@ class Service:
 
     def _usage(self, job: Job) -> P.Usage:
         n = len(job.output) - (1 if job.output and job.output[-1] in self.stop_ids else 0)
+        if job.stop_at is not None:  # a stop string: the tokens through the one that completed it (the scheduler
+            n = min(n, job.stop_at)  # may have decoded a few more before it saw the cancel)
         return P.Usage(prompt_tokens=len(job.prompt), completion_tokens=n, total_tokens=len(job.prompt) + n)
 
     async def complete(self, prep: Prepared, job: Job, disconnected: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
