@@ -23,6 +23,10 @@ captured CUDA graph reads.
 Projections that read the same input (q/k/v; gate/up) are grouped: their A's stacked and their B's block-diagonal,
 so each group costs two matmuls per step instead of two per projection (`_grouped_term`).
 
+A packed prefill (several prompts back to back in one row, tunelab.infer.decoder's `prefill_many`) is routed per
+token instead (`tokens()`): each token carries the scale / rank-block mask of its prompt's adapter, [1, tokens, 1]
+and [1, tokens, width] in place of the per-row [rows, 1, 1] and [rows, 1, width].
+
 Every LoRA layer gets the same bound function as its forward, and the router of the running forward is a module
 global (`_ACTIVE`), its per-layer tensors buffers on the layers and its per-kind numbers plain ints: a compiled
 decoder layer (tunelab.infer.decoder) then sees the same code and guards in all layers and compiles once.

@@ -2,6 +2,7 @@
 
     dec = SlotDecoder(model, max_slots=8, max_len=2048, adapters=["default"])
     logits = dec.prefill(0, prompt_ids, adapter="default")    # [vocab] float32: the next-token logits of slot 0
+    logits = dec.prefill_many([(1, ids_a, None), (2, ids_b, "default")])   # {slot: [vocab]}: several in one forward
     logits = dec.step({0: token})                              # {slot: [vocab]}: one token for every live slot
     dec.release(0)                                             # the slot is free for the next request
 
@@ -9,7 +10,10 @@ A slot is one row of a preallocated cache ([slots, kv_heads, max_len, head_dim] 
 prefilled alone (a plain forward over its prompt with transformers' DynamicCache, exactly what `generate` runs
 first) and its keys/values are copied into its row; from then on every `step` decodes one token for every live
 slot at once, each at its own position (per-row position ids, a per-row write index into the cache, a boolean
-mask over the cached positions). A request joins at the next step after its prefill and leaves when released:
+mask over the cached positions). `prefill_many` prefills several prompts in one packed forward (back to back in
+one row, a block-diagonal causal mask, per-prompt positions and per-token adapters, keys/values written straight
+into each slot's row), which the API server uses for the prompts waiting together; its fp32 logits equal the
+one-prompt prefill's to rounding (tested). A request joins at the next step after its prefill and leaves when released:
 that is continuous batching, and it needs nothing from the model beyond the Cache protocol (`update`) and
 transformers' 4-D mask pass-through.
 
