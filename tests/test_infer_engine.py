@@ -337,3 +337,26 @@ def test_gpu_static_graph_decode_equals_plain_generate(lora_run, extra):
     assert report["solo_equal"], report
     if "infer_dtype" in extra and extra["infer_dtype"] == "float32":
         assert report["batched_equal"], report
+
+
+def test_incremental_decoder_pieces_join_to_the_whole_decode(engine):
+    """Streaming detokenization (tokenizers' DecodeStream for the Qwen tokenizer, and the whole-decode fallback):
+    the pieces, fed token by token or several at a time, join to exactly the whole answer's decode, including
+    characters split across tokens (Chinese, an emoji) and a stop token ending it."""
+    from tunelab.infer.engine import IncrementalDecoder
+
+    tok = engine.tokenizer
+    ids = tok("Count: 1, 2, 3. 你好，世界！ 😀 龘靐 ꙮ naïve café\n  end", add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids)))  # some prefix ends inside a character
+    expected = tok.decode(ids, skip_special_tokens=True)
+    stop = engine.template.stop_token_ids[0]
+    for streamed in (True, False):
+        for size in (1, 3):
+            dec = IncrementalDecoder(tok, [stop])
+            if not streamed:
+                dec._stream = None
+            feed = ids + [stop, 11]  # nothing after the stop token counts
+            pieces = [dec.add(feed[i : i + size]) for i in range(0, len(feed), size)] + [dec.flush()]
+            assert "\ufffd" not in "".join(pieces[:-1])
+            assert "".join(pieces) == expected, (streamed, size)
+    assert IncrementalDecoder(tok, [])._stream is not None  # the fast path is the one the server uses here
