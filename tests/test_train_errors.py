@@ -198,9 +198,14 @@ def test_model_folder_without_weights(tiny_model, toy_dir, workdir, capsys):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_model, toy_dir, workdir, capsys):
+    import signal
+
     cfg = _cfg_file(workdir, base_config(tiny_model, toy_dir, "out", learning_rate=1e30, max_steps=4, save_steps=1))
+    before = signal.getsignal(signal.SIGTERM)
     rc, err = _train(capsys, cfg)
     assert rc == 1
+    # the error left the loop before on_train_end: the run's graceful-stop handler is removed all the same
+    assert signal.getsignal(signal.SIGTERM) is before
     line = _error_line(err)
     out = workdir / "out"
     steps = checkpoint_steps(out)

@@ -97,3 +97,25 @@ def test_preprocessing_num_workers_gives_the_same_encoding(qwen_tokenizer):
                                                       num_workers=16)
     assert parallel.input_ids == serial.input_ids and parallel.labels == serial.labels
     assert dropped_parallel == dropped_serial
+
+
+def test_encoding_workers_end_under_an_inherited_sigterm_handler():
+    """A process with a Python SIGTERM handler that only sets a flag (as a training run's graceful stop does)
+    forks the encoding pool: a stopped worker must still end (a worker that inherits the flag-only handler
+    ignores the pool's SIGTERM, and the pool's exit waited forever in a CI run). Each worker reports its own
+    SIGTERM disposition; run in a subprocess with a deadline, so a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    script = """
+import signal
+from tunelab.data import processing
+signal.signal(signal.SIGTERM, lambda *a: None)
+processing._encode_one = lambda template, conv, args: [conv, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL]
+out = processing._encode_parallel(list(range(600)), None, None, 3)
+assert out == [[i, True] for i in range(600)], out[:3]
+print("ok", signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok", "True"]

@@ -101,8 +101,13 @@ _WORKER_TEMPLATE = None
 
 
 def _init_worker(template) -> None:
+    import signal
+
     global _WORKER_TEMPLATE
     _WORKER_TEMPLATE = template
+    # a forked worker inherits the parent's Python signal handlers (a training run's graceful-stop SIGTERM
+    # handler, a server's): the pool stops its workers with SIGTERM, which must end them
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encode_chunk(payload):
@@ -115,10 +120,17 @@ def _encode_parallel(conversations, template, args, num_workers):
 
     chunk = max(64, len(conversations) // (num_workers * 8))
     payloads = [(conversations[i : i + chunk], args) for i in range(0, len(conversations), chunk)]
-    with mp.get_context("fork").Pool(num_workers, initializer=_init_worker, initargs=(template,)) as pool:
+    pool = mp.get_context("fork").Pool(num_workers, initializer=_init_worker, initargs=(template,))
+    try:
         out = []
         for part in pool.imap(_encode_chunk, payloads):
             out.extend(part)
+        pool.close()  # the workers leave on their end-of-work sentinels (terminate would race them with SIGTERM)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     return out
 
 

@@ -473,7 +473,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         eval_dataset=data.eval,
         data_collator=Collator(pad_id, pad_multiple),
         processing_class=tokenizer,
-        callbacks=[LogCallback(output_dir), GradientHealthCallback()],
+        callbacks=[log_callback := LogCallback(output_dir), GradientHealthCallback()],
         loss_impl=loss_impl,
         nan_check=cfg.nan_check,
     )
@@ -482,7 +482,10 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         save_resolved(cfg, resolved, os.path.join(output_dir, "tunelab_config.yaml"))
 
     # 4. train, save, report
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:  # an error inside the loop skips on_train_end: the run's SIGTERM handler must not outlive it
+        log_callback.stop_request.restore()
     trainer.check_pending_losses()  # a NaN in the last steps must not reach the saved adapter
     save_final(trainer, tokenizer, output_dir)
     metrics = dict(result.metrics)
