@@ -2,7 +2,23 @@
 built once per pytest session under its base temp folder (test files import `tiny_run` and the `lora_run` fixture)."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
+
+# a second adapter for the tiny model (trained apart, checked in): the serve and engine tests mix it with lora_run's
+TOOL_ADAPTER = str(pathlib.Path(__file__).parent / "test_serve_data" / "tool_adapter")
+
+
+def plain_engine(lora_run, **keys):
+    """The in-process engine on lora_run's model and adapter with plain generate (decode_backend hf), greedy: the
+    reference the fast decoders and the server are compared with; keys add to the config."""
+    from tunelab.config import load_config
+    from tunelab.infer import Engine
+
+    model, run = lora_run
+    return Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False,
+                                           "decode_backend": "hf", **keys}))
 
 
 def tiny_run(tmp_path_factory, name: str, **overrides) -> tuple[str, str]:

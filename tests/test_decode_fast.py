@@ -8,19 +8,13 @@ import os
 
 import pytest
 
-from helpers_infer import lora_run  # noqa: F401 (fixture)
+from helpers_infer import TOOL_ADAPTER, lora_run, plain_engine  # noqa: F401 (fixture)
 
 PROMPTS = [[100 + i for i in range(7)], [300 + i for i in range(11)], [5, 6, 7]]
-OTHER = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")  # a second adapter, trained apart
 
 
 def _engine(lora_run, **extra):
-    from tunelab.config import load_config
-    from tunelab.infer import Engine
-
-    model, run = lora_run
-    return Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "template": "qwen",
-                                           "do_sample": False, "decode_backend": "hf", **extra}))
+    return plain_engine(lora_run, template="qwen", **extra)
 
 
 def _decode(dec, plan, steps: int = 8) -> list[list[int]]:
@@ -57,7 +51,7 @@ def test_compiled_layers_and_grouped_lora_keep_the_greedy_tokens(lora_run):
     from tunelab.infer.decoder import SlotDecoder
 
     eng = _engine(lora_run)
-    eng.add_adapter("second", OTHER)
+    eng.add_adapter("second", TOOL_ADAPTER)
     names = ["default", "second"]
     plans = {"one adapter": [(p, "default") for p in PROMPTS], "two adapters": [(p, names[i % 2]) for i, p in enumerate(PROMPTS)] + [(PROMPTS[0], None)]}
     torch._dynamo.reset()

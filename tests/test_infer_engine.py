@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers_infer import lora_run, tiny_run as _tiny_run  # noqa: F401 (fixture)
+from helpers_infer import TOOL_ADAPTER, lora_run, plain_engine, tiny_run as _tiny_run  # noqa: F401 (fixture)
 
 from tunelab.data.conversation import Conversation
 
@@ -200,13 +200,8 @@ def test_static_backend_closed_stream_stops_and_frees_its_slots(engine):
 def two_adapters(lora_run):
     """An engine (plain generate) with two adapters, 'default' (the lora run) and 'second' (trained apart), and
     `solo(adapter, prompt)`: that adapter's greedy 10 tokens alone (None: the base)."""
-    from tunelab.config import load_config
-    from tunelab.infer import Engine
-
-    model, run = lora_run
-    other = os.path.join(os.path.dirname(__file__), "test_serve_data", "tool_adapter")
-    eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "max_new_tokens": 10, "decode_backend": "hf"}))
-    eng.add_adapter("second", other)
+    eng = plain_engine(lora_run, max_new_tokens=10)
+    eng.add_adapter("second", TOOL_ADAPTER)
 
     def solo(adapter, prompt):
         if adapter is None:
@@ -307,14 +302,11 @@ def test_gpu_static_graph_decode_equals_plain_generate(lora_run, extra):
     tiny model with its LoRA adapter, and the 4-bit NF4 base)."""
     import torch
 
-    from tunelab.config import load_config
-    from tunelab.infer import Engine
     from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model, run = lora_run
-    eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "do_sample": False, "decode_backend": "hf", **extra}))
+    eng = plain_engine(lora_run, **extra)
     prompts = [eng.encode(_conv(q)) for q in QUESTIONS]
     eng.backend = HFDecodeBackend()
     expected = eng.generate_ids(prompts, stop_token_ids=(), max_new_tokens=40)

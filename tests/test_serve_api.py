@@ -19,12 +19,11 @@ import time
 
 import pytest
 
-from helpers_infer import lora_run  # noqa: F401 (fixture)
+from helpers_infer import TOOL_ADAPTER, lora_run, plain_engine  # noqa: F401 (fixture)
 
 from tunelab.data.conversation import Conversation
 
 KEY = "test-key-123"
-TOOL_ADAPTER = str(pathlib.Path(__file__).parent / "test_serve_data" / "tool_adapter")
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city.",
                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 QUESTIONS = ["Hello!", "Count from 1 to 5.", "What is the capital of France? Please answer in one short sentence."]
@@ -98,12 +97,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(lora_run):
     """The in-process engine with plain generate: base + adapter 'default' (= a) + 'tools'."""
-    from tunelab.config import load_config
-    from tunelab.infer import Engine
-
-    model, run = lora_run
-    engine = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "template": "qwen",
-                                             "do_sample": False, "max_new_tokens": MAX_TOKENS, "decode_backend": "hf"}))
+    engine = plain_engine(lora_run, template="qwen", max_new_tokens=MAX_TOKENS)
     engine.add_adapter("tools", TOOL_ADAPTER)
 
     def answer_ids(which: str, conv: Conversation) -> list[int]:

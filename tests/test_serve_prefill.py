@@ -5,16 +5,14 @@ forward. The HTTP side (32 concurrent streams through a real server, prefilled i
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import time
 
 import pytest
 
-from helpers_infer import lora_run  # noqa: F401 (fixture)
+from helpers_infer import TOOL_ADAPTER, lora_run, plain_engine  # noqa: F401 (fixture)
 
 from tunelab.data.conversation import Conversation
 
-TOOL_ADAPTER = str(pathlib.Path(__file__).parent / "test_serve_data" / "tool_adapter")
 TEXTS = ["Hello!", "Count from 1 to 5.", "What is the capital of France? Please answer in one short sentence.",
          "Hi", "Count from 1 to 9, slowly.", "Say nothing at all.", "Name three colours."]
 NEW = 8
@@ -33,12 +31,7 @@ def test_prefill_groups_keep_order_within_the_budget():
 
 @pytest.fixture(scope="module")
 def engine(lora_run):
-    from tunelab.config import load_config
-    from tunelab.infer import Engine
-
-    model, run = lora_run
-    eng = Engine.from_config(load_config({"model_name_or_path": model, "adapter_name_or_path": run, "template": "qwen",
-                                          "do_sample": False, "max_new_tokens": NEW, "decode_backend": "hf"}))
+    eng = plain_engine(lora_run, template="qwen", max_new_tokens=NEW)
     eng.add_adapter("tools", TOOL_ADAPTER)
     yield eng
     eng.unload()
