@@ -7,6 +7,10 @@
 MODEL is a hub id (its config.json from the Hugging Face cache when present, else the built-in table), a local
 folder or a config.json; no weights are read. A training config (.yaml, or a .json with model_name_or_path)
 is estimated with every key that changes memory; key=value overrides follow it as for `tunelab train`.
+
+The estimate is for one CUDA GPU, with the training fast path decided as `tunelab train` decides it there:
+compiled decoder layers by default; TUNELAB_FAST_COMPILE=0 (eager layers, Liger when installed),
+TUNELAB_OFFLOAD_CHECKPOINTS=1 and TUNELAB_HOST_EMBEDDING=1 are read from the environment, as the trainer reads them.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optim", choices=OPTIMS, default=None, help="default adamw_torch")
     p.add_argument("--attn", choices=("sdpa", "fa2", "eager"), default=None, help="attention implementation (default sdpa)")
     p.add_argument("--packing", action="store_true", default=None, help="packed rows (an explicit attention mask)")
-    p.add_argument("--liger", dest="liger", action="store_true", default=None, help="assume Liger kernels (default: if installed)")
-    p.add_argument("--no-liger", dest="liger", action="store_false")
+    p.add_argument("--liger", dest="liger", action="store_true", default=None,
+                   help="enable_liger_kernel: true (eager layers with Liger; default null: compiled layers, or Liger if installed when eager)")
+    p.add_argument("--no-liger", dest="liger", action="store_false", help="enable_liger_kernel: false")
     p.add_argument("--plain", action="store_true", help="predict the plain transformers + PEFT + bitsandbytes stack")
     p.add_argument("--gpu", default=None, help="a card (t4, 3090, 4090, a100-40g, a100-80g, h100, h200) or a size (24GiB): what fits")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -56,12 +61,14 @@ def _is_training_config(path: str) -> bool:
 
 
 def build(args) -> tuple:
-    """(shape, setup, notes, batch auto?, gradient accumulation) from the arguments: a training config with flags on top, or a model with flags."""
+    """(shape, setup, notes, batch auto?, gradient accumulation, fast path plan) from the arguments: a training
+    config with flags on top, or a model with flags. The fast path is decided last, on the final settings."""
     from dataclasses import replace
 
     from tunelab.estimate import Setup, model_shape
-    from tunelab.estimate.from_config import liger_default, parse_targets, setup_from_config
+    from tunelab.estimate.from_config import apply_plan, parse_targets, setup_from_config
 
+    cfg = None
     if _is_training_config(args.model):
         from tunelab.config import load_config
 
@@ -71,10 +78,10 @@ def build(args) -> tuple:
     else:
         if args.overrides:
             raise ConfigError(f"'{args.overrides[0]}': key=value overrides apply to a training config (.yaml), not to a model.")
-        shape, setup, notes, auto, accum = model_shape(args.model), Setup(bits=None, batch=4, seq=1024, liger=liger_default()), [], False, 1
+        shape, setup, notes, auto, accum = model_shape(args.model), Setup(bits=None, batch=4, seq=1024), [], False, 1
         setup = replace(setup, method=args.method or "qlora")
     changes = {k: v for k, v in dict(method=args.method, rank=args.rank, batch=args.batch, seq=args.cutoff_len,
-                                     grad_ckpt=args.grad_ckpt, optim=args.optim, attn=args.attn, liger=args.liger).items() if v is not None}
+                                     grad_ckpt=args.grad_ckpt, optim=args.optim, attn=args.attn).items() if v is not None}
     if args.target:
         changes["targets"] = parse_targets(args.target)
     if args.packing:
@@ -90,7 +97,8 @@ def build(args) -> tuple:
         setup = replace(setup, bits=None)
     if "batch" in changes and not args.packing:
         setup = replace(setup, mask=setup.mask and setup.batch > 1)
-    return shape, setup, notes, auto, accum
+    setup, plan = apply_plan(shape, setup, cfg, liger=args.liger)
+    return shape, setup, notes, auto, accum, plan
 
 
 def main(argv: list[str]) -> int:
@@ -99,11 +107,11 @@ def main(argv: list[str]) -> int:
     from tunelab.estimate.fit import fit, parse_gpu
     from tunelab.estimate.report import fit_json, fit_table, table
 
-    shape, setup, notes, auto, accum = build(args)
+    shape, setup, notes, auto, accum, plan = build(args)
     gpu = parse_gpu(args.gpu) if args.gpu else None
     if auto and gpu is None:
         notes.append("per_device_train_batch_size: auto is chosen on the GPU at train time; estimated here at batch 1 (add --gpu to see the choice).")
-    est = estimate(shape, setup)
+    est = estimate(shape, setup, plan)
     plan = fit(shape, setup, gpu, accumulation=accum) if gpu else None
     if args.json:
         out = est.to_json()

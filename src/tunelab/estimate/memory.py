@@ -15,8 +15,17 @@ the second step on, and the weights always):
 * step:     the optimizer update: gradients, states and the update's temporaries.
 
 Two stacks: `plain` = transformers + PEFT + bitsandbytes with model(**batch).loss (the loop of the Hugging Face
-Trainer, which does not keep the outputs); otherwise tunelab's path as `tunelab train` runs it (fused loss,
-Liger kernels when installed).
+Trainer, which does not keep the outputs); otherwise tunelab's path as `tunelab train` runs it (fused loss, and
+the fast path's parts as fastpath.py decides them: eager layers with Liger when installed, or compiled decoder
+layers (the default on one CUDA GPU), checkpoint offload, host embedding). The fast path's terms, each its own row:
+
+* compiled: the recomputed layer's saved set as Liger's (inductor fuses the norms and SwiGLU and recomputes the
+  pointwise ops, as Liger does), all of the layer's dequantized weights at its backward (compiled_dequant_bytes)
+  instead of one; the final norm stays transformers' (outside the layers, and Liger is left out);
+* offload: checkpoints in host memory: none on the GPU at the loss, 3 x N x H x b at the backward
+  (offload_gpu_checkpoints);
+* host embedding: a row of 0 bytes: the one measurement (run 6) saw no drop of the peak, so the table is counted
+  on the GPU until it is measured to leave.
 """
 from __future__ import annotations
 
@@ -56,6 +65,9 @@ class Setup:
     labelled_fraction: float = 1.0  # share of positions with a trained label (the fused loss runs only on those)
     freeze_layers: int = 2
     extra_trainable: tuple[str, ...] = ()  # additional_target: modules PEFT trains as full fp32 copies (embed_tokens, lm_head)
+    compiled: bool = False  # the fast path's compiled decoder layers (fastpath.py decides; Liger is then left out)
+    offload: bool = False  # checkpoint offload to host memory (TUNELAB_OFFLOAD_CHECKPOINTS=1; with checkpointing)
+    host_embedding: bool = False  # input embedding in host memory (TUNELAB_HOST_EMBEDDING=1): no term (measured)
 
     def check(self, shape: ModelShape) -> None:
         """Impossible settings as sentences."""
@@ -103,6 +115,7 @@ class Estimate:
     nvidia_smi: int
     trainable: int
     warnings: list[str] = field(default_factory=list)
+    plan: Any = None  # the fast path's decisions (fastpath.FastPathPlan) when the caller made them
 
     def row(self, key: str) -> int:
         return sum(r.bytes for r in self.rows if r.key == key)
@@ -116,11 +129,14 @@ class Estimate:
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()},
             "breakdown": [{"key": r.key, "what": r.label, "gib": g(r.bytes), "bytes": r.bytes, "note": r.note} for r in self.rows],
             "phases_gib": {k: g(v) for k, v in self.phases.items()}, "warnings": self.warnings,
+            "fast_path": self.plan.to_json() if self.plan is not None else None,
         }
 
 
-def _kernels(u: Setup) -> T.Kernels:
-    liger = u.liger and not u.plain
+def _kernels(u: Setup, layer: bool = True) -> T.Kernels:
+    """The decoder layers' kernels (layer=True: compiled layers save Liger's set) or the final norm's (outside the
+    layers: Liger's only when Liger is applied)."""
+    liger = (u.liger or (layer and u.compiled)) and not u.plain
     return T.Kernels(liger=liger, attn=u.attn, gqa_repeat=u.mask and u.attn == "sdpa")
 
 
@@ -165,7 +181,11 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     labelled = max(1, int(u.batch * (u.seq - 1) * u.labelled_fraction))
     lora = u.method in ("lora", "qlora")  # full / freeze: every projection's weight is trainable, so keeps its input
     saved = T.layer_saved(shape, k, b, u.seq, u.rank if lora else 0, u.targets if lora else T.LORA_TARGETS, u.dropout if lora else 0.0)
-    if u.grad_ckpt:
+    offload = u.offload and u.grad_ckpt and not u.plain
+    if offload:
+        held = Row("activations", f"activations: {shape.layers} checkpoints in host memory", 0,
+                   f"{T.checkpoint_bytes(shape, n, b) / T.GiB:.2f} GiB pinned host memory")
+    elif u.grad_ckpt:
         held = Row("activations", f"activations: checkpoints ({shape.layers} layer inputs)", T.checkpoint_bytes(shape, n, b),
                    f"L x N x H x {b} B")
     else:
@@ -174,7 +194,7 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     common = [held]
     if u.mask:
         common.append(Row("mask", "attention mask (B x T x T)", T.mask_bytes(u.batch, u.seq)))
-    final = T.r512((T.norm_saved(shape, k, b) + 2 * b * shape.hidden) * n)  # final norm, its output and input
+    final = T.r512((T.norm_saved(shape, _kernels(u, layer=False), b) + 2 * b * shape.hidden) * n)  # final norm, its output and input
     if u.plain:
         loss = Row("logits", "logits and loss (full vocab x tokens)", T.plain_loss_bytes(shape, n, b), "3 x fp32 N x V in the loss backward")
     else:
@@ -186,16 +206,29 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     casts = Row("temporaries", "final norm, hidden states, autocast weight copies", final + T.autocast_copies(trainable, b))
     moments = {"loss": common + [loss, casts]}
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
-    temp = T.r512(T.layer_backward_temp(shape, k, b) * n) + T.dequant_temp(shape, u.bits if u.method == "qlora" else None, b)
+    temp = T.r512(T.layer_backward_temp(shape, k, b) * n)
+    qbits = u.bits if u.method == "qlora" else None
+    compiled = u.compiled and not u.plain
+    if compiled:
+        dequant = Row("dequant", "dequantized weights: all 7 of a layer (compiled)", T.compiled_dequant_bytes(shape, qbits, b),
+                      "the compiled backward keeps them from the recompute to grad x")
+    else:
+        dequant = Row("dequant", "dequantized weight: the largest, one at a time", T.dequant_temp(shape, qbits, b))
     grads_one_layer = trainable // shape.layers if u.method in ("lora", "qlora") else 0
-    moments["backward"] = common + [
-        Row("recompute", "activations: the layer in backward (recomputed)" if u.grad_ckpt else "activations: layer gradients",
-            recompute, f"{saved:,} B per token"),
-        Row("temporaries", "gradient temporaries + dequantized weight", temp),
+    backward_common = common
+    if offload:
+        backward_common = [Row("activations", "activations: 2 checkpoints + 1 layer output (offload)",
+                               T.offload_gpu_checkpoints(shape, n, b), f"on the GPU; the other {shape.layers - 2} checkpoints in host memory"
+                               + ("; with compiled layers not measured" if compiled else ""))] + common[1:]
+    what = "compiled" if compiled else "recomputed"
+    moments["backward"] = backward_common + [
+        Row("recompute", f"activations: the layer in backward ({what})" if u.grad_ckpt else "activations: layer gradients",
+            recompute, f"{saved:,} B per token" + (" (Liger's saved set: inductor fuses the same)" if compiled else "")),
+        Row("temporaries", "gradient temporaries", temp), dequant,
         Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
     if u.method in ("full", "freeze"):
         last = [Row("activations", "activations: one checkpoint left", T.r512(b * n * shape.hidden)),
-                Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp),
+                Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp), dequant,
                 Row("grads", "gradients (fp32), all", 4 * trainable)]
         moments["backward_end"] = last
     moments["step"] = [Row("grads", "gradients (fp32)", 4 * trainable),
@@ -203,7 +236,7 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     return moments
 
 
-def estimate(shape: ModelShape, u: Setup) -> Estimate:
+def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     """The breakdown at the peak moment, the peak allocated, reserved and nvidia-smi figures."""
     u.check(shape)
     if u.method == "qlora" and not u.bits:
@@ -218,6 +251,10 @@ def estimate(shape: ModelShape, u: Setup) -> Estimate:
                   "paged: in CUDA managed memory, outside torch's allocator" if paged else
                   f"{T.OPTIM_STATE.get(u.optim) or 'factored'} B per trainable parameter")
     static.append(opt_row)
+    if u.host_embedding and not u.plain:
+        emb = T.sixteen_bit_rest(shape, u.compute_bytes)["embeddings"]
+        static.append(Row("host_embedding", "input embedding in host memory (opt-in): not subtracted", 0,
+                          f"its {emb / T.GiB:.2f} GiB still counted above: the one measurement (run 6) saw no drop of the peak"))
     moments = activation_moments(shape, u, trainable)
     base = sum(r.bytes for r in static)
     phases = {name: base + sum(r.bytes for r in rows) for name, rows in moments.items()}
@@ -226,4 +263,4 @@ def estimate(shape: ModelShape, u: Setup) -> Estimate:
     reserved = peak + int(RESERVED_FIXED) + (int(RESERVED_LOGITS * 4 * u.batch * u.seq * shape.vocab) if u.plain else 0)
     smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
     warnings = [shape.warning] if shape.warning else []
-    return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings)
+    return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan)

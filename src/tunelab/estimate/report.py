@@ -17,15 +17,25 @@ def _gib(n: float) -> str:
 def describe(est: Estimate) -> str:
     u = est.setup
     what = {"qlora": f"QLoRA ({u.bits}-bit base)", "lora": "LoRA (16-bit base)", "freeze": f"freeze (last {u.freeze_layers} layers)", "full": "full fine-tuning"}[u.method]
-    stack = "plain transformers + PEFT + bitsandbytes" if u.plain else ("tunelab (fused loss, Liger kernels)" if u.liger else "tunelab (fused loss)")
+    if u.plain:
+        stack = "plain transformers + PEFT + bitsandbytes"
+    else:
+        parts = ["fused loss", "compiled decoder layers" if u.compiled else ("eager layers, Liger kernels" if u.liger else "eager layers")]
+        parts += ["checkpoints offloaded"] if u.offload and u.grad_ckpt else []
+        parts += ["host embedding"] if u.host_embedding else []
+        stack = f"tunelab ({', '.join(parts)})"
     return (f"{est.shape.name}: {what}, r={u.rank}, batch {u.batch} x {u.seq} tokens, "
             f"checkpointing {'on' if u.grad_ckpt else 'off'}, {u.optim}, {u.attn} attention; stack: {stack}")
 
 
 def table(est: Estimate) -> str:
-    lines = [describe(est), f"config: {est.shape.source}", "", f"{'what':<58}{'GiB':>8}  note"]
+    lines = [describe(est), f"config: {est.shape.source}"]
+    if est.plan is not None:
+        lines.append("fast path, as `tunelab train` decides it on one CUDA GPU:")
+        lines += [f"  {what}: {'on' if on else 'off'} - {why}" for what, on, why in est.plan.lines()]
+    lines += ["", f"{'what':<58}{'GiB':>8}  note"]
     for r in est.rows:
-        if r.bytes == 0 and r.key not in ("optimizer",):
+        if r.bytes == 0 and r.key not in ("optimizer", "host_embedding"):
             continue
         lines.append(f"{r.label[:57]:<58}{_gib(r.bytes)}  {r.note}")
     alloc_gap = est.peak_reserved - est.peak_allocated

@@ -3,7 +3,9 @@
     batch, reason = auto_batch(cfg, device)        # the largest batch that fits this GPU's free memory
     text = fit_warning(cfg, device)                # None, or a sentence naming the setting to change
 
-Both read the free memory of the current GPU (torch.cuda.mem_get_info) unless given `free_bytes`. On a CPU (or any
+Both read the free memory of the current GPU (torch.cuda.mem_get_info) unless given `free_bytes`, and take the fast
+path's decisions as the trainer will make them on this GPU (fastpath.py with ask_triton: the trainer's own
+compile_decision, Triton check included). On a CPU (or any
 device without a memory model) auto means batch 1: tunelab's CPU runs are small models and tests, where host
 memory, not the estimate, is the limit.
 """
@@ -35,7 +37,7 @@ def auto_batch(cfg, device: str, free_bytes: int | None = None) -> tuple[int, st
     if device != "cuda":
         return CPU_AUTO_BATCH, f"on {device} there is no GPU memory to fit: batch {CPU_AUTO_BATCH}"
     try:
-        shape, setup, _ = setup_from_config(cfg, batch=1)
+        shape, setup, _ = setup_from_config(cfg, batch=1, ask_triton=True)  # on this GPU: the trainer's compile decision
     except TunelabError as exc:
         return CPU_AUTO_BATCH, f"the memory estimate is unavailable ({exc}): batch {CPU_AUTO_BATCH}"
     setup = replace(setup, mask=True)  # real batches are padded (or packed): an explicit mask, k/v repeated by SDPA
@@ -51,7 +53,7 @@ def fit_warning(cfg, device: str, free_bytes: int | None = None) -> str | None:
     if device != "cuda":
         return None
     try:
-        shape, setup, _ = setup_from_config(cfg)
+        shape, setup, _ = setup_from_config(cfg, ask_triton=True)  # on this GPU: the trainer's compile decision
         est = estimate(shape, setup)
     except TunelabError:
         return None  # an architecture the estimate cannot read: nothing to warn about

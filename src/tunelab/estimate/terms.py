@@ -220,6 +220,23 @@ def dequant_temp(s: ModelShape, bits: int | None, b: int) -> int:
     return r512(b * s.hidden * max(s.intermediate, s.q_dim))
 
 
+def compiled_dequant_bytes(s: ModelShape, bits: int | None, b: int) -> int:
+    """The compiled decoder layer (tunelab.model.fast.compile) recomputes and backpropagates a layer in one graph, in
+    which each projection's dequantized weight is made once and used by both the recompute and grad x: all of the
+    layer's dense b-byte weights exist at once at its backward, sum of b x fan_in x fan_out over the quantized
+    projections (7B: 0.434 GiB) where the eager path holds one at a time (dequant_temp). 16-bit base: nothing."""
+    if not bits:
+        return 0
+    return sum(r512(b * l.fan_in * l.fan_out) for l in layer_linears(s))
+
+
+def offload_gpu_checkpoints(s: ModelShape, tokens: int, b: int) -> int:
+    """Checkpoint offload (tunelab.model.fast.offload): the layer inputs live in pinned host memory; in backward the
+    GPU holds the input of the layer in backward and the prefetched input of the one before it (2 x N x H x b),
+    and the layer's recomputed output, referenced through its backward (N x H x b): 3 x N x H x b in all."""
+    return 3 * r512(b * tokens * s.hidden)
+
+
 def plain_loss_bytes(s: ModelShape, tokens: int, b: int) -> int:
     """transformers' loss on full logits: the head gives b x N x V logits, the loss upcasts them to fp32 and
     log_softmax keeps its fp32 output; backward then holds that output, the fp32 gradient nll_loss writes and
