@@ -387,12 +387,19 @@ class SlotDecoder:
     # ----- decode ---------------------------------------------------------------------------------------------
     def step(self, tokens: dict[int, int]) -> dict[int, Any]:
         """Feed one token to every live slot; returns each slot's next-token logits (float32 [vocab])."""
+        slots, logits = self.step_batch(tokens)
+        return {s: logits[i] for i, s in enumerate(slots)}
+
+    def step_batch(self, tokens: dict[int, int]) -> tuple[list[int], Any]:
+        """`step` for the scheduler: (the live slots in order, their float32 logits [len(slots), vocab] as one
+        tensor). No device sync here: the first read of the logits waits for the step (one sync per step, in
+        the caller's argmax), and the rows come from a slice when the live slots are 0..n-1."""
         import torch
 
         if set(tokens) != set(self.lengths):
             raise ModelError(f"step needs one token for every live slot {sorted(self.lengths)}, got {sorted(tokens)}.")
         if not tokens:
-            return {}
+            return [], None
         slots = sorted(tokens)
         need = max(self.lengths[s] for s in slots) + 1
         if need > self.max_len:
@@ -412,10 +419,14 @@ class SlotDecoder:
                 graph.replay()
             else:
                 out = self._forward(rows, need, masked=rows > 1, compiled=True)
-            picked = out[torch.tensor(slots, device=self.device)].float()
+            if slots[-1] == len(slots) - 1:  # slots 0..n-1: a slice, no index tensor to copy
+                picked = out[: len(slots)]
+            else:
+                picked = out[torch.tensor(slots).to(self.device, non_blocking=True)]
+            picked = picked.float() if picked.dtype != torch.float32 else picked.clone()
         for s in slots:
             self.lengths[s] += 1
-        return {s: picked[i] for i, s in enumerate(slots)}
+        return slots, picked
 
     def _forward(self, rows: int, width: int, *, masked: bool = True, compiled: bool = False):
         """One decode step of the first `rows` slots over `width` cached positions -> logits [rows, vocab]."""

@@ -172,7 +172,7 @@ class StaticDecodeBackend:
     def __call__(self, model, input_ids, attention_mask, settings, *, stop_token_ids, pad_token_id, streamer=None, should_stop=None):
         import torch
 
-        from tunelab.infer.sampling import RowState, SamplingParams, choose_all
+        from tunelab.infer.sampling import RowState, SamplingParams, choose_all, choose_batch
 
         if settings.num_beams > 1:
             return HFDecodeBackend()(model, input_ids, attention_mask, settings, stop_token_ids=stop_token_ids,
@@ -192,9 +192,9 @@ class StaticDecodeBackend:
             streamer.put(input_ids.cpu())
         stops = set(stop_token_ids)
         try:
-            logits = {i: dec.prefill(i, p, adapter) for i, p in enumerate(prompts)}
-            while logits:
-                picked = choose_all(logits, rows, list(stop_token_ids))
+            first = {i: dec.prefill(i, p, adapter) for i, p in enumerate(prompts)}
+            picked = choose_all(first, rows, list(stop_token_ids))
+            while picked:
                 for i, tok in picked.items():
                     rows[i].output.append(tok)
                     if tok in stops or len(rows[i].output) >= max_new:
@@ -203,7 +203,10 @@ class StaticDecodeBackend:
                     streamer.put(torch.tensor([picked[i] for i in sorted(picked)]))
                 if should_stop is not None and should_stop():
                     break
-                logits = dec.step({i: rows[i].output[-1] for i in dec.lengths})
+                if not dec.lengths:
+                    break
+                slots, logits = dec.step_batch({i: rows[i].output[-1] for i in dec.lengths})
+                picked = choose_batch(slots, logits, rows, list(stop_token_ids))
         finally:
             for i in list(dec.lengths):
                 dec.release(i)

@@ -86,15 +86,51 @@ def choose(logits: Any, row: RowState, stop_ids: Sequence[int]) -> int:
 
 
 def choose_all(logits: dict[int, Any], rows: dict[int, RowState], stop_ids: Sequence[int]) -> dict[int, int]:
-    """Next tokens for several rows; the plain-greedy ones in one argmax (one device sync for the batch)."""
+    """Next tokens for several rows ({slot: float32 logits [vocab]}); see `choose_batch`."""
     import torch
 
-    greedy = [s for s in logits if rows[s].params.plain_greedy and len(rows[s].output) >= rows[s].params.min_tokens]
+    if not logits:
+        return {}
+    slots = list(logits)
+    return choose_batch(slots, torch.stack([logits[s] for s in slots]), rows, stop_ids)
+
+
+_STOP_COLUMNS: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+
+def _stop_columns(device: Any, stop_ids: Sequence[int]):
+    """The stop ids as a long tensor on `device` (made once per device and set: no host copy per step)."""
+    import torch
+
+    key = (str(device), tuple(int(t) for t in stop_ids))
+    cols = _STOP_COLUMNS.get(key)
+    if cols is None:
+        cols = _STOP_COLUMNS[key] = torch.tensor(key[1], dtype=torch.long, device=device)
+    return cols
+
+
+def choose_batch(slots: Sequence[int], logits: Any, rows: dict[int, RowState], stop_ids: Sequence[int]) -> dict[int, int]:
+    """Next tokens for one step: `logits` [len(slots), vocab] float32, row i for slot slots[i]. Every plain-greedy
+    row goes into ONE argmax (one device sync for the batch), those still under their `min_tokens` with the stop
+    tokens set to -inf first, as `choose` does (so the same token); the other rows (sampling, penalties) go
+    through `choose` one by one. `logits` is not modified."""
+    import torch
+
+    greedy = [i for i, s in enumerate(slots) if rows[s].params.plain_greedy]
     out: dict[int, int] = {}
     if greedy:
-        picked = torch.argmax(torch.stack([logits[s] for s in greedy]), dim=-1).tolist()
-        out.update(zip(greedy, picked))
-    for s in logits:
+        sub = logits if len(greedy) == len(slots) else logits[torch.tensor(greedy, device=logits.device)]
+        held = [len(rows[slots[i]].output) < rows[slots[i]].params.min_tokens for i in greedy] if len(stop_ids) else []
+        if any(held):
+            masked = sub.index_fill(1, _stop_columns(sub.device, stop_ids), float("-inf"))
+            if all(held):
+                sub = masked
+            else:
+                flags = torch.tensor(held, dtype=torch.bool).to(sub.device, non_blocking=True)
+                sub = torch.where(flags.view(-1, 1), masked, sub)
+        picked = torch.argmax(sub, dim=-1).tolist()
+        out.update((slots[i], tok) for i, tok in zip(greedy, picked))
+    for i, s in enumerate(slots):
         if s not in out:
-            out[s] = choose(logits[s], rows[s], stop_ids)
-    return out
+            out[s] = choose(logits[i], rows[s], stop_ids)
+    return {s: out[s] for s in slots}

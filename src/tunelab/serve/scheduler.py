@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from tunelab.infer.sampling import RowState, SamplingParams, choose_all
+from tunelab.infer.sampling import RowState, SamplingParams, choose_batch
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,9 @@ class Scheduler:
         self._outbox: dict[Any, list[tuple[Any, Any]]] = {}  # asyncio loop -> [(job queue, item)] not yet sent
         self.prefills = 0  # prefill forwards run
         self.peak_prefill = 0  # the most prompts prefilled in one forward so far
+        # where the loop's time goes (seconds, cumulative): prefill forwards (+ their first tokens), the decode
+        # step's call (host work: the GPU runs on), picking and sending the tokens (waits for the GPU's step)
+        self.timing = {"prefill_s": 0.0, "step_s": 0.0, "pick_s": 0.0}
 
     # ----- outside API ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,7 +185,7 @@ class Scheduler:
     def _run(self) -> None:
         import torch
 
-        pending: dict[int, Any] = {}
+        pending = _Pending()
         while True:
             self._flush()  # e.g. the ends of the jobs a failed step retired
             with self.cv:
@@ -200,15 +203,22 @@ class Scheduler:
                         self._end(job, "cancelled")
             with torch.inference_mode():
                 for group in prefill_groups([len(job.prompt) for _, job in admit], self.max_prefill_tokens):
-                    first: dict[int, Any] = {}
+                    t = time.perf_counter()
+                    first = _Pending()
                     self._admit([admit[i] for i in group], first)
                     if first:  # these first tokens go out now, not after the other groups' prefills
                         self._advance(first)
+                    self.timing["prefill_s"] += time.perf_counter() - t
                 for slot, job in list(self.active.items()):
                     if job.cancelled:
                         self._retire(slot, "cancelled", pending)
                 if pending:
+                    t = time.perf_counter()
                     self._advance(pending)
+                    now = time.perf_counter()
+                    self.timing["pick_s"] += now - t
+                    if pending.started:  # a decode step's tokens: the step took from its launch to here
+                        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (now - pending.started)
                 self._flush()
                 pending = self._step()
         for slot in list(self.active):
@@ -218,7 +228,7 @@ class Scheduler:
                 self._end(self.waiting.popleft(), "cancelled")
         self._flush()
 
-    def _admit(self, group: list[tuple[int, Job]], pending: dict[int, Any]) -> None:
+    def _admit(self, group: list[tuple[int, Job]], pending: "_Pending") -> None:
         """Prefill a group of (slot, job) in one forward; if that fails, each alone, so a prompt the decoder
         refuses fails that request alone."""
         if len(group) > 1:
@@ -230,11 +240,11 @@ class Scheduler:
                 self._count_prefill(len(group))
                 for slot, job in group:
                     self._activate(slot, job)
-                    pending[slot] = logits[slot]
+                    pending.add(slot, logits[slot])
                 return
         for slot, job in group:
             try:
-                pending[slot] = self.decoder.prefill(slot, job.prompt, job.adapter)
+                pending.add(slot, self.decoder.prefill(slot, job.prompt, job.adapter))
             except Exception as exc:
                 logger.warning("prefill failed: %s", exc)
                 job.error = exc
@@ -253,8 +263,9 @@ class Scheduler:
             self.peak_running = max(self.peak_running, len(self.active))
         self.rows[slot] = RowState(job.params, prompt=job.prompt, output=job.output)
 
-    def _advance(self, pending: dict[int, Any]) -> None:
-        picked = choose_all(pending, self.rows, self.stop_ids)
+    def _advance(self, pending: "_Pending") -> None:
+        slots, logits = pending.take()
+        picked = choose_batch(slots, logits, self.rows, self.stop_ids) if slots else {}
         now = time.monotonic()
         stops = set(self.stop_ids)
         for slot, tok in picked.items():
@@ -268,29 +279,30 @@ class Scheduler:
             self._send(job, tok)
             if len(job.output) >= job.max_tokens:
                 self._retire(slot, "length", pending)
-        pending.clear()
         self._flush()
 
-    def _step(self) -> dict[int, Any]:
+    def _step(self) -> "_Pending":
         live = {s: self.active[s].output[-1] for s in self.decoder.lengths if s in self.active}
         if not live:
-            return {}
-        started = time.monotonic()
+            return _Pending()
+        started = time.perf_counter()
         try:
-            out = self.decoder.step(live)
+            slots, logits = self.decoder.step_batch(live)
         except Exception as exc:  # fail the jobs of this step; the loop (and the server) go on
             logger.error("decode step failed: %s", exc)
             for slot in list(self.active):
                 self.active[slot].error = exc
-                self._retire(slot, "error", {})
-            return {}
+                self._retire(slot, "error", _Pending())
+            return _Pending()
         self.steps += 1
-        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.monotonic() - started)
-        return out
+        self.timing["step_s"] += time.perf_counter() - started
+        pending = _Pending(slots, logits)
+        pending.started = started  # step_batch does not wait for the GPU: the step ends when its tokens are picked
+        return pending
 
-    def _retire(self, slot: int, reason: str, pending: dict[int, Any]) -> None:
+    def _retire(self, slot: int, reason: str, pending: "_Pending") -> None:
         self.decoder.release(slot)
-        pending.pop(slot, None)
+        pending.drop(slot)
         self.rows.pop(slot, None)
         with self.cv:
             job = self.active.pop(slot, None)
@@ -314,6 +326,40 @@ class Scheduler:
                     loop.call_soon_threadsafe(_deliver, items)
                 except RuntimeError:  # the loop closed in between
                     pass
+
+
+class _Pending:
+    """Logits waiting for their tokens to be picked: (slot, [vocab]) pairs from prefills, or one step's
+    (slots, [n, vocab]) from step_batch; rows whose job was retired meanwhile are dropped."""
+
+    def __init__(self, slots: Sequence[int] = (), logits: Any = None) -> None:
+        self.slots, self.logits = list(slots), logits
+        self.single: list[tuple[int, Any]] = []
+        self.dropped: set[int] = set()
+        self.started = 0.0  # perf_counter() when a decode step was launched (0: prefill logits)
+
+    def add(self, slot: int, logits: Any) -> None:
+        self.single.append((slot, logits))
+
+    def drop(self, slot: int) -> None:
+        self.dropped.add(slot)
+
+    def __bool__(self) -> bool:
+        return any(s not in self.dropped for s in self.slots) or any(s not in self.dropped for s, _ in self.single)
+
+    def take(self) -> tuple[list[int], Any]:
+        """(slots, logits [n, vocab]) of the rows still wanted; empties this."""
+        import torch
+
+        slots, logits, single, dropped = self.slots, self.logits, self.single, self.dropped
+        self.slots, self.logits, self.single, self.dropped = [], None, [], set()
+        if single:
+            slots, logits = [s for s, _ in single], torch.stack([x for _, x in single])
+        keep = [i for i, s in enumerate(slots) if s not in dropped]
+        if len(keep) < len(slots):
+            slots = [slots[i] for i in keep]
+            logits = logits[torch.tensor(keep, device=logits.device)] if keep else None
+        return slots, logits
 
 
 def _deliver(items: list[tuple[Any, Any]]) -> None:
