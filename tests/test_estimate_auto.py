@@ -32,10 +32,36 @@ def test_auto_on_a_gpu_picks_the_largest_batch_that_fits(monkeypatch):
     cfg = resolve_batch_size(load_config(QLORA_7B), types.SimpleNamespace(device="cuda"))
     batch = cfg.per_device_train_batch_size
     shape = model_shape("Qwen/Qwen2.5-7B-Instruct")
-    need = lambda b: estimate(shape, Setup(batch=b, seq=1024, mask=True, liger=runtime.setup_from_config(cfg)[1].liger)).nvidia_smi  # noqa: E731
+    u = runtime.setup_from_config(cfg, batch=1, ask_triton=True)[1]  # the settings the trainer will run on this machine
+    need = lambda b: estimate(shape, Setup(batch=b, seq=1024, mask=True, liger=u.liger, compiled=u.compiled)).nvidia_smi  # noqa: E731
     budget = free - runtime.MARGIN + runtime.CUDA_CONTEXT
     assert batch in (1, 2, 4, 8, 16, 32, 64) and batch >= 4
     assert need(batch) <= budget < need(2 * batch)
+
+
+def test_train_time_estimates_take_the_trainers_compile_decision(monkeypatch):
+    """At train time (on the GPU) the estimate asks the trainer's own compile_decision, Triton check included: with
+    Triton it is the compiled path; without (torch.utils._triton.has_triton False) the eager one."""
+    import torch.utils._triton
+
+    from tunelab.estimate.from_config import setup_and_plan_from_config
+
+    monkeypatch.delenv("TUNELAB_FAST_COMPILE", raising=False)
+    cfg = load_config({**QLORA_7B, "per_device_train_batch_size": 4})
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    _, u, _, plan = setup_and_plan_from_config(cfg, ask_triton=True)
+    assert u.compiled and plan.compiled_reason == "decoder layers compiled"
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    _, u, _, plan = setup_and_plan_from_config(cfg, ask_triton=True)
+    assert not u.compiled and plan.compiled_reason == "Triton is not available for torch.compile"
+    eager = estimate(model_shape(QLORA_7B["model_name_or_path"]), u).nvidia_smi - runtime.CUDA_CONTEXT
+    monkeypatch.setattr(runtime, "free_gpu_bytes", lambda: 7 * GiB)  # neither path fits: the warning names the need
+    assert f"the memory estimate for this run is {eager / GiB:.1f} GiB" in runtime.fit_warning(cfg, "cuda")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    _, u, _, _ = setup_and_plan_from_config(cfg, ask_triton=True)
+    compiled = estimate(model_shape(QLORA_7B["model_name_or_path"]), u).nvidia_smi - runtime.CUDA_CONTEXT
+    assert f"{compiled / GiB:.1f}" != f"{eager / GiB:.1f}"
+    assert f"the memory estimate for this run is {compiled / GiB:.1f} GiB" in runtime.fit_warning(cfg, "cuda")
 
 
 def test_auto_on_a_cpu_is_batch_one_and_logged(caplog):

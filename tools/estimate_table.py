@@ -2,6 +2,7 @@
 
     python tools/estimate_table.py measure.json
     python tools/estimate_table.py --peers          # the peers' published plain-stack figures against the estimate
+    python tools/estimate_table.py --fastpath       # the fast path's measured peaks (docs/data/estimate_fastpath_h200.json)
 
 Columns: measured peak allocated, tunelab estimate (and its error), the "paper arithmetic" of the tutorials
 (every weight at the method's bytes + 16 B per LoRA parameter for weight, gradient and AdamW states; no
@@ -48,6 +49,38 @@ def peers() -> None:
         print(f"| {'QLoRA 4-bit' if method == 'qlora' else 'LoRA 16-bit'} {b} x {t} | {measured:.2f} | {est:.2f} | {held:.2f} | {100 * (held / measured - 1):+.1f}% |")
 
 
+FASTPATH = "docs/data/estimate_fastpath_h200.json"
+
+
+def fastpath_setup(r: dict):
+    """The estimate's Setup for one record of docs/data/estimate_fastpath_h200.json (the bench's settings)."""
+    from tunelab.estimate import Setup
+
+    return Setup(method=r["method"], bits=4 if r["method"] == "qlora" else None, batch=r["batch"], seq=r["seq"],
+                 optim="adamw_torch_fused", liger=r["liger"], compiled=r["compiled"], offload=r["offload"],
+                 host_embedding=r["host_embedding"], mask=r["mask"])
+
+
+def fastpath(path: str = FASTPATH) -> int:
+    """The fast path's measured peaks (docs/fastpath.md) against the estimate of each variant."""
+    from tunelab.estimate import estimate
+
+    doc = json.load(open(path))
+    s = model_shape(doc["model"])
+    print("| 7B case (tunelab bench, H200) | run | batch x tokens | measured peak allocated | estimate | error | measured reserved | estimate | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for r in doc["records"]:
+        est = estimate(s, fastpath_setup(r))
+        p, q = est.peak_allocated / T.GiB, est.peak_reserved / T.GiB
+        err = 100 * (p / r["peak_allocated_gib"] - 1)
+        worst = max(worst, abs(err))
+        print(f"| {r['case']} | {r['run']} | {r['batch']} x {r['seq']} | {r['peak_allocated_gib']:.2f} | **{p:.2f}** | {err:+.1f}% | "
+              f"{r['reserved_gib']:.2f} | {q:.2f} | {100 * (q / r['reserved_gib'] - 1):+.1f}% |")
+    print(f"\n{len(doc['records'])} cases: largest error {worst:.1f}% on peak allocated.")
+    return 0
+
+
 def main(path: str) -> int:
     doc = json.load(open(path))
     rows = [r for r in doc["records"] if "peak_allocated_gib" in r]
@@ -69,4 +102,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--peers"]:
         peers()
         raise SystemExit(0)
+    if sys.argv[1:2] == ["--fastpath"]:
+        raise SystemExit(fastpath(*sys.argv[2:3]))
     raise SystemExit(main(sys.argv[1]))
