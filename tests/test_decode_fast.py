@@ -101,3 +101,45 @@ def test_flat_4bit_scales_give_the_same_projection(lora_run):
         plain = proj(x)
     assert torch.equal(fast, plain)
     eng.unload()
+
+
+def test_levers_fused_base_gemms_and_lora_reductions_keep_the_greedy_tokens(lora_run, monkeypatch):
+    """TUNELAB_FUSE_PROJ (q/k/v and gate/up base GEMMs as one GEMM per group, the weights re-homed into one
+    buffer as views) and TUNELAB_LORA_REDUCE (the LoRA products as multiply + sum while compiling): the compiled
+    decoder's greedy tokens stay the reference's, and the re-homed weights are views holding the same values."""
+    import torch
+
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = _engine(lora_run)
+    eng.add_adapter("second", TOOL_ADAPTER)
+    names = ["default", "second"]
+    lm = eng.model.get_base_model()
+    attn = lm.model.layers[0].self_attn
+    before = {n: getattr(attn, n).base_layer.weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj")}
+    plain = eng.generate_ids([PROMPTS[0]], max_new_tokens=6)[0]
+    plans = {"one adapter": [(p, "default") for p in PROMPTS], "two adapters": [(p, names[i % 2]) for i, p in enumerate(PROMPTS)] + [(PROMPTS[0], None)]}
+    torch._dynamo.reset()
+    for label, plan in plans.items():
+        routed = ["default"] if label == "one adapter" else names
+        reference = _decode(SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed), plan)
+        for env in ({"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1"},):  # both at once (each compile costs seconds)
+            for k in ("TUNELAB_FUSE_PROJ", "TUNELAB_LORA_REDUCE"):
+                monkeypatch.delenv(k, raising=False)
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            graphs: list = []
+            dec = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed, compile=True, compile_backend=_recording_backend(graphs))
+            assert dec.router.fused == (4 if "TUNELAB_FUSE_PROJ" in env else 0), (label, env)
+            assert _decode(dec, plan) == reference, (label, env)
+            ops = graphs[0]
+            mm = ops["<built-in function linear>"] + ops["<built-in function matmul>"]
+            base = 4 if "TUNELAB_FUSE_PROJ" in env else 7  # qkv, o, gate/up, down
+            lora = 0 if "TUNELAB_LORA_REDUCE" in env else 8
+            assert mm == base + lora, (label, env, ops)
+    wcat = attn.q_proj._tl_wcat
+    for n, w in before.items():  # views of the group's buffer, with the same values
+        assert getattr(attn, n).base_layer.weight.untyped_storage().data_ptr() == wcat.untyped_storage().data_ptr()
+        assert torch.equal(getattr(attn, n).base_layer.weight, w)
+    assert eng.generate_ids([PROMPTS[0]], max_new_tokens=6)[0] == plain  # plain generate on the re-homed weights
+    eng.unload()

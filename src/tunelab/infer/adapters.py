@@ -84,6 +84,13 @@ class AdapterRouter:
             layer.forward = types.MethodType(_routed_forward, layer)
         self.members = set(self.layers)
         self.stash: tuple[Any, Any] | None = None
+        self.base_stash: tuple[Any, Any] | None = None
+        # levers under measurement (docs/serve.md), off by default: the LoRA products as broadcast-multiply + sum
+        # while compiling (Triton reductions that inductor fuses with their neighbours instead of cuBLAS calls),
+        # and the q/k/v and gate/up base GEMMs as one GEMM per group (their weights re-homed into one buffer)
+        self.reduce = os.environ.get("TUNELAB_LORA_REDUCE", "0") == "1"
+        self.fuse = os.environ.get("TUNELAB_FUSE_PROJ", "0") == "1"
+        self.fused = 0  # groups whose base GEMMs are fused
         self.groups = 0
         self.plan: list[tuple[Any, ...]] | None = None
         self._install()
@@ -110,6 +117,8 @@ class AdapterRouter:
             for m, (role, start, stop, last) in members:
                 m._tl_role, m._tl_start, m._tl_stop, m._tl_last = role, start, stop, last
         self.groups = len(self.plan)
+        if self.fuse:
+            self.fused = sum(_fuse_base(lead, [m for m, _ in members]) for lead, _, _, _, members in self.plan)
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -119,7 +128,7 @@ class AdapterRouter:
         try:
             yield
         finally:
-            _ACTIVE, self.current, self._cast, self.stash = None, None, None, None
+            _ACTIVE, self.current, self._cast, self.stash, self.base_stash = None, None, None, None, None
             if self.stacked is not None:
                 self.stacked.current, self.stacked.current_tiled = None, None
 
@@ -215,14 +224,16 @@ def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
     # Routing decides by the scales alone (not PEFT's disable flag): a captured graph must not bake that flag in.
     if router is None or router.current is None or layer.merged:
         return type(layer).forward(layer, x, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
+    result = _grouped_base(layer, router, x) if router.fuse else None  # this projection's slice of its group's GEMM
+    if result is None:
+        result = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     quantized = type(layer).__name__ != "Linear"
     grouped = _grouped_term(layer, router, x)  # this projection's slice of its group's LoRA product, or None
     if router.stacked is not None:
         if grouped is None:
             a_cat, b_cat = layer._tl_a_cat, layer._tl_b_cat
-            grouped = ((router.cast(x, a_cat.dtype) @ a_cat.t()) * router.stacked.current) @ b_cat.t()
+            grouped = _mm_t(_mm_t(router.cast(x, a_cat.dtype), a_cat, router) * router.stacked.current, b_cat, router)
         return result + grouped.to(dtype) if quantized else (result + grouped).to(dtype)
     for name, scale in router.current.items():
         if name not in layer.lora_A:
@@ -231,7 +242,10 @@ def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
             out = grouped  # one routed adapter: the group's product is this adapter's
         else:
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-            out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
+            if router.reduce and _compiling():
+                out = _mm_t(_mm_t(router.cast(x, lora_a.weight.dtype), lora_a.weight, router), lora_b.weight, router)
+            else:
+                out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
         if name not in router.folded:
             out = out * layer.scaling[name]
         if scale.dim() != out.dim():  # per-row scales [rows, 1, 1] (per-token ones of a packed prefill already fit)
@@ -258,16 +272,80 @@ def _grouped_term(layer: Any, router: AdapterRouter, x: Any):
         return None
     if role == 1:
         a, b = layer._tl_ga, layer._tl_gb
-        u = router.cast(x, a.dtype) @ a.t()
+        u = _mm_t(router.cast(x, a.dtype), a, router)
         if router.stacked is not None:
             u = u * router.stacked.current_tiled[layer._tl_parts]  # each row's adapter block in every member
-        router.stash = (x, u @ b.t())
+        router.stash = (x, _mm_t(u, b, router))
     stash = router.stash
     if stash is None or stash[0] is not x:
         return None
     if layer._tl_last:
         router.stash = None
     return stash[1][..., layer._tl_start : layer._tl_stop]
+
+
+def _mm_t(x: Any, w: Any, router: AdapterRouter):
+    """x @ w.t(); with the router's `reduce` lever, while compiling, as a broadcast multiply + sum over the
+    shared dimension: inductor emits a Triton reduction (fused with the cast before it, and for the second LoRA
+    product with the add after it) instead of a cuBLAS call. Same float32 products, another summation order."""
+    if router.reduce and _compiling():
+        return (x.unsqueeze(-2) * w).sum(-1)
+    return x @ w.t()
+
+
+def _grouped_base(layer: Any, router: AdapterRouter, x: Any):
+    """With the `fuse` lever: the group leader (q, gate) runs the base GEMM of the whole group (q/k/v, gate/up:
+    their weights re-homed into one buffer by _fuse_base, so no copy of the weights) and leaves it for the
+    members, which take their slice. None when not fused or not for this input."""
+    import torch
+
+    role = layer._tl_role
+    if not role or getattr(layer, "_tl_wcat", None) is None and role == 1:
+        return None
+    if role == 1:
+        router.base_stash = (x, torch.nn.functional.linear(x, layer._tl_wcat, layer._tl_bcat))
+    stash = router.base_stash
+    if stash is None or stash[0] is not x:
+        return None
+    if layer._tl_last:
+        router.base_stash = None
+    return stash[1][..., layer._tl_start : layer._tl_stop]
+
+
+def _fuse_base(lead: Any, members: list[Any]) -> int:
+    """Re-home the members' base weights (and biases) into one [sum of outputs, in] buffer, each member's
+    weight a row-slice view of it (the same values, no extra memory), and put the buffer on the leader. 1 if
+    done (or already done), 0 when the members are not plain 16-bit Linear layers of one dtype and device, or
+    their output slices differ from the LoRA group's (_tl_start/_tl_stop index both)."""
+    import torch
+
+    if getattr(lead, "_tl_wcat", None) is not None:
+        return 1
+    bases = [m.base_layer for m in members]
+    if not all(type(b) is torch.nn.Linear for b in bases):
+        return 0
+    ws = [b.weight for b in bases]
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1 or not all(w.dtype in (torch.bfloat16, torch.float16, torch.float32) for w in ws):
+        return 0
+    starts, at = [], 0
+    for w in ws:
+        starts.append((at, at + w.shape[0]))
+        at += w.shape[0]
+    if any((m._tl_start, m._tl_stop) != se for m, se in zip(members, starts)):
+        return 0  # the LoRA group's output slices are the base slices too
+    has_bias = [b.bias is not None for b in bases]
+    if any(has_bias) and not all(has_bias):
+        return 0
+    with torch.no_grad():
+        wcat = torch.cat([w.detach() for w in ws])
+        bcat = torch.cat([b.bias.detach() for b in bases]) if all(has_bias) else None
+        for b, (lo, hi) in zip(bases, starts):
+            b.weight = torch.nn.Parameter(wcat[lo:hi], requires_grad=False)
+            if bcat is not None:
+                b.bias = torch.nn.Parameter(bcat[lo:hi], requires_grad=False)
+    lead.register_buffer("_tl_wcat", wcat, persistent=False)
+    lead.register_buffer("_tl_bcat", bcat, persistent=False)
+    return 1
 
 
 def _group(model: Any, router: AdapterRouter) -> list[tuple[Any, ...]]:
