@@ -10,6 +10,8 @@ inputs, at 1 x 512, 1 x 1024, 4 x 1024 and 2 x 4096, for two stacks:
   plain    transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, clip 1.0, fused AdamW
            (a hand loop that, like the Hugging Face Trainer, keeps no outputs between steps)
   tunelab  tunelab's loader (tunelab.model.loader: kernels, fast path) and TunelabTrainer, as `tunelab train` runs
+           (today on one GPU: compiled decoder layers, Liger left out; each record keeps what the loader applied in
+           "fast_path", and the prediction follows it; the saved 2026-12-01 run predates compiling: eager + Liger)
 
 Each (architecture, method, stack) runs in its own process (Liger patches transformers' classes process-wide), the
 model loaded once, the shapes in turn: 3 optimizer steps each after reset_peak_memory_stats; recorded: peak
@@ -175,7 +177,7 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool =
     if stack == "plain":
         model = plain_model(model_dir, method, ckpt)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        kernels = "plain"
+        kernels, fast = "plain", []
     else:
         from tunelab.config.resolve import resolve
         from tunelab.model.loader import load_model
@@ -185,6 +187,7 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool =
         base = model.get_base_model()
         # Liger patches the instances' forward (the class keeps its name): read the bound method's owner
         kernels = "Liger" if "Liger" in getattr(base.model.norm.forward, "__qualname__", "") else "plain"
+        fast = list(getattr(model, "tunelab_fast_path", None) or [])  # e.g. ["fast-lora(196 projections)", "compile(28 layers)"]
     vocab = model.config.vocab_size
     print(json.dumps({"loaded": f"{arch} {method} {stack}", "s": round(time.time() - t0, 1), "kernels": kernels,
                       "allocated_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 3)}), flush=True)
@@ -192,7 +195,8 @@ def job(arch: str, method: str, stack: str, model_dir: str, shapes, ckpt: bool =
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        rec = {"arch": arch, "method": method, "stack": stack, "batch": batch, "seq": seq, "kernels": kernels, "ckpt": ckpt}
+        rec = {"arch": arch, "method": method, "stack": stack, "batch": batch, "seq": seq, "kernels": kernels, "ckpt": ckpt,
+               "fast_path": fast}
         try:
             if stack == "plain":
                 measure_plain(model, batch, seq, vocab, opt)
@@ -222,9 +226,11 @@ def predict(rec: dict, liger: bool) -> dict:
     from tunelab.estimate import Setup, estimate, model_shape
     from tunelab.estimate.terms import GiB
 
+    fast = rec.get("fast_path") or []  # what the loader applied (absent in the 2026-12-01 run: the eager path)
     u = Setup(method=rec["method"], bits=4 if rec["method"] == "qlora" else None, batch=rec["batch"], seq=rec["seq"],
               plain=rec["stack"] == "plain", liger=liger and rec["stack"] == "tunelab", optim="adamw_torch_fused",
-              grad_ckpt=rec.get("ckpt", True))
+              grad_ckpt=rec.get("ckpt", True), compiled=any(str(a).startswith("compile(") for a in fast),
+              offload=any(str(a).startswith("offload(") for a in fast), host_embedding="host-embedding" in fast)
     est = estimate(model_shape(ARCHS[rec["arch"]]), u)
     return {"predicted_allocated_gib": round(est.peak_allocated / GiB, 3), "predicted_reserved_gib": round(est.peak_reserved / GiB, 3),
             "predicted_smi_gib": round(est.nvidia_smi / GiB, 3), "predicted_phase": est.phase}
