@@ -105,8 +105,10 @@ def test_flat_4bit_scales_give_the_same_projection(lora_run):
 
 def test_levers_fused_base_gemms_and_lora_reductions_keep_the_greedy_tokens(lora_run, monkeypatch):
     """TUNELAB_FUSE_PROJ (q/k/v and gate/up base GEMMs as one GEMM per group, the weights re-homed into one
-    buffer as views) and TUNELAB_LORA_REDUCE (the LoRA products as multiply + sum while compiling): the compiled
-    decoder's greedy tokens stay the reference's, and the re-homed weights are views holding the same values."""
+    buffer as views), TUNELAB_LORA_REDUCE (the LoRA products as multiply + sum while compiling) and
+    TUNELAB_PACK_GQA (decode attention over the query heads packed per key/value head, no repeat_kv): the
+    compiled decoder's greedy tokens stay the reference's, and the re-homed weights are views holding the same
+    values."""
     import torch
 
     from tunelab.infer.decoder import SlotDecoder
@@ -123,23 +125,48 @@ def test_levers_fused_base_gemms_and_lora_reductions_keep_the_greedy_tokens(lora
     for label, plan in plans.items():
         routed = ["default"] if label == "one adapter" else names
         reference = _decode(SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed), plan)
-        for env in ({"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1"},):  # both at once (each compile costs seconds)
-            for k in ("TUNELAB_FUSE_PROJ", "TUNELAB_LORA_REDUCE"):
+        for env in ({"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"},):  # all at once (each compile costs seconds)
+            for k in ("TUNELAB_FUSE_PROJ", "TUNELAB_LORA_REDUCE", "TUNELAB_PACK_GQA"):
                 monkeypatch.delenv(k, raising=False)
             for k, v in env.items():
                 monkeypatch.setenv(k, v)
             graphs: list = []
             dec = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed, compile=True, compile_backend=_recording_backend(graphs))
             assert dec.router.fused == (4 if "TUNELAB_FUSE_PROJ" in env else 0), (label, env)
+            assert dec.pack_gqa == ("TUNELAB_PACK_GQA" in env)
             assert _decode(dec, plan) == reference, (label, env)
             ops = graphs[0]
             mm = ops["<built-in function linear>"] + ops["<built-in function matmul>"]
             base = 4 if "TUNELAB_FUSE_PROJ" in env else 7  # qkv, o, gate/up, down
             lora = 0 if "TUNELAB_LORA_REDUCE" in env else 8
             assert mm == base + lora, (label, env, ops)
+            if dec.pack_gqa:  # one SDPA over the packed query heads, no repeat_kv (expand + reshape of K and V)
+                assert ops["<built-in function scaled_dot_product_attention>"] == 1 and not ops["aten.expand.default"], ops
     wcat = attn.q_proj._tl_wcat
     for n, w in before.items():  # views of the group's buffer, with the same values
         assert getattr(attn, n).base_layer.weight.untyped_storage().data_ptr() == wcat.untyped_storage().data_ptr()
         assert torch.equal(getattr(attn, n).base_layer.weight, w)
     assert eng.generate_ids([PROMPTS[0]], max_new_tokens=6)[0] == plain  # plain generate on the re-homed weights
     eng.unload()
+
+
+def test_packed_gqa_attention_equals_sdpa_over_repeated_heads():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tunelab.infer.decoder import _packed_gqa_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.arange(10).view(1, 1, 1, 10) <= torch.tensor([9, 4, 0]).view(3, 1, 1, 1)  # rows see 10, 5, 1 positions
+    for m in (mask, None):
+        want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
+        got, _ = _packed_gqa_attention(module, q, k, v, m, scaling=0.25)
+        assert got.shape == want.shape == (3, 1, 8, 16)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # more than one query position: transformers' own attention, unchanged
+    q2 = torch.randn(3, 8, 2, 16, generator=g)
+    assert torch.equal(_packed_gqa_attention(module, q2, k, v, None, scaling=0.25)[0], sdpa_attention_forward(module, q2, k, v, None, scaling=0.25)[0])

@@ -7,15 +7,17 @@ line per case (docs/serve.md holds the table made from them, and the raw lines).
 Cases (the issue's speed targets):
 - single16 / single4: one stream, a 128-token prompt (random ids), exactly 256 new tokens (stop tokens off), greedy,
   base + a LoRA adapter (rank 16, every linear layer), bf16 and 4-bit NF4 (double quantization, bf16 compute).
-  'plain generate' (the engine's hf backend: transformers' generate, dynamic cache), 'tunelab fast, eager layers'
-  (the static backend with TUNELAB_COMPILE_DECODE=0: slot decoder, static KV cache, one CUDA graph replay per
-  token of the eager layers) and 'tunelab fast' (the default: the same graphs around the compiled decoder layer)
-  on the same model object in the same run. One warm-up call of each (plain: 16 tokens; the fast paths build their
-  decoder there: capture and compilation, timed apart as decoder_build_s), then plain once and each fast path
-  twice; tokens/s = 256 / wall time of the call (prefill and sampling included), the fast figure the better of its
-  two calls. Also: the first position where each path's tokens differ from plain generate's (None: all equal),
-  and for the fast paths one graph replay alone (replay_ms: median of 50, CUDA events; batch 1, longest bucket)
-  and the GPU kernels in it (kernels_per_step: torch.profiler over one replay).
+  'plain generate' (the engine's hf backend: transformers' generate, dynamic cache) is timed FIRST, before anything
+  compiles in the process, after one full-length warm-up call (the first full-length call is slow whatever the
+  path: the allocator's and libraries' caches fill there; its rate is reported as first_call_tokens_per_s), and
+  once more at the end, after the compilations (after_compile_tokens_per_s). Then each fast variant of `--fast`
+  (FAST below: 'tunelab fast' is the default static backend: slot decoder, static KV cache, CUDA graphs of the
+  compiled decoder layer; the others add levers by environment variable) on the same model object: one call that
+  builds its decoder (capture + compilation, decoder_build_s), then two timed calls; tokens/s = 256 / wall time
+  of the call (prefill and sampling included), the better of the two. Also: the first position where a path's
+  tokens differ from plain generate's (None: all equal) and from the default fast path's, and one graph replay
+  alone (replay_ms: median of 50, CUDA events; batch 1, longest bucket), the GPU kernels in it, their summed GPU
+  time and the top kernels by GPU time (torch.profiler over one replay).
 - serve16: 32 concurrent streaming requests through the real HTTP server (FastAPI + uvicorn in this process, the
   scheduler's continuous batching), sent by a client in a separate process (httpx, server-sent events, no shared
   GIL), each a distinct 128-token prompt with 256 new tokens (min_tokens = max_tokens = 256). Aggregate tokens/s =
@@ -23,12 +25,16 @@ Cases (the issue's speed targets):
   (p50, p99). Rounds: every request on adapter a ('one adapter'), requests alternating a / b ('two adapters'),
   then 'one adapter' again. Each stream's token count is checked (none lost); after the two-adapter round four of
   its streams (two per adapter) are re-run alone and their texts compared with the batched ones.
-  The three rounds run once per server setting of `--serve-settings` (one decoder, built once, shared): the
+  The three rounds run for the first server setting of `--serve-settings`, the first round alone for each other
+  setting (one decoder, built once, shared): the
   prefill token budget (the scheduler's max_prefill_tokens: 8192 = waiting prompts prefilled together in one
   forward, the default; 0 = one prompt per forward, the behaviour before batched prefill) and the interpreter's
   GIL switch interval in ms (sys.setswitchinterval: how long the decode thread may wait for the GIL that the
   event loop's thread holds; Python's default is 5 ms). Default: 8192/5, 0/5, 8192/0.5. Each row also carries
-  the round's prefill forwards and the most prompts in one of them (prefills, peak_prefill).
+  the round's prefill forwards and the most prompts in one of them (prefills, peak_prefill), and the scheduler
+  thread's seconds in prefill forwards / decode-step calls / token picks (loop_s). After the rounds: the batch-32
+  step's graph replay alone with its kernel profile ('serve step alone'). `--serve-env` sets levers for the
+  server's decoder.
 
     PYTHONPATH=src python tools/bench_serve.py --workdir /tmp/b7 --out serve.jsonl --phases serve16   # serving only
 
@@ -77,67 +83,112 @@ def load_engine(base: str, adapter: str, bits: int | None):
     return engine
 
 
-FAST = {"tunelab fast, eager layers": "0", "tunelab fast": "1"}  # TUNELAB_COMPILE_DECODE for each fast variant
+# the fast variants: environment each decoder is built under (read when a decoder and its router are made)
+FAST = {
+    "eager": ("tunelab fast, eager layers", {"TUNELAB_COMPILE_DECODE": "0"}),
+    "fast": ("tunelab fast", {}),
+    "fuse": ("tunelab fast + fused q/k/v, gate/up GEMMs", {"TUNELAB_FUSE_PROJ": "1"}),
+    "reduce": ("tunelab fast + LoRA as reductions", {"TUNELAB_LORA_REDUCE": "1"}),
+    "both": ("tunelab fast + fused GEMMs + LoRA reductions", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1"}),
+    "gqa": ("tunelab fast + packed-GQA attention", {"TUNELAB_PACK_GQA": "1"}),
+    "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_PACK_GQA": "1"}),
+    "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
+            {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"}),
+}
+ENV_KEYS = sorted({k for _, env in FAST.values() for k in env})
 
 
-def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None) -> None:
+def _set_env(env: dict) -> None:
+    for k in ENV_KEYS:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+
+
+def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None, fast: list[str], plain_after: bool = True) -> None:
+    """Plain generate first, before anything compiles in this process: one full-length warm-up call (timed too:
+    `first_call_tokens_per_s`, the first full-length call is slow whatever the path: the allocator and library
+    caches fill there) and one timed call (the figure). Then each fast variant: one call that builds its decoder
+    (capture + compilation), two timed calls. Then (plain_after) plain generate once more, timed after the
+    compilations (`after_compile_tokens_per_s`), to see whether they slow it down."""
     import torch
 
     from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
 
     prompt = torch.randint(0, 150000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    paths = {"plain generate": HFDecodeBackend(), **{name: StaticDecodeBackend() for name in FAST}}
-    times: dict[str, list[float]] = {k: [] for k in paths}
     tokens: dict[str, list[int]] = {}
-    # rep 0 warms each up (the fast paths build their decoder: graph capture, compilation); then plain once, each
-    # fast path twice (plain is the slow one to time)
-    for rep, names in enumerate((list(paths), list(paths), list(FAST))):
-        for name in names:
-            backend = paths[name]
-            engine.backend = backend
-            os.environ["TUNELAB_COMPILE_DECODE"] = FAST.get(name, "1")
-            n = 16 if rep == 0 and name == "plain generate" else new
-            _sync()
-            t = time.perf_counter()
-            ids = engine.generate_ids([prompt], max_new_tokens=n, min_new_tokens=n, stop_token_ids=())[0]
-            _sync()
-            if rep:
-                times[name].append(time.perf_counter() - t)
-                tokens[name] = ids
-            elif name in FAST:
-                log(f"{label} / {name}: decoder built (capture + compile) in {backend.decoder.warmup_seconds:.1f} s")
-            assert len(ids) == n, f"{name} produced {len(ids)} tokens"
-    os.environ.pop("TUNELAB_COMPILE_DECODE", None)
+
+    def call(n: int) -> tuple[float, list[int]]:
+        _sync()
+        t = time.perf_counter()
+        ids = engine.generate_ids([prompt], max_new_tokens=n, min_new_tokens=n, stop_token_ids=())[0]
+        _sync()
+        assert len(ids) == n, f"{engine.backend.name} produced {len(ids)} tokens"
+        return time.perf_counter() - t, ids
 
     def first_diff(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
-    for name in paths:
-        best = min(times[name])
-        row = {"case": "single", "weights": label, "path": name, "prompt": prompt_len, "new": new, "tokens_per_s": round(new / best, 1),
-               "seconds": [round(x, 3) for x in times[name]], "first_difference_vs_plain": first_diff(tokens["plain generate"], tokens[name])}
-        if name in FAST:
-            dec = paths[name].decoder
-            row.update(cuda_graphs=len(dec.graphs), graph_error=dec.graph_error, compiled=dec.compiled is not None,
-                       compile_error=dec.compile_error, decoder_build_s=round(dec.warmup_seconds, 1),
-                       lora_groups=dec.router.groups if dec.router else None, **step_profile(dec))
-            if name != "tunelab fast, eager layers":
-                row["first_difference_vs_eager_layers"] = first_diff(tokens["tunelab fast, eager layers"], tokens[name])
-        emit(row, out)
+    _set_env({})
     engine.backend = HFDecodeBackend()
-    for name in FAST:
-        paths[name].decoder = None
+    first, _ = call(new)
+    plain_s, tokens["plain"] = call(new)
+    plain_row = {"case": "single", "weights": label, "path": "plain generate", "prompt": prompt_len, "new": new,
+                 "tokens_per_s": round(new / plain_s, 1), "seconds": [round(plain_s, 3)],
+                 "first_call_tokens_per_s": round(new / first, 1), "first_difference_vs_plain": None}
+    log(f"{label} / plain generate: {plain_row}")
+    rows = []
+    for key in fast:
+        name, env = FAST[key]
+        _set_env(env)
+        backend = StaticDecodeBackend()
+        engine.backend = backend
+        try:
+            call(new)  # builds the decoder
+            log(f"{label} / {name}: decoder built (capture + compile) in {backend.decoder.warmup_seconds:.1f} s")
+            times = []
+            for _ in range(2):
+                t, tokens[key] = call(new)
+                times.append(t)
+            dec = backend.decoder
+            row = {"case": "single", "weights": label, "path": name, "env": env, "prompt": prompt_len, "new": new,
+                   "tokens_per_s": round(new / min(times), 1), "seconds": [round(x, 3) for x in times],
+                   "first_difference_vs_plain": first_diff(tokens["plain"], tokens[key]),
+                   "cuda_graphs": len(dec.graphs), "graph_error": dec.graph_error, "compiled": dec.compiled is not None,
+                   "compile_error": dec.compile_error, "decoder_build_s": round(dec.warmup_seconds, 1),
+                   "lora_groups": dec.router.groups if dec.router else None,
+                   "fused_projections": getattr(dec.router, "fused", None) if dec.router else None, **step_profile(dec)}
+            if key != "fast" and "fast" in tokens:
+                row["first_difference_vs_fast"] = first_diff(tokens["fast"], tokens[key])
+        except Exception:
+            import traceback
+
+            row = {"case": "single", "weights": label, "path": name, "env": env, "error": traceback.format_exc().splitlines()[-1]}
+            log(traceback.format_exc())
+        emit(row, out)
+        backend.decoder = None
+        engine.backend = HFDecodeBackend()
+        _free()
+    _set_env({})
+    if plain_after:
+        engine.backend = HFDecodeBackend()
+        after, ids = call(new)
+        plain_row["after_compile_tokens_per_s"] = round(new / after, 1)
+        plain_row["after_compile_equal"] = ids == tokens["plain"]
+    emit(plain_row, out)
+    engine.backend = HFDecodeBackend()
     _free()
 
 
-def step_profile(dec) -> dict:
-    """Time of one graph replay (batch 1, the longest length bucket; median of 50, CUDA events) and the number
-    of GPU kernels in it (torch.profiler over one replay): what one decode step costs without any Python."""
+def step_profile(dec, rows: int = 1, top: int = 10) -> dict:
+    """Time of one graph replay (batch `rows`, the longest length bucket; median of 50, CUDA events), the GPU
+    kernels in it (torch.profiler over one replay), their summed GPU time (the rest of the replay is gaps between
+    kernels) and the `top` kernels by GPU time: what one decode step costs without any Python."""
     import torch
 
-    key = (1, max(w for b, w in dec.graphs if b == 1)) if dec.graphs else None
-    if key is None:
+    widths = [w for b, w in dec.graphs if b == rows]
+    if not widths:
         return {}
+    key = (rows, max(widths))
     graph, _ = dec.graphs[key]
     times = []
     for _ in range(50):
@@ -154,7 +205,19 @@ def step_profile(dec) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        result["kernels_per_step"] = sum(1 for e in prof.events() if str(e.device_type).endswith("CUDA"))
+        kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+        result["kernels_per_step"] = len(kernels)
+
+        def gpu_us(e):
+            return float(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0)
+
+        result["kernel_ms_sum"] = round(sum(gpu_us(e) for e in kernels) / 1000, 3)
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            entry = by_name.setdefault(e.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += gpu_us(e)
+        result["top_kernels"] = [[n, c, round(us, 1)] for n, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
     except Exception as exc:  # the profiler is a diagnostic only
         result["kernels_per_step"] = f"{type(exc).__name__}: {exc}"[:120]
     return result
@@ -273,18 +336,26 @@ def serve_rounds(engine, adapter_b: str, streams: int, prompt_len: int, new: int
     interval = sys.getswitchinterval()
     try:
         run_client(url, ["a", "b"], streams, prompt_len, 16, seed=99)  # warm-up round
-        for budget, ms in settings:
+        rounds = (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3))
+        for k, (budget, ms) in enumerate(settings):
             scheduler.max_prefill_tokens = budget  # read by the scheduler's loop at each admission
             sys.setswitchinterval(ms / 1000)
-            for name, models, seed in (("one adapter", ["a"], 1), ("two adapters alternating", ["a", "b"], 2), ("one adapter", ["a"], 3)):
+            for name, models, seed in rounds if k == 0 else rounds[:1]:  # the other settings: one round each
                 # the two-adapter round re-runs 4 streams alone afterwards (2 per adapter): routing checked per row
-                scheduler.peak_prefill, before = 0, scheduler.stats()
+                scheduler.peak_prefill, before, t0 = 0, scheduler.stats(), dict(scheduler.timing)
                 row = run_client(url, models, streams, prompt_len, new, seed, solo=4 if seed == 2 else 0)
                 after = scheduler.stats()
+                # the scheduler thread's time in the round (solo re-runs included): prefill forwards, the decode
+                # steps' host calls (the GPU runs on), picking + sending tokens (waits for each step's GPU work)
+                spent = {k: round(scheduler.timing[k] - t0[k], 3) for k in t0}
+                steps = after["steps"] - before["steps"]
                 emit({"case": "serve", "weights": label, "round": name, "max_prefill_tokens": budget, "switch_interval_ms": ms,
                       "peak_batch": after["peak_running"], "step_ms_avg": round(1000 * scheduler.step_seconds, 2),
                       "prefills": after["prefills"] - before["prefills"], "peak_prefill": after["peak_prefill"],
-                      "steps": after["steps"] - before["steps"], **row, **startup}, out)
+                      "steps": steps, "loop_s": spent, **row, **startup}, out)
+        scheduler.stop()
+        profile = step_profile(decoder, rows=streams)  # nothing live: the batch-32 step's replay alone
+        emit({"case": "serve step alone", "weights": label, **profile}, out)
     finally:
         sys.setswitchinterval(interval)
         server.should_exit = True
@@ -305,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--serve-settings", default="8192/5,0/5,8192/0.5",
                     help="serving rounds per setting: max_prefill_tokens/GIL switch interval in ms, comma-separated")
+    ap.add_argument("--fast", default="eager,fast",
+                    help=f"fast variants of the single-stream cases, comma-separated, from: {', '.join(FAST)}")
+    ap.add_argument("--no-plain-after", action="store_true", help="skip the plain-generate call after the compilations")
+    ap.add_argument("--serve-env", default="", help="KEY=VALUE,... set while the server's decoder is built (a lever)")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", default="a", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -323,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     adapter_a = build_adapter(args.workdir, dims, "adapter_a", seed=0)
     adapter_b = build_adapter(args.workdir, dims, "adapter_b", seed=1)
     phases = args.phases.split(",")
+    fast = [k for k in args.fast.split(",") if k]
+    unknown = [k for k in fast if k not in FAST]
+    if unknown:
+        ap.error(f"unknown fast variant {unknown[0]!r}; choose from {', '.join(FAST)}")
+    serve_env = dict(kv.split("=", 1) for kv in args.serve_env.split(",") if kv)
     failed = 0
 
     def guarded(name, fn, *a):  # one failing case must not cost the others
@@ -339,16 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(p in phases for p in ("single16", "serve16", "merged16")):
         engine = load_engine(base, adapter_a, None)
         if "single16" in phases:
-            guarded("single16", single_stream, engine, "bf16 + LoRA", args.prompt, args.new, args.out)
+            guarded("single16", single_stream, engine, "bf16 + LoRA", args.prompt, args.new, args.out, fast, not args.no_plain_after)
         if "serve16" in phases:
-            guarded("serve16", serve_rounds, engine, adapter_b, args.streams, args.prompt, args.new, args.out, "bf16 + LoRA",
-                    parse_settings(args.serve_settings))
+            _set_env(serve_env)
+            guarded("serve16", serve_rounds, engine, adapter_b, args.streams, args.prompt, args.new, args.out,
+                    "bf16 + LoRA" + "".join(f", {k}={v}" for k, v in serve_env.items()), parse_settings(args.serve_settings))
+            _set_env({})
         if "merged16" in phases:  # last: merging into bf16 weights and back would round the base
 
             def merged():
                 engine.model.set_adapter("default")
                 engine.model.merge_adapter()
-                single_stream(engine, "bf16, adapter merged (no LoRA work per step)", args.prompt, args.new, args.out)
+                single_stream(engine, "bf16, adapter merged (no LoRA work per step)", args.prompt, args.new, args.out, fast, False)
 
             guarded("merged16", merged)
         engine.unload()
@@ -356,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         _free()
     if "single4" in phases:
         engine = load_engine(base, adapter_a, 4)
-        guarded("single4", single_stream, engine, "NF4 + LoRA", args.prompt, args.new, args.out)
+        guarded("single4", single_stream, engine, "NF4 + LoRA", args.prompt, args.new, args.out, fast,
+                not args.no_plain_after)
         engine.unload()
     return 1 if failed else 0
 

@@ -171,6 +171,38 @@ class _FlatAbsmax:
                 weight.quant_state = state
 
 
+PACKED_GQA = "tunelab_packed_gqa"
+
+
+def _packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Decode-step attention (one query token per row) without repeating the keys/values for every query head:
+    the query heads that share a key/value head become that head's query positions (q [b, h, 1, d] -> [b, kv,
+    h/kv, d]) in one SDPA call over the cached keys/values as they are (the mask [b, 1, 1, w] broadcasts over
+    them). The same softmax per row and head as SDPA over repeated keys/values (transformers' own decode path
+    does this outside torch.compile, `pack_gqa`), without repeat_kv's copy of K and V per query head (at batch 32
+    x 512 positions ~235 MB per layer for a 7B). Anything else goes to transformers' SDPA attention."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    mask = attention_mask
+    simple = q == 1 and kv != h and h % kv == 0 and not dropout and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+    if not simple or (mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, kv, h // kv, d), key, value, attn_mask=mask,
+                                                           dropout_p=0.0, scale=scaling, is_causal=False)
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_packed_gqa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_GQA, _packed_gqa_attention)
+
+
 class _CompiledLayers:
     """`torch.compile` of one decoder layer's forward, shared by every layer (regional compilation): the eager
     kernels of a decode step (RMSNorm in float32, rotary embedding, SwiGLU, residual adds, the LoRA casts and
@@ -277,6 +309,14 @@ class SlotDecoder:
         if attn not in ("sdpa", "eager"):
             raise ModelError(f"the slot decoder (static KV cache) needs sdpa or eager attention; this model uses {attn}: set flash_attn: sdpa.")
         self.additive_mask = attn == "eager"
+        # lever under measurement (docs/serve.md), off by default: decode steps' attention without repeat_kv
+        self.pack_gqa = attn == "sdpa" and os.environ.get("TUNELAB_PACK_GQA", "0") == "1"
+        if self.pack_gqa:
+            try:
+                _register_packed_gqa()
+            except Exception as exc:
+                self.pack_gqa = False
+                logger.warning("packed-GQA decode attention unavailable: %s", _error(exc))
         self.dtype = self.lm.get_input_embeddings().weight.dtype
         params = inspect.signature(type(self.lm).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -441,9 +481,23 @@ class SlotDecoder:
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         mask = {t: mask for t in self.layer_types}  # a dict is used as given: no mask building from the cache
         layers = self.compiled.active() if compiled and self.compiled is not None else contextlib.nullcontext()
-        with self._route(rows=rows), layers, self._flat_absmax():
+        with self._route(rows=rows), layers, self._flat_absmax(), self._decode_attention():
             out = self.lm(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **{self.cache_kw: cache})
         return out.logits[:, -1]
+
+    @contextlib.contextmanager
+    def _decode_attention(self) -> Iterator[None]:
+        """During a decode step (with the pack_gqa lever): the packed-GQA attention in place of SDPA's."""
+        if not self.pack_gqa:
+            yield
+            return
+        config = self.lm.config
+        before = config._attn_implementation
+        config._attn_implementation = PACKED_GQA
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def _flat_absmax(self):
         import torch

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The serving speed run on the GPU machine (docs/serve.md): one stream bf16 and NF4 (plain generate timed first,
+# fast default, levers), then the 32-stream HTTP rounds, each phase in its own process under a time box so a
+# hang keeps what was written. Needs .devsite and .servesite carried.   Usage: tools/serve_run.sh [OUTDIR]
+set -u
+out=${1:-${OUT:-/tmp/serve_out}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD/.servesite:$PWD/.devsite:$PWD/src:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+W=/tmp/b7
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/env.txt" 2>&1
+python -c "import torch, transformers, peft, fastapi, uvicorn, pydantic; print(torch.__version__, transformers.__version__, peft.__version__, fastapi.__version__, uvicorn.__version__, pydantic.__version__)" >> "$out/env.txt" 2>&1
+run() { local box=$1; shift; timeout -k 5 "$box" python tools/bench_serve.py --workdir $W --out "$out/serve.jsonl" "$@"; echo "rc=$? box=$box $*" >> "$out/phases.txt"; }
+run ${BOX1:-165} --phases single16 --fast ${FAST16:-fast,fuse_gqa,all} 2>> "$out/log.txt"
+run ${BOX2:-125} --phases serve16 --serve-env ${SERVE_ENV:-TUNELAB_FUSE_PROJ=1,TUNELAB_PACK_GQA=1} --serve-settings ${SETTINGS:-8192/5,0/5,8192/0.5} 2>> "$out/log.txt"
+run ${BOX3:-85} --phases single4 --fast ${FAST4:-fast,all} 2>> "$out/log.txt"
+grep -v '^\[bench_serve\] {' "$out/log.txt" | grep -iE "error|traceback|warn|failed" | head -40 > "$out/problems.txt"
