@@ -263,25 +263,27 @@ def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # 
     patched = [m for m in model.modules() if hasattr(m, "_tunelab_plain_forward")]
     if device == "cpu":
         assert model.tunelab_fast_path == [] and patched == []
-    else:  # the defaults on one GPU: fused projections and compiled layers
-        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "compile(2 layers)"]
+    else:  # the defaults on one GPU: fused projections, the host embedding with the offload, compiled layers
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "offload(2 layers)", "compile(2 layers)"]
         assert len(patched) == 14
-        assert model.get_base_model().get_input_embeddings().weight.device.type == "cuda"
+        assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
         assert resolved.fast_path.startswith("on (qwen2 LoRA on ") and "2 decoder layers compiled" in resolved.fast_path
+        model.to("cuda")  # as the Trainer does after loading: the table stays on the host
+        assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_loader_keeps_the_embedding_on_the_host_when_asked(tiny_model, monkeypatch):  # noqa: F811
+def test_loader_without_the_memory_levers_keeps_the_embedding_on_the_gpu(tiny_model, monkeypatch):  # noqa: F811
     from tunelab.config import load_config
     from tunelab.config.resolve import resolve
     from tunelab.model.loader import load_model
 
-    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
+    monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "0")
     cfg = load_config({"model_name_or_path": tiny_model, "do_train": True, "lora_target": "all", "quantization_bit": 4, "bf16": True})
     model = load_model(cfg, resolve(cfg), for_training=True)
-    assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "compile(2 layers)"]
-    assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+    assert model.tunelab_fast_path == ["fast-lora(14 projections)", "compile(2 layers)"]
+    assert model.get_base_model().get_input_embeddings().weight.device.type == "cuda"
 
 
 def test_compile_decision_and_liger_left_out(monkeypatch, caplog):
@@ -315,7 +317,12 @@ def test_host_embedding_decision(monkeypatch):
 
     model = _tiny_peft("cpu", quantized=False)
     single = types.SimpleNamespace(device="cuda", parallel="single")
-    assert host_embedding_decision(model, _cfg(), single) == (False, "opt-in: TUNELAB_HOST_EMBEDDING=1")
+    monkeypatch.delenv("TUNELAB_HOST_EMBEDDING", raising=False)
+    assert host_embedding_decision(model, _cfg(), single) == (
+        False, "on with the checkpoint offload only (TUNELAB_HOST_EMBEDDING=1 forces it)")
+    assert host_embedding_decision(model, _cfg(), single, offload=True) == (False, "the embedding is on cpu")
+    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "0")
+    assert host_embedding_decision(model, _cfg(), single, offload=True) == (False, "TUNELAB_HOST_EMBEDDING=0")
     monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
     assert host_embedding_decision(model, _cfg(quantization_bit=None), single)[1].startswith("the base is not 4-bit")
     assert host_embedding_decision(model, _cfg(), types.SimpleNamespace(parallel="ddp")) == (False, "parallel ddp: one process only")
@@ -323,6 +330,21 @@ def test_host_embedding_decision(monkeypatch):
     base = model.get_base_model()
     base.lm_head.weight = base.model.embed_tokens.weight
     assert host_embedding_decision(model, _cfg(), single) == (False, "the embedding is tied to the output head")
+
+
+def test_host_embedding_stays_on_the_host_when_the_model_moves():
+    from tunelab.model.fast.embed import keep_embedding_on_host
+
+    model = _tiny_peft("cpu", quantized=False)
+    emb = model.get_base_model().get_input_embeddings()
+    rows = emb.weight[[3, 7]].clone()
+    assert keep_embedding_on_host(model) == 512 * 64 * 2
+    model.to("meta")  # a move to another device (as the Trainer's .to("cuda")) leaves the table on the host
+    assert emb.weight.device.type == "cpu" and torch.equal(emb.weight[[3, 7]], rows)
+    assert model.get_base_model().lm_head.weight.device.type == "meta"  # the rest moved
+    model.to(torch.float16)  # a dtype change still applies, on the host
+    assert emb.weight.device.type == "cpu" and emb.weight.dtype == torch.float16
+    assert torch.equal(emb.weight[[3, 7]], rows.to(torch.float16))
 
 
 @gpu
@@ -406,10 +428,12 @@ def test_offload_decision(monkeypatch):
     from tunelab.model.fast import offload_decision
 
     single = types.SimpleNamespace(device="cuda", parallel="single")
-    assert offload_decision(_cfg(), single) == (False, "opt-in: TUNELAB_OFFLOAD_CHECKPOINTS=1")
-    monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "1")
+    monkeypatch.delenv("TUNELAB_OFFLOAD_CHECKPOINTS", raising=False)
     assert offload_decision(_cfg(), single) == (True, "checkpointed layer inputs in pinned host memory")
-    assert offload_decision(_cfg(), types.SimpleNamespace(parallel="ddp"))[0] is False
+    assert offload_decision(_cfg(), types.SimpleNamespace(parallel="ddp")) == (
+        False, "parallel ddp: its reentrant-style backward bypasses DDP/FSDP hooks")
+    monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "0")
+    assert offload_decision(_cfg(), single) == (False, "TUNELAB_OFFLOAD_CHECKPOINTS=0")
 
 
 def test_compiled_layers_trace_as_one_graph_with_the_fused_ops_cpu():

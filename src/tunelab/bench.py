@@ -13,7 +13,8 @@ before step 1). Speed and memory do not depend on the weights' values. Each case
 
 Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   tunelab-fast   tunelab's loader and TunelabTrainer (what `tunelab train` runs) with use_fast_kernels: true
-                 (fused projections, compiled decoder layers on one GPU)
+                 (fused projections, compiled decoder layers and the checkpoint offload on one GPU, with the
+                 input embedding in host memory for a 4-bit base)
   tunelab-plain  the same with use_fast_kernels: false (PEFT's LoRA layers over bitsandbytes)
   tunelab        the same with use_fast_kernels left to auto
   plain-autocast transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, a hand-written loop
@@ -21,8 +22,10 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +liger / +noliger  appended: Liger's RMSNorm/RoPE/SwiGLU forced on / off (default: on where installed, except
                  under the compiled layers, where inductor fuses the same; forcing Liger on keeps the layers eager)
   +nocompile     appended: eager decoder layers (TUNELAB_FAST_COMPILE=0); Liger's kernels then apply
-  +hostembed     appended: the input embedding in pinned host memory (TUNELAB_HOST_EMBEDDING=1; 4-bit)
-  +offload       appended: checkpointed layer inputs kept in pinned CPU memory (TUNELAB_OFFLOAD_CHECKPOINTS=1)
+  +hostembed / +nohostembed  appended: the input embedding in pinned host memory forced on / off
+                 (TUNELAB_HOST_EMBEDDING=1 / 0; 4-bit; default: on with the offload)
+  +offload / +nooffload      appended: checkpointed layer inputs in pinned CPU memory forced on / off
+                 (TUNELAB_OFFLOAD_CHECKPOINTS=1 / 0; default on)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
@@ -229,10 +232,11 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
     if "+nocompile" in variant:  # eager decoder layers (and Liger's kernels)
         os.environ["TUNELAB_FAST_COMPILE"] = "0"
-    if "+offload" in variant:  # checkpointed layer inputs in pinned host memory (tunelab.model.fast.offload)
-        os.environ["TUNELAB_OFFLOAD_CHECKPOINTS"] = "1"
-    if "+hostembed" in variant:  # the input embedding in pinned host memory (opt-in lever)
-        os.environ["TUNELAB_HOST_EMBEDDING"] = "1"
+    for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING")):
+        if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
+            os.environ[env] = "0"
+        elif f"+{flag}" in variant:
+            os.environ[env] = "1"
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)

@@ -10,16 +10,18 @@ token ids back from the GPU first: one synchronisation at the start of each forw
 queued before it (the previous optimizer step) and so stops the CPU from running ahead into the next step. Values are bit-identical to the GPU lookup (a gather copies rows), and the module keeps
 its parameter and state_dict key; only the tensor's device changes.
 
-Where it applies (`host_embedding_decision`): opt-in (TUNELAB_HOST_EMBEDDING=1), the fast path on, a 4-bit base
+Where it applies (`host_embedding_decision`): on by default where the checkpoint offload is on (both are
+single-process memory levers; TUNELAB_HOST_EMBEDDING=1 / 0 forces it), the fast path on, a 4-bit base
 (the Trainer leaves a bitsandbytes model where it is; a 16-bit model it would move back whole), one process (DDP
 expects one device type), a plain nn.Embedding that is frozen and not shared with the output head (tied heads
 need it on the GPU).
 
-Status: opt-in, because its one measurement did not show the saving: on the H200 (run 6, docs/fastpath.md) the
-7B step's peak stayed where it was with the table moved (7.42 GiB against 7.44), although the GPU test sees the
-table on the host after loading. If something moves it back (a `.to(device)` of the whole model after loading),
-the next forward returns it to the host (counted in RETURNS, which the bench records); that fix and the bench's
-per-step peaks are not measured yet (tools/fast_run7.sh).
+Measured (H200, run 8, docs/fastpath.md): run 6's peak had not moved because the Trainer's `.to(device)` of
+the whole model brought the table back to the GPU after loading (the bench counted one return per process). A
+forward that finds it back returns it to the host (RETURNS, recorded by the bench), and `.to()`/`.cuda()` no
+longer move it (`_host_apply`). With it the 4 x 1024 compiled peak fell 7.42 -> 6.41 GiB; alone its per-step
+synchronisation cost 11% of the speed (8,980 against 10,113 tok/s), beside the checkpoint offload nothing
+(11,084 against 11,103): so it is on where the offload is.
 """
 from __future__ import annotations
 
@@ -30,12 +32,17 @@ import types
 logger = logging.getLogger(__name__)
 
 
-def host_embedding_decision(model, cfg, resolved) -> tuple[bool, str]:
-    """(on, reason) for moving the input embedding to host memory."""
+def host_embedding_decision(model, cfg, resolved, offload: bool = False) -> tuple[bool, str]:
+    """(on, reason) for moving the input embedding to host memory. Default: on where the checkpoint offload is on
+    (`offload`); TUNELAB_HOST_EMBEDDING=1 / 0 forces it on / off."""
     import torch
 
-    if os.environ.get("TUNELAB_HOST_EMBEDDING", "0") != "1":
-        return False, "opt-in: TUNELAB_HOST_EMBEDDING=1"
+    flag = os.environ.get("TUNELAB_HOST_EMBEDDING")
+    if flag == "0":
+        return False, "TUNELAB_HOST_EMBEDDING=0"
+    if flag != "1" and not offload:
+        # its lookup synchronises with the GPU once a step: alone it cost 11% (run 8), beside the offload nothing
+        return False, "on with the checkpoint offload only (TUNELAB_HOST_EMBEDDING=1 forces it)"
     if getattr(cfg, "quantization_bit", None) != 4:
         return False, "the base is not 4-bit (the Trainer moves a 16-bit model to the GPU whole)"
     if getattr(resolved, "parallel", "single") != "single":
@@ -79,6 +86,21 @@ def _host_forward(self, input_ids):
     return rows.view(*ids.shape, -1).to(input_ids.device, non_blocking=True)
 
 
+def _host_apply(self, fn, recurse=True):
+    """nn.Module._apply for the host table: a conversion that would move tensors to another device (the model's
+    `.to("cuda")` / `.cuda()`, which the Trainer calls after loading) leaves the table where it is; any other
+    (a dtype change) is applied to it, on the host."""
+    import torch
+
+    probe = fn(torch.empty(0, dtype=self.weight.dtype))
+    if probe.device.type == "cpu":
+        return self._tunelab_apply(fn, recurse)
+    if probe.dtype != self.weight.dtype:
+        self.weight.data = self.weight.data.to(probe.dtype)
+        _to_host(self)
+    return self
+
+
 def keep_embedding_on_host(model) -> int:
     """Move the input embedding's table to pinned host memory and route its forward there; returns the bytes moved."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -88,4 +110,6 @@ def keep_embedding_on_host(model) -> int:
     _to_host(emb)
     emb._tunelab_gpu_forward = emb.forward
     emb.forward = types.MethodType(_host_forward, emb)
+    emb._tunelab_apply = emb._apply
+    emb._apply = types.MethodType(_host_apply, emb)
     return emb.weight.numel() * emb.weight.element_size()

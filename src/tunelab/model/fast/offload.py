@@ -10,11 +10,12 @@ input prefetched while this layer recomputes, so the copies can overlap compute 
 against ~12 ms of compute). The recompute and backward are those of reentrant checkpointing: the layer runs
 again under grad and autograd.backward accumulates into the (LoRA) parameters' .grad.
 
-Status: opt-in (`tunelab bench` variant `+offload`, eager layers), correctness tested on CPU and GPU against
-plain checkpointing (tests/test_fast_lora.py). Measured on an H200 (7B QLoRA 4 x 1024, eager fast path): peak
-7.11 -> 6.53 GiB, no loss of speed seen. Not on by default: it replaces the checkpoint function that the compiled
-decoder layers trace (compile.py), and the two do not compose yet. Single-process only: reentrant-style backward
-bypasses DDP/FSDP hooks.
+Status: on by default on one process (TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it off; `tunelab bench` variants
+`+nooffload` / `+offload`); correctness tested on CPU and GPU against plain checkpointing, eager and with the
+layers' forwards compiled (tests/test_fast_lora.py). Measured on an H200 (7B QLoRA 4 x 1024, run 8 of
+docs/fastpath.md, one lease): compiled, 10,113 -> 11,103 tok/s and 7.42 -> 6.84 GiB (with the host embedding,
+which it turns on: 11,084 at 5.82 GiB); eager (run 5) 7.11 -> 6.53 GiB at no loss of speed. Single-process only:
+its reentrant-style backward bypasses DDP/FSDP hooks.
 """
 from __future__ import annotations
 
