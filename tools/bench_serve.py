@@ -10,7 +10,7 @@ Cases (the issue's speed targets):
   'plain generate' (the engine's hf backend: transformers' generate, dynamic cache) is timed FIRST, before anything
   compiles in the process, after one full-length warm-up call (the first full-length call is slow whatever the
   path: the allocator's and libraries' caches fill there; its rate is reported as first_call_tokens_per_s), and
-  once more at the end, after the compilations (after_compile_tokens_per_s). Then each fast variant of `--fast`
+  once more at the end, after the compilations (path 'plain generate, after the compilations'). Then each fast variant of `--fast`
   (FAST below: 'tunelab fast' is the default static backend: slot decoder, static KV cache, CUDA graphs of the
   compiled decoder layer; the others add levers by environment variable) on the same model object: one call that
   builds its decoder (capture + compilation, decoder_build_s), then two timed calls; tokens/s = 256 / wall time
@@ -109,7 +109,7 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
     `first_call_tokens_per_s`, the first full-length call is slow whatever the path: the allocator and library
     caches fill there) and one timed call (the figure). Then each fast variant: one call that builds its decoder
     (capture + compilation), two timed calls. Then (plain_after) plain generate once more, timed after the
-    compilations (`after_compile_tokens_per_s`), to see whether they slow it down."""
+    compilations (its own row), to see whether they slow it down."""
     import torch
 
     from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
@@ -135,8 +135,7 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
     plain_row = {"case": "single", "weights": label, "path": "plain generate", "prompt": prompt_len, "new": new,
                  "tokens_per_s": round(new / plain_s, 1), "seconds": [round(plain_s, 3)],
                  "first_call_tokens_per_s": round(new / first, 1), "first_difference_vs_plain": None}
-    log(f"{label} / plain generate: {plain_row}")
-    rows = []
+    emit(plain_row, out)  # now: a time box that ends the run later keeps it
     for key in fast:
         name, env = FAST[key]
         _set_env(env)
@@ -172,9 +171,8 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
     if plain_after:
         engine.backend = HFDecodeBackend()
         after, ids = call(new)
-        plain_row["after_compile_tokens_per_s"] = round(new / after, 1)
-        plain_row["after_compile_equal"] = ids == tokens["plain"]
-    emit(plain_row, out)
+        emit({**plain_row, "path": "plain generate, after the compilations", "tokens_per_s": round(new / after, 1),
+              "seconds": [round(after, 3)], "first_call_tokens_per_s": None, "tokens_equal_to_first_plain": ids == tokens["plain"]}, out)
     engine.backend = HFDecodeBackend()
     _free()
 
