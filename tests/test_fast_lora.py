@@ -74,10 +74,32 @@ def test_fused_dense_projection_matches_reference_bf16_cpu():
     _check(w, None, None, "cpu", torch.bfloat16, seed=4, tol=1e-2)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_lora_first_order_matches_reference_cpu(monkeypatch, dtype, tol):
+    """TUNELAB_LORA_FIRST's order (rank-r product first, the big GEMM adds it): the same function, forward and
+    backward; a biased projection keeps the default order."""
+    from tunelab.model.fast import lora
+
+    monkeypatch.setattr(lora, "LORA_FIRST", True)
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(tuple(b.shape)) or mm(a, b))
+    g = torch.Generator().manual_seed(21)
+    w = (torch.randn(48, 40, generator=g) * 0.05).to(dtype)
+    _check(w, None, None, "cpu", dtype, seed=22, tol=tol)
+    assert (8, 48) in calls and (8, 40) in calls  # forward and grad x: the rank-r products ran first, alone
+    layer = _nf4_layer(64, 96, "cpu")
+    _check(layer.weight, layer.weight.quant_state, layer.bias, "cpu", torch.float32, seed=23, tol=1e-5)
+
+
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("lora_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_nf4_and_dense_projection_match_reference_on_gpu(dtype):
+def test_fused_nf4_and_dense_projection_match_reference_on_gpu(dtype, lora_first, monkeypatch):
+    from tunelab.model.fast import lora
+
+    monkeypatch.setattr(lora, "LORA_FIRST", lora_first)
     layer = _nf4_layer(512, 1536, "cuda", dtype=dtype, seed=5)
     _check(layer.weight, layer.weight.quant_state, layer.bias, "cuda", dtype, seed=6, tol=1e-2)
     w = (torch.randn(768, 512, device="cuda") * 0.05).to(dtype)
@@ -473,6 +495,39 @@ def test_compiled_layers_trace_as_one_graph_with_the_fused_ops_cpu():
     assert abs(loss.item() - loss_eager.item()) < 1e-3 * loss_eager.item()
     for g, ge in zip(grads, grads_eager):
         assert _rel(g, ge) < 2e-2
+
+
+def test_a_layer_that_fails_to_compile_runs_eager_and_dynamo_stays_strict(caplog):
+    """compile_decoder_layers' fallback is scoped to its layers: a backend that fails leaves the step eager (same
+    loss and gradients, a warning), the layers uncompiled afterwards, and dynamo's process-wide suppress_errors
+    untouched."""
+    import logging
+
+    from tunelab.model.fast.compile import compile_decoder_layers
+
+    def broken(gm, _):
+        raise RuntimeError("backend says no")
+
+    torch._dynamo.reset()
+    strict = torch._dynamo.config.suppress_errors
+    model = _tiny_peft("cpu", quantized=False)
+    patch_lora_layers(model)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(16))
+    loss_eager, grads_eager = _step(model, ids, "cpu")
+    assert compile_decoder_layers(model, backend=broken) == 2
+    with caplog.at_level(logging.WARNING, logger="tunelab.model.fast.compile"):
+        loss, grads = _step(model, ids, "cpu")
+    assert torch._dynamo.config.suppress_errors == strict
+    assert "decoder layer 0 did not compile (BackendCompilerFailed" in caplog.text
+    layers = model.base_model.model.model.layers
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert loss.item() == loss_eager.item()
+    for g, ge in zip(grads, grads_eager):
+        assert torch.equal(g, ge)
+    torch._dynamo.reset()
 
 
 def _train(model, steps: int, seed: int):

@@ -26,6 +26,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  (TUNELAB_HOST_EMBEDDING=1 / 0; 4-bit; default: on with the offload)
   +offload / +nooffload      appended: checkpointed layer inputs in pinned CPU memory forced on / off
                  (TUNELAB_OFFLOAD_CHECKPOINTS=1 / 0; default on)
+  +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
+                 (TUNELAB_LORA_FIRST=1; opt-in)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
   :alpaca / :alpaca-packed appended (or --profiles): the alpaca-like length profile, each batch padded to its
            longest sample (prompt tokens masked) or the samples packed into rows; reports real tokens per second.
@@ -232,6 +234,11 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
     if "+nocompile" in variant:  # eager decoder layers (and Liger's kernels)
         os.environ["TUNELAB_FAST_COMPILE"] = "0"
+    if "+lorafirst" in variant:  # the rank-r product first, the big GEMM adds it (lora.LORA_FIRST, opt-in)
+        from tunelab.model.fast import lora
+
+        os.environ["TUNELAB_LORA_FIRST"] = "1"
+        lora.LORA_FIRST = True
     for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"

@@ -156,6 +156,10 @@ def patch_lora_layers(model) -> int:
         object.__setattr__(module, "_tunelab_base", module.get_base_layer())
         module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
         module._tunelab_quantized = qs is not None
+        if qs is not None and weight.is_cuda:  # the dequantize kernel, decided once per layer (nf4_triton.py)
+            from tunelab.model.fast import nf4_triton
+
+            qs.tunelab_triton = nf4_triton.enabled_for(weight, qs)
         module._tunelab_plain_forward = module.forward
         module.forward = types.MethodType(_fast_forward, module)
         count += 1

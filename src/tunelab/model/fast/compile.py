@@ -17,23 +17,52 @@ compiled layer) failed there: the 28 calls of the one graph per step overwrite e
 """
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 
 def compile_decoder_layers(model, backend=None) -> int:
     """Compile every decoder layer in place, checkpoint included (the recompute and the backward in one compiled
     graph); returns how many. Under the checkpoint offload, offload.py compiles the layers' forwards instead.
     backend: torch.compile's (None: inductor; the CPU tests pass a counting one that skips code generation)."""
-    import torch
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    # a layer dynamo or inductor cannot compile (a model or setting not measured here) runs eager, with dynamo's
-    # warning, instead of stopping the training: compiling is a speed lever, never a requirement
-    torch._dynamo.config.suppress_errors = True
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.compile() if backend is None else module.compile(backend=backend)
+            module._compiled_call_impl = eager_on_failure(module._compiled_call_impl, module._call_impl,
+                                                          _uncompile(module), f"decoder layer {count}")
             count += 1
     return count
+
+
+def _uncompile(module):
+    def off():
+        module._compiled_call_impl = None  # nn.Module.__call__ runs the eager layer from now on
+
+    return off
+
+
+def eager_on_failure(compiled, eager, give_up, what: str):
+    """`compiled`, or `eager` (with a warning, and `give_up()` called so later calls skip compiling) when dynamo or
+    inductor cannot compile it: a model or setting not measured here still trains; compiling is a speed lever,
+    never a requirement. Only compilation errors (dynamo's exception family: Unsupported, BackendCompilerFailed,
+    ...) are caught; anything the call itself raises (out of memory, a shape error eager would hit too) propagates.
+    Scoped to these calls, unlike dynamo's process-wide `suppress_errors`."""
+    import torch._dynamo.exc
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised before the compiled code ran: safe to rerun
+            logger.warning("fast path: %s did not compile (%s: %s); it runs eager", what, type(e).__name__,
+                           str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            give_up()
+            return eager(*args, **kwargs)
+
+    return call
 
 
 def compile_counters() -> dict:

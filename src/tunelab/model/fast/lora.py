@@ -35,7 +35,11 @@ def dense_weight(weight, quant_state, dtype):
     if weight.is_cuda:
         from . import nf4_triton  # one Triton launch for the three below, bit-identical (docs/fastpath.md)
 
-        if nf4_triton.enabled_for(weight, quant_state):  # compiled: one opaque op, as bitsandbytes' are
+        # decided once per layer when the fast path patched it (patch_lora_layers), else here
+        use = getattr(quant_state, "tunelab_triton", None)
+        if use is None:
+            use = nf4_triton.enabled_for(weight, quant_state)
+        if use:  # compiled: one opaque op, as bitsandbytes' are
             w = nf4_triton.dense(weight, quant_state)
             return w if w.dtype == dtype else w.to(dtype)
     ops = torch.ops.bitsandbytes
@@ -67,7 +71,19 @@ def lora_linear_reference(x, weight, quant_state, bias, lora_a, lora_b, scale: f
     return y + (xd @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t() * scale
 
 
+# The order of the two GEMMs (TUNELAB_LORA_FIRST=1: opt-in, being measured, docs/fastpath.md run 9). Default: the
+# big product first, then the rank-r product added by its GEMM epilogue (beta 1): that second GEMM reads and
+# writes the whole [tokens, out] output, memory-bound (gate/up at 7B 4 x 1024: 125 us each, 25 ms of the
+# compiled step, run 8's profile). LoRA first: the rank-r product only writes the output, and the big GEMM adds
+# it in its epilogue (beta = alpha), where the extra read overlaps a compute-bound GEMM. Rounding differs: the
+# big product is no longer rounded to bf16 before the add (one rounding instead of two), the rank-r product is
+# (as PEFT's is).
+LORA_FIRST = __import__("os").environ.get("TUNELAB_LORA_FIRST", "0") == "1"
+
+
 def _two_products_eager(a1, b1, bias, a2, b2, alpha: float):
+    if LORA_FIRST and bias is None:  # (a bias, as Qwen2's q_proj has, keeps the default order)
+        return torch.mm(a2, b2).addmm_(a1, b1, beta=alpha)  # alpha * (a2 @ b2) + a1 @ b1, one epilogue
     y = torch.mm(a1, b1) if bias is None else torch.addmm(bias, a1, b1)
     return y.addmm_(a2, b2, alpha=alpha)  # the second product added by the GEMM epilogue (beta 1), in place
 

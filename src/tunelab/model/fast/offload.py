@@ -127,6 +127,10 @@ class _Compiled:
     call: Any = None  # torch.compile(_call), made on first use: the layer's forward as one graph (compile.py)
 
 
+def _call_compiled(run, hidden):
+    return _Compiled.call(run, hidden)  # looked up at each call: a failed compile replaces it with the eager _call
+
+
 def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
@@ -137,7 +141,12 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False):
     if _Fn.fn is None:
         _Fn.fn = _build()
     if compiled and _Compiled.call is None:
-        _Compiled.call = torch.compile(_call)
+        from tunelab.model.fast.compile import eager_on_failure
+
+        def give_up():
+            _Compiled.call = _call
+
+        _Compiled.call = eager_on_failure(torch.compile(_call), _call, give_up, "the offloaded layers' forward")
 
     def checkpoint(run, *args, **kwargs):
         if kwargs or len(args) != 1 or not torch.is_tensor(args[0]) or not args[0].requires_grad:
@@ -145,7 +154,7 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False):
         if stash.host and stash.host[0] is None:  # a new step after a finished backward
             stash.host.clear()
         if compiled:
-            run = functools.partial(_Compiled.call, run)
+            run = functools.partial(_call_compiled, run)
         return _Fn.fn.apply(run, stash, args[0])
 
     return checkpoint
