@@ -9,8 +9,9 @@ folder or a config.json; no weights are read. A training config (.yaml, or a .js
 is estimated with every key that changes memory; key=value overrides follow it as for `tunelab train`.
 
 The estimate is for one CUDA GPU, with the training fast path decided as `tunelab train` decides it there:
-compiled decoder layers by default; TUNELAB_FAST_COMPILE=0 (eager layers, Liger when installed),
-TUNELAB_OFFLOAD_CHECKPOINTS=1 and TUNELAB_HOST_EMBEDDING=1 are read from the environment, as the trainer reads them.
+compiled decoder layers, checkpoints offloaded to host memory and the input embedding on the host by default;
+TUNELAB_FAST_COMPILE=0 (eager layers, Liger when installed), TUNELAB_OFFLOAD_CHECKPOINTS=0 and
+TUNELAB_HOST_EMBEDDING=0/1 are read from the environment, as the trainer reads them.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ decision there and its own term here (memory.py):
   stored), so no term of its own; it gates the three below.
 * compiled decoder layers (`compile_decision`, on by default on one CUDA GPU): Liger is left out, the compiled
   backward keeps the layer's dequantized weights from the recompute to grad x (all of them, not one at a time).
-* checkpoint offload (`offload_decision`, opt-in TUNELAB_OFFLOAD_CHECKPOINTS=1): the layer inputs live in host
-  memory; the GPU holds two (the one in backward and the prefetched one).
-* host embedding (`embed.host_embedding_decision`, opt-in TUNELAB_HOST_EMBEDDING=1): measured to give no drop of
-  the peak (run 6), so the estimate keeps the table on the GPU and says so.
+* checkpoint offload (`offload_decision`, on by default on one process; TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it
+  off): the layer inputs live in host memory; the GPU holds two (the one in backward and the prefetched one).
+* host embedding (`embed.host_embedding_decision`, on where the offload is; TUNELAB_HOST_EMBEDDING=1 / 0 forces
+  it): the embedding table leaves the GPU.
 
 What is the trainer's own code and what is mirrored:
 * `fast_path_decision` and `offload_decision` are called as they are (they read only the config, the device kind,
@@ -104,10 +104,14 @@ def compile_checks_without_triton(cfg, resolved) -> tuple[bool, str]:
     return True, f"decoder layers compiled; {TRITON_ASSUMED}"
 
 
-def host_embedding_checks(shape: ModelShape, cfg, resolved) -> tuple[bool, str]:
-    """host_embedding_decision's config checks (it also needs the loaded embedding on a CUDA device)."""
-    if os.environ.get("TUNELAB_HOST_EMBEDDING", "0") != "1":
-        return False, "opt-in: TUNELAB_HOST_EMBEDDING=1"
+def host_embedding_checks(shape: ModelShape, cfg, resolved, offload: bool) -> tuple[bool, str]:
+    """host_embedding_decision's config checks (it also needs the loaded embedding on a CUDA device); offload: the
+    checkpoint offload installed (apply_fast_path passes whether it offloaded any layer)."""
+    flag = os.environ.get("TUNELAB_HOST_EMBEDDING")
+    if flag == "0":
+        return False, "TUNELAB_HOST_EMBEDDING=0"
+    if flag != "1" and not offload:
+        return False, "on with the checkpoint offload only (TUNELAB_HOST_EMBEDDING=1 forces it)"
     if getattr(cfg, "quantization_bit", None) != 4:
         return False, "the base is not 4-bit (the Trainer moves a 16-bit model to the GPU whole)"
     if getattr(resolved, "parallel", "single") != "single":
@@ -150,7 +154,7 @@ def fast_path_plan(shape: ModelShape, cfg, *, grad_ckpt: bool = True, ask_triton
         offload, offload_reason = offload_decision(cfg, resolved)
         if offload and not grad_ckpt:  # offload_checkpoints() finds no checkpointed layer: nothing installed
             offload, offload_reason = False, "gradient checkpointing is off: no checkpoints to offload"
-        host, host_reason = host_embedding_checks(shape, cfg, resolved)
+        host, host_reason = host_embedding_checks(shape, cfg, resolved, offload)
     else:
         off = f"the fast path is off ({fused_reason})"
         compiled = offload = host = False

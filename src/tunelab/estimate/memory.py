@@ -17,15 +17,17 @@ the second step on, and the weights always):
 Two stacks: `plain` = transformers + PEFT + bitsandbytes with model(**batch).loss (the loop of the Hugging Face
 Trainer, which does not keep the outputs); otherwise tunelab's path as `tunelab train` runs it (fused loss, and
 the fast path's parts as fastpath.py decides them: eager layers with Liger when installed, or compiled decoder
-layers (the default on one CUDA GPU), checkpoint offload, host embedding). The fast path's terms, each its own row:
+layers (the default on one CUDA GPU), checkpoint offload and host embedding (both on by default on one process)).
+The fast path's terms, each its own row:
 
 * compiled: the recomputed layer's saved set as Liger's (inductor fuses the norms and SwiGLU and recomputes the
   pointwise ops, as Liger does), all of the layer's dequantized weights at its backward (compiled_dequant_bytes)
-  instead of one; the final norm stays transformers' (outside the layers, and Liger is left out);
+  instead of one; the final norm stays transformers' (outside the layers, and Liger is left out). Where the
+  layer's forward is compiled without a checkpoint around it (under the offload, or with checkpointing off), the
+  forward saves o_proj's output too (b H per token) and, without checkpointing, every layer's dense weights;
 * offload: checkpoints in host memory: none on the GPU at the loss, 3 x N x H x b at the backward
   (offload_gpu_checkpoints);
-* host embedding: a row of 0 bytes: the one measurement (run 6) saw no drop of the peak, so the table is counted
-  on the GPU until it is measured to leave.
+* host embedding: the embedding table leaves the GPU (measured: run 8).
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ from tunelab.estimate.archs import ModelShape
 # training step, read as nvidia-smi's per-process figure minus torch's reserved memory).
 RESERVED_FIXED = 0.35 * T.GiB
 RESERVED_LOGITS = 0.75
+# The checkpoint offload reserves more (its prefetches allocate on a side stream, whose freed blocks stay in that
+# stream's pool): reserved - allocated was 0.50-0.91 GiB on its four measured points (runs 5 and 8) against 0.21-0.61
+# without it; 0.33 GiB more is the mean of the four's excess over RESERVED_FIXED (calibrated, not derived).
+RESERVED_OFFLOAD = 0.33 * T.GiB
 CUDA_CONTEXT = 0.74 * T.GiB
 
 
@@ -66,8 +72,8 @@ class Setup:
     freeze_layers: int = 2
     extra_trainable: tuple[str, ...] = ()  # additional_target: modules PEFT trains as full fp32 copies (embed_tokens, lm_head)
     compiled: bool = False  # the fast path's compiled decoder layers (fastpath.py decides; Liger is then left out)
-    offload: bool = False  # checkpoint offload to host memory (TUNELAB_OFFLOAD_CHECKPOINTS=1; with checkpointing)
-    host_embedding: bool = False  # input embedding in host memory (TUNELAB_HOST_EMBEDDING=1): no term (measured)
+    offload: bool = False  # checkpoint offload to host memory (the default on one process; needs checkpointing)
+    host_embedding: bool = False  # input embedding in pinned host memory (model.fast.embed): the table leaves the GPU
 
     def check(self, shape: ModelShape) -> None:
         """Impossible settings as sentences."""
@@ -165,6 +171,11 @@ def weight_rows(shape: ModelShape, u: Setup, trainable: int) -> list[Row]:
     rows = [Row("base_weights", f"base weights: {shape.layers} x 7 projections", T.quantized_linear_bytes(shape, bits, u.double_quant, b), what),
             Row("weights_16bit", "embeddings, output head, norms (16-bit)", rest["embeddings"] + rest["head"] + rest["norms"],
                 "tied head = embeddings" if shape.tied else "head untied: its own V x H")]
+    if u.host_embedding and not u.plain and not shape.tied:  # the table lives in pinned host memory (model.fast.embed)
+        rows[-1] = Row("weights_16bit", "output head, norms (16-bit; embeddings on the host)", rest["head"] + rest["norms"],
+                       "head untied: its own V x H")
+        rows.append(Row("host_embedding", "input embedding: in pinned host memory", 0,
+                        f"{rest['embeddings'] / T.GiB:.2f} GiB off the GPU; the step's rows are copied in"))
     if u.method in ("full", "freeze"):  # trainable weights are upcast to fp32 master copies (tunelab, LLaMA-Factory)
         rows.append(Row("master_weights", "fp32 copies of the trainable weights (beyond 16-bit)", 2 * trainable, "4 B instead of 2 per trainable parameter"))
     else:
@@ -182,6 +193,9 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     lora = u.method in ("lora", "qlora")  # full / freeze: every projection's weight is trainable, so keeps its input
     saved = T.layer_saved(shape, k, b, u.seq, u.rank if lora else 0, u.targets if lora else T.LORA_TARGETS, u.dropout if lora else 0.0)
     offload = u.offload and u.grad_ckpt and not u.plain
+    forward_compiled = u.compiled and not u.plain and (offload or not u.grad_ckpt)
+    if forward_compiled:  # the partitioner's saved set of a compiled layer forward: o_proj's output too (CPU graphs)
+        saved += b * shape.hidden
     if offload:
         held = Row("activations", f"activations: {shape.layers} checkpoints in host memory", 0,
                    f"{T.checkpoint_bytes(shape, n, b) / T.GiB:.2f} GiB pinned host memory")
@@ -192,6 +206,12 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
         held = Row("activations", f"activations: all {shape.layers} layers (no checkpointing)",
                    shape.layers * T.r512((saved + b * shape.hidden) * n), f"{saved + b * shape.hidden:,} B per token per layer")
     common = [held]
+    qbits = u.bits if u.method == "qlora" else None
+    compiled = u.compiled and not u.plain
+    if compiled and not u.grad_ckpt and qbits:
+        common.append(Row("dequant_saved", f"dequantized weights saved by all {shape.layers} compiled layers",
+                          shape.layers * T.compiled_dequant_bytes(shape, qbits, b),
+                          "no checkpointing: the compiled forward saves them for grad x (CPU graphs; not measured on a GPU)"))
     if u.mask:
         common.append(Row("mask", "attention mask (B x T x T)", T.mask_bytes(u.batch, u.seq)))
     final = T.r512((T.norm_saved(shape, _kernels(u, layer=False), b) + 2 * b * shape.hidden) * n)  # final norm, its output and input
@@ -207,23 +227,23 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     moments = {"loss": common + [loss, casts]}
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
     temp = T.r512(T.layer_backward_temp(shape, k, b) * n)
-    qbits = u.bits if u.method == "qlora" else None
-    compiled = u.compiled and not u.plain
-    if compiled:
+    if compiled and not u.grad_ckpt:
+        dequant = Row("dequant", "dequantized weights: the saved ones (compiled)", 0, "counted above")
+    elif compiled:
         dequant = Row("dequant", "dequantized weights: all 7 of a layer (compiled)", T.compiled_dequant_bytes(shape, qbits, b),
-                      "the compiled backward keeps them from the recompute to grad x")
+                      "kept from the recompute to grad x" + (" (saved by the compiled forward)" if forward_compiled else ""))
     else:
         dequant = Row("dequant", "dequantized weight: the largest, one at a time", T.dequant_temp(shape, qbits, b))
     grads_one_layer = trainable // shape.layers if u.method in ("lora", "qlora") else 0
     backward_common = common
     if offload:
         backward_common = [Row("activations", "activations: 2 checkpoints + 1 layer output (offload)",
-                               T.offload_gpu_checkpoints(shape, n, b), f"on the GPU; the other {shape.layers - 2} checkpoints in host memory"
-                               + ("; with compiled layers not measured" if compiled else ""))] + common[1:]
+                               T.offload_gpu_checkpoints(shape, n, b), f"on the GPU; the other {shape.layers - 2} checkpoints in host memory")] + common[1:]
     what = "compiled" if compiled else "recomputed"
     moments["backward"] = backward_common + [
         Row("recompute", f"activations: the layer in backward ({what})" if u.grad_ckpt else "activations: layer gradients",
-            recompute, f"{saved:,} B per token" + (" (Liger's saved set: inductor fuses the same)" if compiled else "")),
+            recompute, f"{saved:,} B per token" + (" (Liger's set + o_proj's output: a compiled forward's)" if forward_compiled else
+                                                   " (Liger's saved set: inductor fuses the same)" if compiled else "")),
         Row("temporaries", "gradient temporaries", temp), dequant,
         Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
     if u.method in ("full", "freeze"):
@@ -251,16 +271,14 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
                   "paged: in CUDA managed memory, outside torch's allocator" if paged else
                   f"{T.OPTIM_STATE.get(u.optim) or 'factored'} B per trainable parameter")
     static.append(opt_row)
-    if u.host_embedding and not u.plain:
-        emb = T.sixteen_bit_rest(shape, u.compute_bytes)["embeddings"]
-        static.append(Row("host_embedding", "input embedding in host memory (opt-in): not subtracted", 0,
-                          f"its {emb / T.GiB:.2f} GiB still counted above: the one measurement (run 6) saw no drop of the peak"))
     moments = activation_moments(shape, u, trainable)
     base = sum(r.bytes for r in static)
     phases = {name: base + sum(r.bytes for r in rows) for name, rows in moments.items()}
     phase = max(phases, key=phases.get)
     peak = phases[phase]
     reserved = peak + int(RESERVED_FIXED) + (int(RESERVED_LOGITS * 4 * u.batch * u.seq * shape.vocab) if u.plain else 0)
+    if u.offload and u.grad_ckpt and not u.plain:
+        reserved += int(RESERVED_OFFLOAD)
     smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
     warnings = [shape.warning] if shape.warning else []
     return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan)

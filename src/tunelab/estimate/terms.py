@@ -224,7 +224,9 @@ def compiled_dequant_bytes(s: ModelShape, bits: int | None, b: int) -> int:
     """The compiled decoder layer (tunelab.model.fast.compile) recomputes and backpropagates a layer in one graph, in
     which each projection's dequantized weight is made once and used by both the recompute and grad x: all of the
     layer's dense b-byte weights exist at once at its backward, sum of b x fan_in x fan_out over the quantized
-    projections (7B: 0.434 GiB) where the eager path holds one at a time (dequant_temp). 16-bit base: nothing."""
+    projections (7B: 0.434 GiB) where the eager path holds one at a time (dequant_temp). 16-bit base: nothing.
+    Without checkpointing the compiled forward saves the same weights of every layer for grad x (inductor's
+    partitioner does not recompute the opaque dequantize; tools/estimate_compiled_graph.py): L x this."""
     if not bits:
         return 0
     return sum(r512(b * l.fan_in * l.fan_out) for l in layer_linears(s))
