@@ -579,3 +579,27 @@ def test_the_cpu_graphs_behind_the_compiled_terms():
     flat = tool.analyse(quantized=True, ckpt=False)
     assert flat["fw"]["saved_for_backward"]["dense_weights"] == 7 and flat["bw"]["dequantize_4bit"] == 0
     assert flat["fw"]["saved_for_backward"]["dense_weights_scaled_gib"] == round(T.compiled_dequant_bytes(model_shape(Q7), 4, 2) / T.GiB, 3)
+
+
+def test_fit_turning_checkpointing_off_drops_the_offload_and_the_host_embedding_with_it(monkeypatch):
+    """The trainer installs the host embedding where the offload is, and the offload where there are checkpoints: a
+    setup without checkpointing keeps the table on the GPU (unless TUNELAB_HOST_EMBEDDING=1 forces it)."""
+    from dataclasses import replace
+
+    from tunelab.estimate.from_config import apply_plan
+
+    for var in ("TUNELAB_FAST_COMPILE", "TUNELAB_OFFLOAD_CHECKPOINTS", "TUNELAB_HOST_EMBEDDING"):
+        monkeypatch.delenv(var, raising=False)
+    s = model_shape(Q7)
+    u, plan = apply_plan(s, Setup(batch=1, seq=512))
+    assert u.offload and u.host_embedding_on() and plan.offload and plan.host_embedding
+    off = replace(u, grad_ckpt=False)
+    assert not off.host_embedding_on()
+    table = T.r512(2 * 152064 * 3584)
+    assert estimate(s, off).row("weights_16bit") - estimate(s, u).row("weights_16bit") == table
+    u2, plan2 = apply_plan(s, Setup(batch=1, seq=512, grad_ckpt=False))  # planned without checkpointing
+    assert not (plan2.offload or plan2.host_embedding) and u2.offload and not u2.host_embedding_on()
+    assert replace(u2, grad_ckpt=True).host_embedding_on()  # fit turning checkpointing on gets both, as the trainer
+    monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
+    forced, _ = apply_plan(s, Setup(batch=1, seq=512, grad_ckpt=False))
+    assert forced.host_embedding_on()

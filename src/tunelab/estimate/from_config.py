@@ -13,6 +13,7 @@ TUNELAB_OFFLOAD_CHECKPOINTS, TUNELAB_HOST_EMBEDDING; fastpath.py). Keys that cha
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from tunelab.errors import ConfigError
 from tunelab.estimate.archs import ModelShape, model_shape
@@ -47,8 +48,12 @@ def apply_plan(shape: ModelShape, setup: Setup, cfg=None, liger: bool | None = N
     if view.use_fast_kernels is True and not plan.fused:  # the trainer's error (model.fast.apply_fast_path)
         raise ConfigError(f"use_fast_kernels: true, but the fast path cannot apply here: {plan.fused_reason}. "
                           "Set use_fast_kernels: null (auto) or false.")
-    return replace(setup, liger=plan.liger, compiled=plan.compiled, offload=plan.offload,
-                   host_embedding=plan.host_embedding), plan
+    # the setup keeps what the trainer would install with checkpointing on, so that a changed gradient_checkpointing
+    # (fit's recommendations) gets the offload, and the host embedding that follows it, as the trainer would
+    with_ckpt = plan if setup.grad_ckpt else fast_path_plan(shape, view, grad_ckpt=True, ask_triton=ask_triton)
+    follows = with_ckpt.host_embedding and os.environ.get("TUNELAB_HOST_EMBEDDING") != "1"
+    return replace(setup, liger=plan.liger, compiled=plan.compiled, offload=with_ckpt.offload,
+                   host_embedding=with_ckpt.host_embedding, host_embedding_with_offload=follows), plan
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

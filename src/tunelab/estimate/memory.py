@@ -74,6 +74,11 @@ class Setup:
     compiled: bool = False  # the fast path's compiled decoder layers (fastpath.py decides; Liger is then left out)
     offload: bool = False  # checkpoint offload to host memory (the default on one process; needs checkpointing)
     host_embedding: bool = False  # input embedding in pinned host memory (model.fast.embed): the table leaves the GPU
+    host_embedding_with_offload: bool = False  # on only where the offload is installed (the trainer's default)
+
+    def host_embedding_on(self) -> bool:
+        """The host embedding as installed: where it follows the offload, only with the offload (and checkpoints)."""
+        return self.host_embedding and (not self.host_embedding_with_offload or (self.offload and self.grad_ckpt))
 
     def check(self, shape: ModelShape) -> None:
         """Impossible settings as sentences."""
@@ -171,7 +176,7 @@ def weight_rows(shape: ModelShape, u: Setup, trainable: int) -> list[Row]:
     rows = [Row("base_weights", f"base weights: {shape.layers} x 7 projections", T.quantized_linear_bytes(shape, bits, u.double_quant, b), what),
             Row("weights_16bit", "embeddings, output head, norms (16-bit)", rest["embeddings"] + rest["head"] + rest["norms"],
                 "tied head = embeddings" if shape.tied else "head untied: its own V x H")]
-    if u.host_embedding and not u.plain and not shape.tied:  # the table lives in pinned host memory (model.fast.embed)
+    if u.host_embedding_on() and not u.plain and not shape.tied:  # the table lives in pinned host memory (model.fast.embed)
         rows[-1] = Row("weights_16bit", "output head, norms (16-bit; embeddings on the host)", rest["head"] + rest["norms"],
                        "head untied: its own V x H")
         rows.append(Row("host_embedding", "input embedding: in pinned host memory", 0,

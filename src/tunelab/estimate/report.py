@@ -22,7 +22,7 @@ def describe(est: Estimate) -> str:
     else:
         parts = ["fused loss", "compiled decoder layers" if u.compiled else ("eager layers, Liger kernels" if u.liger else "eager layers")]
         parts += ["checkpoints offloaded"] if u.offload and u.grad_ckpt else []
-        parts += ["host embedding"] if u.host_embedding else []
+        parts += ["host embedding"] if u.host_embedding_on() else []
         stack = f"tunelab ({', '.join(parts)})"
     return (f"{est.shape.name}: {what}, r={u.rank}, batch {u.batch} x {u.seq} tokens, "
             f"checkpointing {'on' if u.grad_ckpt else 'off'}, {u.optim}, {u.attn} attention; stack: {stack}")
