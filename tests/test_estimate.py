@@ -603,3 +603,24 @@ def test_fit_turning_checkpointing_off_drops_the_offload_and_the_host_embedding_
     monkeypatch.setenv("TUNELAB_HOST_EMBEDDING", "1")
     forced, _ = apply_plan(s, Setup(batch=1, seq=512, grad_ckpt=False))
     assert forced.host_embedding_on()
+
+
+def test_a_16_bit_base_keeps_its_embedding_on_the_gpu(monkeypatch):
+    """The trainer puts the table on the host for a 4-bit base only: fit's 16-bit alternative counts it on the GPU,
+    and a 16-bit setup switched to 4-bit gets it."""
+    from dataclasses import replace
+
+    from tunelab.estimate.from_config import apply_plan
+
+    for var in ("TUNELAB_FAST_COMPILE", "TUNELAB_OFFLOAD_CHECKPOINTS", "TUNELAB_HOST_EMBEDDING"):
+        monkeypatch.delenv(var, raising=False)
+    s = model_shape(Q7)
+    q, _ = apply_plan(s, Setup(batch=1, seq=512))
+    sixteen = replace(q, method="lora", bits=None)
+    assert q.host_embedding_on() and not sixteen.host_embedding_on()
+    assert estimate(s, sixteen).row("weights_16bit") == T.r512(2 * 152064 * 3584) * 2 + 28 * 2 * 7168 + 7168
+    lora, plan = apply_plan(s, Setup(method="lora", bits=None, batch=1, seq=512))
+    assert not plan.host_embedding and not lora.host_embedding_on()
+    assert replace(lora, method="qlora", bits=4).host_embedding_on()
+    rc_doc = estimate(s, sixteen).to_json()["settings"]
+    assert rc_doc["host_embedding"] is False

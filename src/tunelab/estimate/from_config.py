@@ -50,10 +50,13 @@ def apply_plan(shape: ModelShape, setup: Setup, cfg=None, liger: bool | None = N
                           "Set use_fast_kernels: null (auto) or false.")
     # the setup keeps what the trainer would install with checkpointing on, so that a changed gradient_checkpointing
     # (fit's recommendations) gets the offload, and the host embedding that follows it, as the trainer would
+    # (and a 4-bit base, where fit switches a 16-bit one, the host embedding the trainer gives only to 4-bit bases)
     with_ckpt = plan if setup.grad_ckpt else fast_path_plan(shape, view, grad_ckpt=True, ask_triton=ask_triton)
-    follows = with_ckpt.host_embedding and os.environ.get("TUNELAB_HOST_EMBEDDING") != "1"
+    view4 = types.SimpleNamespace(**{**vars(view), "quantization_bit": 4, "finetuning_type": "lora"})
+    host = fast_path_plan(shape, view4, grad_ckpt=True, ask_triton=ask_triton).host_embedding if with_ckpt.fused else False
+    follows = host and os.environ.get("TUNELAB_HOST_EMBEDDING") != "1"
     return replace(setup, liger=plan.liger, compiled=plan.compiled, offload=with_ckpt.offload,
-                   host_embedding=with_ckpt.host_embedding, host_embedding_with_offload=follows), plan
+                   host_embedding=host, host_embedding_with_offload=follows), plan
 
 
 def parse_targets(text: str) -> tuple[str, ...]:

@@ -73,12 +73,14 @@ class Setup:
     extra_trainable: tuple[str, ...] = ()  # additional_target: modules PEFT trains as full fp32 copies (embed_tokens, lm_head)
     compiled: bool = False  # the fast path's compiled decoder layers (fastpath.py decides; Liger is then left out)
     offload: bool = False  # checkpoint offload to host memory (the default on one process; needs checkpointing)
-    host_embedding: bool = False  # input embedding in pinned host memory (model.fast.embed): the table leaves the GPU
+    host_embedding: bool = False  # input embedding in pinned host memory (model.fast.embed), for a 4-bit base
     host_embedding_with_offload: bool = False  # on only where the offload is installed (the trainer's default)
 
     def host_embedding_on(self) -> bool:
-        """The host embedding as installed: where it follows the offload, only with the offload (and checkpoints)."""
-        return self.host_embedding and (not self.host_embedding_with_offload or (self.offload and self.grad_ckpt))
+        """The host embedding as installed: a 4-bit base only, and where it follows the offload, only with the
+        offload (and checkpoints)."""
+        four_bit = self.method == "qlora" and (self.bits or 4) == 4
+        return self.host_embedding and four_bit and (not self.host_embedding_with_offload or (self.offload and self.grad_ckpt))
 
     def check(self, shape: ModelShape) -> None:
         """Impossible settings as sentences."""
@@ -137,7 +139,8 @@ class Estimate:
             "peak_allocated_gib": g(self.peak_allocated), "nvidia_smi_gib": g(self.nvidia_smi),
             "peak_reserved_gib": g(self.peak_reserved), "peak_phase": self.phase,
             "model": self.shape.name, "model_source": self.shape.source, "trainable_params": self.trainable,
-            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()},
+            "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()},
+                         "host_embedding": self.setup.host_embedding_on()},
             "breakdown": [{"key": r.key, "what": r.label, "gib": g(r.bytes), "bytes": r.bytes, "note": r.note} for r in self.rows],
             "phases_gib": {k: g(v) for k, v in self.phases.items()}, "warnings": self.warnings,
             "fast_path": self.plan.to_json() if self.plan is not None else None,
