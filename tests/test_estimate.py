@@ -624,3 +624,12 @@ def test_a_16_bit_base_keeps_its_embedding_on_the_gpu(monkeypatch):
     assert replace(lora, method="qlora", bits=4).host_embedding_on()
     rc_doc = estimate(s, sixteen).to_json()["settings"]
     assert rc_doc["host_embedding"] is False
+
+
+def test_pinned_host_memory_is_reported():
+    """Offloaded checkpoints (L x N x H x b) and the host embedding table live in pinned CPU RAM: reported apart."""
+    s = model_shape(Q7)
+    est = estimate(s, Setup(batch=4, seq=1024, compiled=True, offload=True, host_embedding=True))
+    assert est.host_pinned == 28 * 4096 * 3584 * 2 + T.r512(2 * 152064 * 3584)
+    assert estimate(s, Setup(batch=4, seq=1024, compiled=True)).host_pinned == 0
+    assert est.to_json()["host_pinned_gib"] == round(est.host_pinned / T.GiB, 3)

@@ -129,6 +129,7 @@ class Estimate:
     trainable: int
     warnings: list[str] = field(default_factory=list)
     plan: Any = None  # the fast path's decisions (fastpath.FastPathPlan) when the caller made them
+    host_pinned: int = 0  # pinned host memory of the fast path: offloaded checkpoints and the embedding table
 
     def row(self, key: str) -> int:
         return sum(r.bytes for r in self.rows if r.key == key)
@@ -137,7 +138,7 @@ class Estimate:
         g = lambda n: round(n / T.GiB, 3)  # noqa: E731
         return {
             "peak_allocated_gib": g(self.peak_allocated), "nvidia_smi_gib": g(self.nvidia_smi),
-            "peak_reserved_gib": g(self.peak_reserved), "peak_phase": self.phase,
+            "peak_reserved_gib": g(self.peak_reserved), "peak_phase": self.phase, "host_pinned_gib": g(self.host_pinned),
             "model": self.shape.name, "model_source": self.shape.source, "trainable_params": self.trainable,
             "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.setup).items()},
                          "host_embedding": self.setup.host_embedding_on()},
@@ -289,4 +290,7 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
         reserved += int(RESERVED_OFFLOAD)
     smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
     warnings = [shape.warning] if shape.warning else []
-    return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan)
+    b, n = u.compute_bytes, u.batch * u.seq
+    host = (T.checkpoint_bytes(shape, n, b) if u.offload and u.grad_ckpt and not u.plain else 0)
+    host += T.sixteen_bit_rest(shape, b)["embeddings"] if u.host_embedding_on() and not u.plain and not shape.tied else 0
+    return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan, host)

@@ -48,6 +48,8 @@ def table(est: Estimate) -> str:
     if est.nvidia_smi - est.peak_reserved - CUDA_CONTEXT > 0:
         lines.append(f"{'paged optimizer states (managed memory)':<58}{_gib(est.nvidia_smi - est.peak_reserved - CUDA_CONTEXT)}")
     lines.append(f"{'nvidia-smi will show about':<58}{_gib(est.nvidia_smi)}")
+    if est.host_pinned:
+        lines.append(f"{'pinned host memory (offloaded checkpoints, embedding)':<58}{_gib(est.host_pinned)}  CPU RAM, not GPU")
     for w in est.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
