@@ -11,7 +11,8 @@ decision there and its own term here (memory.py):
 * compiled decoder layers (`compile_decision`, on by default on one CUDA GPU): Liger is left out, the compiled
   backward keeps the layer's dequantized weights from the recompute to grad x (all of them, not one at a time).
 * checkpoint offload (`offload_decision`, on by default on one process; TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it
-  off): the layer inputs live in host memory; the GPU holds two (the one in backward and the prefetched one).
+  off): the layer inputs live in host memory; the GPU holds two (the one in backward and the prefetched one) and
+  the recomputed layer's output.
 * host embedding (`embed.host_embedding_decision`, on where the offload is; TUNELAB_HOST_EMBEDDING=1 / 0 forces
   it): the embedding table leaves the GPU.
 
@@ -27,8 +28,8 @@ What is the trainer's own code and what is mirrored:
   Triton on the training GPU (torch's CUDA wheels ship it); tests/test_estimate.py pins the mirror to the real
   function over every combination.
 * `host_embedding_decision` inspects the loaded model's embedding tensor (its class, requires_grad, and that it is
-  on a CUDA device), so it cannot run before loading; its config checks (environment, 4-bit, one process, untied
-  head, a frozen plain embedding) are mirrored and pinned by a test to the real function on a CPU model.
+  on a CUDA device), so it cannot run before loading; its config checks (environment, the offload, 4-bit, one
+  process, untied head, a frozen plain embedding) are mirrored and pinned by a test to the real function on a CPU model.
 * Liger (`kernels.apply_kernels`): left out where the layers are compiled and enable_liger_kernel is null; else
   on when enable_liger_kernel is true, or null with liger-kernel installed (where the estimate runs).
 """
