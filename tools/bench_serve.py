@@ -9,7 +9,7 @@ Cases (the issue's speed targets):
   base + a LoRA adapter (rank 16, every linear layer), bf16 and 4-bit NF4 (double quantization, bf16 compute).
   'plain generate' (the engine's hf backend: transformers' generate, dynamic cache) is timed FIRST, before anything
   compiles in the process, after one full-length warm-up call (the first full-length call is slow whatever the
-  path: the allocator's and libraries' caches fill there; its rate is reported as first_call_tokens_per_s), and
+  path, docs/chat_export.md; its rate is reported as first_call_tokens_per_s), and
   once more at the end, after the compilations (path 'plain generate, after the compilations'). Then each fast variant of `--fast`
   (FAST below: 'tunelab fast' is the default static backend: slot decoder, static KV cache, CUDA graphs of the
   compiled decoder layer; the others add levers by environment variable) on the same model object: one call that
@@ -86,12 +86,9 @@ def load_engine(base: str, adapter: str, bits: int | None):
 # the fast variants: environment each decoder is built under (read when a decoder and its router are made)
 FAST = {
     "eager": ("tunelab fast, eager layers", {"TUNELAB_COMPILE_DECODE": "0"}),
-    "fast": ("tunelab fast", {}),
-    "fuse": ("tunelab fast + fused q/k/v, gate/up GEMMs", {"TUNELAB_FUSE_PROJ": "1"}),
-    "reduce": ("tunelab fast + LoRA as reductions", {"TUNELAB_LORA_REDUCE": "1"}),
-    "both": ("tunelab fast + fused GEMMs + LoRA reductions", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1"}),
-    "gqa": ("tunelab fast + packed-GQA attention", {"TUNELAB_PACK_GQA": "1"}),
-    "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_PACK_GQA": "1"}),
+    "fast": ("tunelab fast", {}),  # the defaults: on CUDA the three levers below are on
+    "nolevers": ("tunelab fast, no levers", {"TUNELAB_FUSE_PROJ": "0", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "0"}),
+    "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "1"}),
     "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
             {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"}),
 }
@@ -106,8 +103,7 @@ def _set_env(env: dict) -> None:
 
 def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None, fast: list[str], plain_after: bool = True) -> None:
     """Plain generate first, before anything compiles in this process: one full-length warm-up call (timed too:
-    `first_call_tokens_per_s`, the first full-length call is slow whatever the path: the allocator and library
-    caches fill there) and one timed call (the figure). Then each fast variant: one call that builds its decoder
+    `first_call_tokens_per_s`: the first full-length call is slow whatever the path, docs/chat_export.md) and one timed call (the figure). Then each fast variant: one call that builds its decoder
     (capture + compilation), two timed calls. Then (plain_after) plain generate once more, timed after the
     compilations (its own row), to see whether they slow it down."""
     import torch
@@ -374,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--serve-settings", default="8192/5,0/5,8192/0.5",
                     help="serving rounds per setting: max_prefill_tokens/GIL switch interval in ms, comma-separated")
-    ap.add_argument("--fast", default="eager,fast",
+    ap.add_argument("--fast", default="nolevers,fast",
                     help=f"fast variants of the single-stream cases, comma-separated, from: {', '.join(FAST)}")
     ap.add_argument("--no-plain-after", action="store_true", help="skip the plain-generate call after the compilations")
     ap.add_argument("--serve-env", default="", help="KEY=VALUE,... set while the server's decoder is built (a lever)")

@@ -85,11 +85,12 @@ class AdapterRouter:
         self.members = set(self.layers)
         self.stash: tuple[Any, Any] | None = None
         self.base_stash: tuple[Any, Any] | None = None
-        # levers under measurement (docs/serve.md), off by default: the LoRA products as broadcast-multiply + sum
-        # while compiling (Triton reductions that inductor fuses with their neighbours instead of cuBLAS calls),
-        # and the q/k/v and gate/up base GEMMs as one GEMM per group (their weights re-homed into one buffer)
-        self.reduce = os.environ.get("TUNELAB_LORA_REDUCE", "0") == "1"
-        self.fuse = os.environ.get("TUNELAB_FUSE_PROJ", "0") == "1"
+        # decode levers (docs/serve.md), on by default on CUDA where they were measured: the LoRA products as
+        # broadcast-multiply + sum while compiling (Triton reductions that inductor fuses with their neighbours
+        # instead of cuBLAS calls), and the q/k/v and gate/up base GEMMs as one GEMM per group (their weights
+        # re-homed into one buffer); TUNELAB_LORA_REDUCE=0 / TUNELAB_FUSE_PROJ=0 turn them off, =1 forces them
+        self.reduce = lever("TUNELAB_LORA_REDUCE", device)
+        self.fuse = lever("TUNELAB_FUSE_PROJ", device)
         self.fused = 0  # groups whose base GEMMs are fused
         self.groups = 0
         self.plan: list[tuple[Any, ...]] | None = None
@@ -204,6 +205,18 @@ class AdapterRouter:
             self.stacked.current_tiled = {p: per_token.repeat(1, 1, p) for p in self.stacked.tiled[id(self.stacked.masks)]}
         with self._active():
             yield
+
+
+def lever(name: str, device: Any) -> bool:
+    """A decode lever's switch from the environment: 1/on forces it, 0/off turns it off, unset or 'auto': on on
+    CUDA (where its speed was measured), off elsewhere (on the CPU a one-row bf16 product over a fused [q;k;v]
+    weight is a slow path: 2.3 ms against 0.4 ms for its parts, 2 cores)."""
+    value = os.environ.get(name, "auto").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    return getattr(device, "type", str(device)) == "cuda"
 
 
 _ACTIVE: AdapterRouter | None = None  # the router of the forward running now (None: PEFT's own forward)

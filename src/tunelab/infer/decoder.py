@@ -43,7 +43,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 from tunelab.errors import ModelError
-from tunelab.infer.adapters import AdapterRouter
+from tunelab.infer.adapters import AdapterRouter, lever
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +309,8 @@ class SlotDecoder:
         if attn not in ("sdpa", "eager"):
             raise ModelError(f"the slot decoder (static KV cache) needs sdpa or eager attention; this model uses {attn}: set flash_attn: sdpa.")
         self.additive_mask = attn == "eager"
-        # lever under measurement (docs/serve.md), off by default: decode steps' attention without repeat_kv
-        self.pack_gqa = attn == "sdpa" and os.environ.get("TUNELAB_PACK_GQA", "0") == "1"
+        # decode steps' attention without repeat_kv (docs/serve.md): on by default on CUDA, TUNELAB_PACK_GQA=0 off
+        self.pack_gqa = attn == "sdpa" and lever("TUNELAB_PACK_GQA", self.device)
         if self.pack_gqa:
             try:
                 _register_packed_gqa()

@@ -157,8 +157,9 @@ def _stopping_criteria(flag: Callable[[], bool]):
 
 
 class StaticDecodeBackend:
-    """Step-wise decoding over a static KV cache (tunelab.infer.decoder.SlotDecoder): every prompt prefilled into
-    its own cache row, then one token per row per step; on CUDA each step is a replayed CUDA graph. Greedy output
+    """Step-wise decoding over a static KV cache (tunelab.infer.decoder.SlotDecoder): the prompts of a batch
+    prefilled together into their own cache rows (one packed forward, `prefill_many`; one prompt: the plain
+    one-prompt prefill), then one token per row per step; on CUDA each step is a replayed CUDA graph. Greedy output
     equals 'hf' token for token (tested). Beam search is not step-wise here: num_beams > 1 runs 'hf'.
 
     The decoder (its cache and graphs) is kept between calls and rebuilt larger when a call needs more rows or
@@ -192,7 +193,7 @@ class StaticDecodeBackend:
             streamer.put(input_ids.cpu())
         stops = set(stop_token_ids)
         try:
-            first = {i: dec.prefill(i, p, adapter) for i, p in enumerate(prompts)}
+            first = dec.prefill_many([(i, p, adapter) for i, p in enumerate(prompts)])  # a batch: one packed forward
             picked = choose_all(first, rows, list(stop_token_ids))
             while picked:
                 for i, tok in picked.items():
