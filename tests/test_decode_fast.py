@@ -170,3 +170,38 @@ def test_packed_gqa_attention_equals_sdpa_over_repeated_heads():
     # more than one query position: transformers' own attention, unchanged
     q2 = torch.randn(3, 8, 2, 16, generator=g)
     assert torch.equal(_packed_gqa_attention(module, q2, k, v, None, scaling=0.25)[0], sdpa_attention_forward(module, q2, k, v, None, scaling=0.25)[0])
+
+
+def test_compiled_prefill_lever_keeps_logits_cache_rows_and_tokens(lora_run, monkeypatch):
+    """TUNELAB_COMPILE_PREFILL=1 (off by default): one-prompt prefills run through the compiled layer (no mask:
+    causal attention, keys/values written straight into the slot's row); logits and cache rows equal the eager
+    prefill's to rounding and the greedy tokens are the reference's, with one and two adapters."""
+    import torch
+
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = _engine(lora_run)
+    eng.add_adapter("second", TOOL_ADAPTER)
+    names = ["default", "second"]
+    plan = [(p, names[i % 2]) for i, p in enumerate(PROMPTS)] + [(PROMPTS[0], None)]
+    torch._dynamo.reset()
+    reference = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=names)
+    tokens = _decode(reference, plan)
+    monkeypatch.setenv("TUNELAB_COMPILE_PREFILL", "1")
+    graphs: list = []
+    dec = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=names, compile=True, compile_backend=_recording_backend(graphs))
+    assert dec.compile_prefill
+    dec.warmup()  # allocates the cache (eager prefill), then compiles the prefill on a dummy prompt
+    assert dec.compile_prefill and graphs, "the prefill was not compiled"
+    with torch.inference_mode():
+        for slot, (prompt, adapter) in enumerate(plan):
+            want = reference.prefill(slot, prompt, adapter)
+            got = dec.prefill(slot, prompt, adapter)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            n = len(prompt)
+            for k_ref, k_got in zip(reference.keys + reference.values, dec.keys + dec.values):
+                torch.testing.assert_close(k_got[slot, :, :n], k_ref[slot, :, :n], rtol=1e-5, atol=1e-5)
+            reference.release(slot)
+            dec.release(slot)
+    assert _decode(dec, plan) == tokens
+    eng.unload()

@@ -14,7 +14,9 @@ Cases (the issue's speed targets):
   (FAST below: 'tunelab fast' is the default static backend: slot decoder, static KV cache, CUDA graphs of the
   compiled decoder layer; the others add levers by environment variable) on the same model object: one call that
   builds its decoder (capture + compilation, decoder_build_s), then two timed calls; tokens/s = 256 / wall time
-  of the call (prefill and sampling included), the better of the two. Also: the first position where a path's
+  of the call (prefill and sampling included), the better of the two; first_token_ms: a call for one token (the
+  prefill and one pick, the better of two) and ms_per_step: the rest of the call per decode step (against
+  replay_ms: the host's time per step). Also: the first position where a path's
   tokens differ from plain generate's (None: all equal) and from the default fast path's, and one graph replay
   alone (replay_ms: median of 50, CUDA events; batch 1, longest bucket), the GPU kernels in it, their summed GPU
   time and the top kernels by GPU time (torch.profiler over one replay).
@@ -91,6 +93,7 @@ FAST = {
     "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "1"}),
     "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
             {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"}),
+    "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1"}),  # not measured yet
 }
 ENV_KEYS = sorted({k for _, env in FAST.values() for k in env})
 
@@ -144,10 +147,13 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
             for _ in range(2):
                 t, tokens[key] = call(new)
                 times.append(t)
+            first_token_s = min(call(1)[0] for _ in range(2))  # the prefill (+ one pick): what a call spends before its steps
             dec = backend.decoder
             row = {"case": "single", "weights": label, "path": name, "env": env, "prompt": prompt_len, "new": new,
                    "tokens_per_s": round(new / min(times), 1), "seconds": [round(x, 3) for x in times],
                    "first_difference_vs_plain": first_diff(tokens["plain"], tokens[key]),
+                   "first_token_ms": round(1000 * first_token_s, 2),
+                   "ms_per_step": round(1000 * (min(times) - first_token_s) / max(1, new - 1), 3),
                    "cuda_graphs": len(dec.graphs), "graph_error": dec.graph_error, "compiled": dec.compiled is not None,
                    "compile_error": dec.compile_error, "decoder_build_s": round(dec.warmup_seconds, 1),
                    "lora_groups": dec.router.groups if dec.router else None,

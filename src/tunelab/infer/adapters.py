@@ -207,16 +207,16 @@ class AdapterRouter:
             yield
 
 
-def lever(name: str, device: Any) -> bool:
+def lever(name: str, device: Any, cuda_default: bool = True) -> bool:
     """A decode lever's switch from the environment: 1/on forces it, 0/off turns it off, unset or 'auto': on on
-    CUDA (where its speed was measured), off elsewhere (on the CPU a one-row bf16 product over a fused [q;k;v]
-    weight is a slow path: 2.3 ms against 0.4 ms for its parts, 2 cores)."""
+    CUDA (where its speed was measured; `cuda_default=False` for one not measured yet), off elsewhere (on the CPU
+    a one-row bf16 product over a fused [q;k;v] weight is a slow path: 2.3 ms against 0.4 ms for its parts)."""
     value = os.environ.get(name, "auto").strip().lower()
     if value in ("1", "true", "on", "yes"):
         return True
     if value in ("0", "false", "off", "no"):
         return False
-    return getattr(device, "type", str(device)) == "cuda"
+    return cuda_default and getattr(device, "type", str(device)) == "cuda"
 
 
 _ACTIVE: AdapterRouter | None = None  # the router of the forward running now (None: PEFT's own forward)

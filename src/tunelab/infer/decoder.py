@@ -118,6 +118,39 @@ class _PackedCache:
         return 0  # never consulted: position ids are always given
 
 
+class _PrefillCache(_SlotCache):
+    """The Cache protocol for a compiled one-prompt prefill (the `compile_prefill` lever): `update` writes the
+    prompt's keys/values into its slot's row (positions 0..n-1; the slot an index tensor, so one compiled graph
+    serves every slot) and hands attention the prompt's own keys/values: causal attention over the prompt, as
+    generate's prefill."""
+
+    def __init__(self, keys: list[Any], values: list[Any], slot: Any) -> None:
+        self.keys, self.values, self.slot = keys, values, slot  # slot: long tensor [1]
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        return _prefill_write(self.keys[layer_idx], self.values[layer_idx], self.slot, key_states, value_states)
+
+    def layer(self, layer_idx: int) -> "_PrefillLayerCache":
+        return _PrefillLayerCache(self.keys[layer_idx], self.values[layer_idx], self.slot)
+
+
+class _PrefillLayerCache(_PrefillCache):
+    """One layer's slice of a _PrefillCache (ignores the layer index, as _LayerCache)."""
+
+    def __init__(self, keys: Any, values: Any, slot: Any) -> None:
+        self.keys, self.values, self.slot = keys, values, slot
+
+    def update(self, key_states, value_states, layer_idx: int, *args: Any, **kwargs: Any):
+        return _prefill_write(self.keys, self.values, self.slot, key_states, value_states)
+
+
+def _prefill_write(keys, values, slot, key_states, value_states):
+    n = key_states.shape[2]
+    keys[:, :, :n].index_copy_(0, slot, key_states)
+    values[:, :, :n].index_copy_(0, slot, value_states)
+    return key_states, value_states
+
+
 def _write(keys, values, rows, pos, key_states, value_states):
     # row r, every head, position pos[r]: one index_put_ kernel each, an op the compiler updates in place
     keys[rows, :, pos] = key_states[:, :, 0]
@@ -245,7 +278,7 @@ def _layer_step(fn: Any, index: int, layer: Any, *args: Any, **kwargs: Any):
     """Eager shim around the compiled layer: hands it its own layer's cache (see _LayerCache)."""
     for kw in ("cache", "past_key_values"):
         cache = kwargs.get(kw)
-        if isinstance(cache, _SlotCache) and not isinstance(cache, _LayerCache):
+        if isinstance(cache, _SlotCache) and not isinstance(cache, (_LayerCache, _PrefillLayerCache)):
             kwargs[kw] = cache.layer(index)
     return fn(layer, *args, **kwargs)
 
@@ -311,6 +344,8 @@ class SlotDecoder:
         self.additive_mask = attn == "eager"
         # decode steps' attention without repeat_kv (docs/serve.md): on by default on CUDA, TUNELAB_PACK_GQA=0 off
         self.pack_gqa = attn == "sdpa" and lever("TUNELAB_PACK_GQA", self.device)
+        # one-prompt prefills through the compiled layer (TUNELAB_COMPILE_PREFILL=1; off by default: not measured)
+        self.compile_prefill = self.compiled is not None and lever("TUNELAB_COMPILE_PREFILL", self.device, cuda_default=False)
         if self.pack_gqa:
             try:
                 _register_packed_gqa()
@@ -353,8 +388,10 @@ class SlotDecoder:
             raise ModelError(f"a prompt of {n} tokens does not fit the decoder's context of {self.max_len} positions.")
         if self.router is not None:
             self.router.check(adapter)
-        cache = DynamicCache(config=self.lm.config)
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        if self.compile_prefill and self.keys and self.compiled is not None and self.layer_types == ["full_attention"]:
+            return self._compiled_prefill(slot, ids, adapter)
+        cache = DynamicCache(config=self.lm.config)
         with torch.inference_mode(), self._route(adapter=adapter):
             out = self.lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         if not self.keys:
@@ -362,6 +399,21 @@ class SlotDecoder:
         for i, layer in enumerate(_layers(cache)):
             self.keys[i][slot, :, :n] = layer.keys[0]
             self.values[i][slot, :, :n] = layer.values[0]
+        self.lengths[slot] = n
+        if self.router is not None:
+            self.router.set_row(slot, adapter)
+        return out.logits[0, -1].float()
+
+    def _compiled_prefill(self, slot: int, ids: Any, adapter: str | None):
+        """The one-prompt prefill through the compiled decoder layer: no attention mask (SDPA's causal kernel, as
+        generate's prefill), positions 0..n-1, keys/values written straight into the slot's row (_PrefillCache)."""
+        import torch
+
+        n = ids.shape[1]
+        cache = _PrefillCache(self.keys, self.values, torch.tensor([slot], device=self.device))
+        with torch.inference_mode(), self._route(adapter=adapter), self.compiled.active():
+            out = self.lm(input_ids=ids, position_ids=self.arange[:n].view(1, n), attention_mask={t: None for t in self.layer_types},
+                          use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         self.lengths[slot] = n
         if self.router is not None:
             self.router.set_row(slot, adapter)
@@ -516,6 +568,13 @@ class SlotDecoder:
             raise ModelError("warmup needs an idle decoder (a capture pass writes into every cache row).")
         if not self.keys:
             self.prefill(0, list(dummy_prompt))
+            self.release(0)
+        if self.compile_prefill:  # compile the prefill now, not at the first request (dynamic prompt length)
+            try:
+                self.prefill(0, list(dummy_prompt) * 8)
+            except Exception as exc:
+                self.compile_prefill = False
+                logger.warning("compiled prefill failed (%s); prefilling eagerly", _error(exc))
             self.release(0)
         if not self.use_graphs or self.graphs:
             return
