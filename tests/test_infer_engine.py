@@ -180,6 +180,42 @@ def test_static_backend_equals_plain_generate_token_for_token(engine):
         engine.backend = saved
 
 
+def test_static_backend_decoding_ahead_equals_plain_generate(engine, monkeypatch):
+    """TUNELAB_DECODE_AHEAD=k: k greedy steps per host sync, the picks on the device (step_ahead); the tokens are
+    plain generate's: a batch whose rows stop early, inside a chunk (the steps after a row's end discarded),
+    min_new_tokens (the stop ids masked on the device), a chunk that does not divide the length, one prompt alone."""
+    from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
+
+    prompts = [engine.encode(_conv(q)) for q in QUESTIONS]
+    saved = engine.backend
+    try:
+        engine.backend = HFDecodeBackend()
+        free = engine.generate_ids(prompts, max_new_tokens=20, stop_token_ids=())
+        stop = (free[0][1],)  # row 0's second token as a stop id: the rows end early, inside a chunk of steps
+        cases = [dict(max_new_tokens=20, stop_token_ids=stop), dict(max_new_tokens=13, stop_token_ids=()),
+                 dict(max_new_tokens=9, min_new_tokens=7, stop_token_ids=stop)]
+        expected = [engine.generate_ids(prompts, **c) for c in cases]
+        assert all(len(x) < 20 for x in expected[0]), expected[0]  # stopped early: the steps after their end are discarded
+        assert all(len(x) >= 7 for x in expected[2]), expected[2]  # min_new_tokens held the stop back
+        alone = engine.generate_ids(prompts[2:], max_new_tokens=20, stop_token_ids=stop)
+        for steps in ("3", "8"):
+            monkeypatch.setenv("TUNELAB_DECODE_AHEAD", steps)
+            engine.backend = StaticDecodeBackend()
+            calls = []
+            for case, want in zip(cases, expected):
+                got = engine.generate_ids(prompts, **case)
+                dec = engine.backend.decoder
+                if not calls:
+                    assert dec.ahead
+                    real = dec.step_ahead
+                    dec.step_ahead = lambda *a, **kw: calls.append(a[1]) or real(*a, **kw)
+                assert got == want, (steps, case)
+            assert engine.generate_ids(prompts[2:], max_new_tokens=20, stop_token_ids=stop) == alone
+            assert calls and max(calls) == int(steps), calls
+    finally:
+        engine.backend = saved
+
+
 def test_static_backend_closed_stream_stops_and_frees_its_slots(engine):
     import threading
 

@@ -93,7 +93,10 @@ FAST = {
     "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "1"}),
     "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
             {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"}),
-    "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1"}),  # not measured yet
+    # not measured yet (2026-12-02): the next single-stream levers
+    "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1"}),
+    "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8"}),
+    "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
 }
 ENV_KEYS = sorted({k for _, env in FAST.values() for k in env})
 

@@ -11,7 +11,7 @@ W=/tmp/b7
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/env.txt" 2>&1
 python -c "import torch, transformers, peft, fastapi, uvicorn, pydantic; print(torch.__version__, transformers.__version__, peft.__version__, fastapi.__version__, uvicorn.__version__, pydantic.__version__)" >> "$out/env.txt" 2>&1
 run() { local box=$1; shift; timeout -k 5 "$box" python tools/bench_serve.py --workdir $W --out "$out/serve.jsonl" "$@"; echo "rc=$? box=$box $*" >> "$out/phases.txt"; }
-run ${BOX1:-195} --phases single16 --fast ${FAST16:-nolevers,fuse_gqa,fast} 2>> "$out/log.txt"
+run ${BOX1:-195} --phases single16 --fast ${FAST16:-fast,cprefill,ahead,ahead_cprefill} 2>> "$out/log.txt"
 run ${BOX2:-120} --phases serve16 --serve-env ${SERVE_ENV:-} --serve-settings ${SETTINGS:-8192/5,0/5,8192/0.5} 2>> "$out/log.txt"
-run ${BOX3:-80} --phases single4 --fast ${FAST4:-nolevers,fast} --no-plain-after 2>> "$out/log.txt"
+run ${BOX3:-110} --phases single4 --fast ${FAST4:-nolevers,fast} --no-plain-after 2>> "$out/log.txt"
 grep -v '^\[bench_serve\] {' "$out/log.txt" | grep -iE "error|traceback|warn|failed" | head -40 > "$out/problems.txt"

@@ -48,6 +48,7 @@ from tunelab.infer.adapters import AdapterRouter, lever
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+AHEAD_MAX = 64  # the most decode steps step_ahead runs between two host syncs
 MIN_LEN_BUCKET = 256
 
 
@@ -297,6 +298,7 @@ class SlotDecoder:
         compile: bool | None = None,
         compile_backend: str = "inductor",
         pad_token_id: int = 0,
+        ahead: bool = False,
     ) -> None:
         import torch
 
@@ -318,6 +320,18 @@ class SlotDecoder:
         self.ids_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros((self.max_slots, 1), dtype=torch.long, device=self.device)
         self.row_ids = torch.arange(self.max_slots, device=self.device)
+        # step_ahead (the engine's greedy loop, TUNELAB_DECODE_AHEAD): the pick inside the step, so several steps
+        # run between two host syncs; its own graphs (ahead_graphs) end with the pick
+        self.ahead = bool(ahead)
+        self.ahead_graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        if self.ahead:
+            vocab = getattr(self.lm.get_output_embeddings(), "out_features", None) or self.lm.config.vocab_size
+            self.count_buf = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)  # tokens so far per row
+            self.min_buf = torch.zeros(self.max_slots, dtype=torch.long, device=self.device)  # min_tokens per row
+            self.stop_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)  # the stop ids
+            self.tok_out = torch.zeros((self.max_slots, AHEAD_MAX), dtype=torch.long, device=self.device)
+            self.step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._stops_key: tuple[int, ...] | None = None
         self.arange = torch.arange(self.max_len, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.graph_error: str | None = None
@@ -520,6 +534,68 @@ class SlotDecoder:
             self.lengths[s] += 1
         return slots, picked
 
+    def step_ahead(self, tokens: dict[int, int], k: int, *, counts: dict[int, int], min_tokens: dict[int, int],
+                   stop_ids: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+        """k greedy decode steps for every live slot with no host sync in between: each step picks its rows' next
+        tokens on the device (argmax of the logits, the stop ids forbidden while a row has fewer than its
+        `min_tokens` tokens: what choose_batch picks) and feeds them to the next step (on CUDA a replay of the
+        ahead graph, which ends with that pick). `tokens`: each live slot's last token; `counts`: its tokens so
+        far. Returns (slots, tokens[i]: the k tokens of slots[i]); every live slot advances k positions, so the
+        caller truncates at a stop token or its length and releases the row (the steps after a row's end were
+        decoded and are discarded). Only for plain greedy rows (sampling and penalties need the host)."""
+        import torch
+
+        if not self.ahead:
+            raise ModelError("step_ahead needs a decoder built with ahead=True.")
+        if set(tokens) != set(self.lengths):
+            raise ModelError(f"step_ahead needs one token for every live slot {sorted(self.lengths)}, got {sorted(tokens)}.")
+        k = int(k)
+        if not tokens or not 1 <= k <= AHEAD_MAX:
+            raise ModelError(f"step_ahead needs live slots and 1 <= k <= {AHEAD_MAX} (k={k}).")
+        slots = sorted(tokens)
+        start = max(self.lengths[s] for s in slots)
+        if start + k > self.max_len:
+            raise ModelError(f"a sequence would pass the decoder's context of {self.max_len} positions.")
+        rows = _bucket(slots[-1] + 1, self.batch_buckets)
+        host = [[self.pad_token_id] * rows, [0] * rows, [0] * rows, [0] * rows]  # ids, positions, counts, min_tokens
+        for s in slots:
+            host[0][s], host[1][s], host[2][s], host[3][s] = tokens[s], self.lengths[s], counts.get(s, 0), min_tokens.get(s, 0)
+        host = torch.tensor(host, dtype=torch.long)
+        self.ids_buf[:rows, 0].copy_(host[0], non_blocking=True)
+        self.pos_buf[:rows, 0].copy_(host[1], non_blocking=True)
+        self.count_buf[:rows].copy_(host[2], non_blocking=True)
+        self.min_buf[:rows].copy_(host[3], non_blocking=True)
+        self.step_idx.zero_()
+        key = tuple(int(t) for t in stop_ids)
+        if key != self._stops_key:
+            self.stop_mask.zero_()
+            if key:
+                self.stop_mask[torch.tensor(key, device=self.device)] = True
+            self._stops_key = key
+        with torch.inference_mode():
+            for j in range(k):
+                need = start + j + 1
+                if self.use_graphs and self.ahead_graphs:
+                    self.ahead_graphs[(rows, _bucket(need, self.len_buckets))][0].replay()
+                else:
+                    self._pick_ahead(rows, self._forward(rows, need, masked=rows > 1, compiled=True))
+            got = self.tok_out[:rows, :k].tolist()  # the one sync of the k steps
+        for s in slots:
+            self.lengths[s] += k
+        return slots, [got[s] for s in slots]
+
+    def _pick_ahead(self, rows: int, logits: Any) -> None:
+        """The device-side greedy pick of step_ahead (captured at the end of each ahead graph)."""
+        import torch
+
+        held = (self.count_buf[:rows] < self.min_buf[:rows]).view(rows, 1) & self.stop_mask.view(1, -1)
+        nxt = torch.where(held, float("-inf"), logits).argmax(-1)  # the argmax of the bf16 logits = of their float32 copy
+        self.ids_buf[:rows, 0].copy_(nxt)
+        self.pos_buf[:rows, 0].add_(1)
+        self.count_buf[:rows].add_(1)
+        self.tok_out[:rows].index_copy_(1, self.step_idx, nxt.view(rows, 1))
+        self.step_idx.add_(1)
+
     def _forward(self, rows: int, width: int, *, masked: bool = True, compiled: bool = False):
         """One decode step of the first `rows` slots over `width` cached positions -> logits [rows, vocab]."""
         import torch
@@ -607,25 +683,42 @@ class SlotDecoder:
                 for rows in reversed(self.batch_buckets):  # largest first: the shared pool is sized once
                     for width in reversed(self.len_buckets):
                         self.graphs[(rows, width)] = self._capture(rows, width, pool)
+                        if self.ahead:
+                            self.ahead_graphs[(rows, width)] = self._capture(rows, width, pool, ahead=True)
         except Exception:
             self.graphs.clear()
+            self.ahead_graphs.clear()
             torch.cuda.synchronize()
             raise
 
-    def _capture(self, rows: int, width: int, pool: Any):
+    def _capture(self, rows: int, width: int, pool: Any, ahead: bool = False):
         import torch
 
-        self.ids_buf.zero_()
-        self.pos_buf.zero_()
+        def reset() -> None:  # a pass moves the positions (and the ahead pick's counters): start each from zero
+            self.ids_buf.zero_()
+            self.pos_buf.zero_()
+            if ahead:
+                for buf in (self.count_buf, self.min_buf, self.step_idx):
+                    buf.zero_()
+
+        def run():
+            out = self._forward(rows, width, compiled=True)
+            if ahead:
+                self._pick_ahead(rows, out)
+            return out
+
+        reset()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up passes: compilation, lazy inits and library handles happen outside the capture
-                self._forward(rows, width, compiled=True)
+                reset()
+                run()
         torch.cuda.current_stream().wait_stream(side)
+        reset()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = self._forward(rows, width, compiled=True)
+            out = run()
         return graph, out
 
 

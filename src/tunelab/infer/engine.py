@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -182,32 +183,45 @@ class StaticDecodeBackend:
         max_new = settings.max_new_tokens
         if settings.max_length is not None:
             max_new = max(1, min(max_new, settings.max_length - input_ids.shape[1]))
-        dec = self._decoder(model, len(prompts), max(len(p) for p in prompts) + max_new, pad_token_id)
+        ahead = _ahead_steps()
+        dec = self._decoder(model, len(prompts), max(len(p) for p in prompts) + max_new, pad_token_id, ahead=ahead > 1)
         params = SamplingParams(
             do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
             repetition_penalty=settings.repetition_penalty, min_tokens=settings.min_new_tokens,
         )
         adapter = _active_adapter(model)
         rows = {i: RowState(params, prompt=p) for i, p in enumerate(prompts)}
+        # TUNELAB_DECODE_AHEAD=k (greedy only): k steps per host sync, the picks on the device (step_ahead)
+        use_ahead = ahead > 1 and dec.ahead and params.plain_greedy
         if streamer is not None:
             streamer.put(input_ids.cpu())
         stops = set(stop_token_ids)
         try:
             first = dec.prefill_many([(i, p, adapter) for i, p in enumerate(prompts)])  # a batch: one packed forward
-            picked = choose_all(first, rows, list(stop_token_ids))
-            while picked:
+            todo = [choose_all(first, rows, list(stop_token_ids))]  # picked tokens per step, not yet taken
+            while todo:
+                picked = {i: t for i, t in todo.pop(0).items() if i in dec.lengths}  # rows that ended mid-way: done
                 for i, tok in picked.items():
                     rows[i].output.append(tok)
                     if tok in stops or len(rows[i].output) >= max_new:
                         dec.release(i)
-                if streamer is not None:
+                if streamer is not None and picked:
                     streamer.put(torch.tensor([picked[i] for i in sorted(picked)]))
                 if should_stop is not None and should_stop():
                     break
+                if todo:
+                    continue
                 if not dec.lengths:
                     break
-                slots, logits = dec.step_batch({i: rows[i].output[-1] for i in dec.lengths})
-                picked = choose_batch(slots, logits, rows, list(stop_token_ids))
+                live = {i: rows[i].output[-1] for i in dec.lengths}
+                if use_ahead:
+                    k = min(ahead, max(max_new - len(rows[i].output) for i in live), dec.max_len - max(dec.lengths.values()))
+                    slots, seqs = dec.step_ahead(live, k, counts={i: len(rows[i].output) for i in live},
+                                                 min_tokens={i: params.min_tokens for i in live}, stop_ids=list(stop_token_ids))
+                    todo = [{s: seq[j] for s, seq in zip(slots, seqs)} for j in range(k)]
+                else:
+                    slots, logits = dec.step_batch(live)
+                    todo = [choose_batch(slots, logits, rows, list(stop_token_ids))]
         finally:
             for i in list(dec.lengths):
                 dec.release(i)
@@ -219,14 +233,14 @@ class StaticDecodeBackend:
             out[i, : len(r.output)] = torch.tensor(r.output, dtype=torch.long)
         return out
 
-    def _decoder(self, model, rows: int, length: int, pad_token_id: int):
+    def _decoder(self, model, rows: int, length: int, pad_token_id: int, ahead: bool = False):
         from tunelab.infer.decoder import MIN_LEN_BUCKET, SlotDecoder
 
         max_len = MIN_LEN_BUCKET
         while max_len < length:
             max_len *= 2
         dec = self.decoder
-        if dec is not None and dec.model is model and dec.max_slots >= rows and dec.max_len >= length:
+        if dec is not None and dec.model is model and dec.max_slots >= rows and dec.max_len >= length and dec.ahead == ahead:
             return dec
         if dec is not None and dec.model is model:
             rows, max_len = max(rows, dec.max_slots), max(max_len, dec.max_len)
@@ -234,10 +248,24 @@ class StaticDecodeBackend:
         del dec
         gc.collect()
         names = list(getattr(model, "peft_config", {}) or {})
-        dec = SlotDecoder(model, max_slots=rows, max_len=max_len, adapters=names, pad_token_id=pad_token_id)
+        dec = SlotDecoder(model, max_slots=rows, max_len=max_len, adapters=names, pad_token_id=pad_token_id, ahead=ahead)
         dec.warmup()
         self.decoder = dec
         return dec
+
+
+def _ahead_steps() -> int:
+    """TUNELAB_DECODE_AHEAD: greedy decode steps per host sync in the static backend (0 or 1: one, the default)."""
+    value = os.environ.get("TUNELAB_DECODE_AHEAD", "0").strip() or "0"
+    try:
+        steps = int(value)
+    except ValueError:
+        raise ConfigError(f"TUNELAB_DECODE_AHEAD must be a whole number of steps (got {value!r}).") from None
+    from tunelab.infer.decoder import AHEAD_MAX
+
+    if not 0 <= steps <= AHEAD_MAX:
+        raise ConfigError(f"TUNELAB_DECODE_AHEAD must be between 0 and {AHEAD_MAX} (got {steps}).")
+    return steps
 
 
 def _active_adapter(model) -> str | None:
