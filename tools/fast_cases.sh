@@ -26,15 +26,12 @@ case_() {  # case_ NAME WANT ARGS...: one bench invocation, its JSON lines appen
   { echo "== $name"; tail -c 1200 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
 }
 peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
+  # (its JSON lines go to log.txt and, wrapped as {"peer": NAME, "r": ...}, to all.jsonl; not to the call's stdout)
   local name=$1 t; t=$(box "$2"); shift 2
   if [ "$t" -lt 35 ]; then echo "skip $name (no time left)" | tee -a $L; return; fi
   echo "== $name (box ${t}s, at ${SECONDS}s)" | tee -a $L
-  # through tools/fast_peer.py: peer_bench's JSON lines also go to a file (run 8 lost them from stdout)
-  PEER_OUT=/tmp/$name.jsonl PYTHONPATH=$PWD/.peersite:$PWD/.devsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    timeout "$t" python3 tools/fast_peer.py run $M "$@" > $OUT/$name.out 2>$OUT/$name.err
-  echo "rc=$? at ${SECONDS}s" | tee -a $L; touch /tmp/$name.jsonl
-  grep '^{' /tmp/$name.jsonl | tee -a $L | sed "s/^/{\"peer\": \"$name\", \"r\": /; s/$/}/" >> $OUT/all.jsonl
-  { echo "== $name stdout"; grep -v '^{' $OUT/$name.out | tail -c 1500; } >> $OUT/errs.txt
+  PYTHONPATH=$PWD/.peersite:$PWD/.devsite HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 timeout "$t" python3 .peerbench/peer_bench.py run $M "$@" > $OUT/$name.out 2>$OUT/$name.err
+  echo "rc=$? at ${SECONDS}s" | tee -a $L; grep '^{' $OUT/$name.out | tee -a $L | sed "s/^/{\"peer\": \"$name\", \"r\": /; s/$/}/" >> $OUT/all.jsonl
   { echo "== $name"; tail -c 1500 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
 }
 nvidia-smi --query-gpu=name,memory.used,clocks.sm,temperature.gpu --format=csv,noheader | tee -a $L

@@ -2,7 +2,7 @@
 # Device run 9 of the fast path (docs/fastpath.md): the new defaults (checkpoint offload + host embedding, on since
 # run 8) at every shape, Unsloth in the same lease, one A/B; one call on nvidia-h200, carry
 # [".devsite", ".peersite", ".peerbench"]. Case helpers: tools/fast_cases.sh (each case time-boxed, JSON lines
-# kept in $OUT/all.jsonl as they finish; peers through tools/fast_peer.py, whose lines go to a file).
+# kept in $OUT/all.jsonl as they finish).
 #  0. while the 7B is written: the GPU tests of this session's changes (loader defaults, the host table staying
 #     on the host, the LoRA-first order, the once-per-layer kernel choice, a `tunelab train` run through the new
 #     defaults: offload + host embedding + compiled forwards).
@@ -12,7 +12,9 @@
 #     +lorafirst and 2x4096 without the memory levers.
 END=${END:-395}
 source "$(dirname "$0")/fast_cases.sh"
-timeout ${TESTS_S:-110} python3 -m pytest -q -rfE -m gpu tests/test_fast_lora.py tests/test_nf4_triton.py tests/test_gpu.py -p no:cacheprovider \
+# run 9 hung here: the tests' timeout sent SIGTERM while `tunelab train` (test_qlora_train_on_gpu) was in its
+# training loop, whose graceful-stop handler takes the first SIGTERM; -k 10 kills it 10 s later
+timeout -k 10 ${TESTS_S:-110} python3 -m pytest -q -rfE -m gpu tests/test_fast_lora.py tests/test_nf4_triton.py tests/test_gpu.py -p no:cacheprovider \
   -k "loader or host_embedding or offloaded_checkpoints or fused_nf4_and_dense or dense_weight or qlora_train" > $OUT/tests.txt 2>&1
 echo "tests rc=$? at ${SECONDS}s" | tee -a $L; grep -E "passed|failed|FAILED|ERROR" $OUT/tests.txt | tail -8 | tee -a $L
 wait $BUILD; tail -2 /tmp/build.txt | tee -a $L
