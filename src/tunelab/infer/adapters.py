@@ -216,7 +216,7 @@ def lever(name: str, device: Any, cuda_default: bool = True) -> bool:
         return True
     if value in ("0", "false", "off", "no"):
         return False
-    return cuda_default and getattr(device, "type", str(device)) == "cuda"
+    return cuda_default and str(getattr(device, "type", device)).startswith("cuda")
 
 
 _ACTIVE: AdapterRouter | None = None  # the router of the forward running now (None: PEFT's own forward)
