@@ -10,8 +10,9 @@ inputs, at 1 x 512, 1 x 1024, 4 x 1024 and 2 x 4096, for two stacks:
   plain    transformers + PEFT + bitsandbytes, model(**batch).loss under bf16 autocast, clip 1.0, fused AdamW
            (a hand loop that, like the Hugging Face Trainer, keeps no outputs between steps)
   tunelab  tunelab's loader (tunelab.model.loader: kernels, fast path) and TunelabTrainer, as `tunelab train` runs
-           (today on one GPU: compiled decoder layers, Liger left out; each record keeps what the loader applied in
-           "fast_path", and the prediction follows it; the saved 2026-12-01 run predates compiling: eager + Liger)
+           (today on one GPU: compiled decoder layers with Liger left out, checkpoint offload, host embedding; each
+           record keeps what the loader applied in "fast_path" and the prediction follows it; the saved 2026-12-01
+           run predates all three: eager + Liger)
 
 Each (architecture, method, stack) runs in its own process (Liger patches transformers' classes process-wide), the
 model loaded once, the shapes in turn: 3 optimizer steps each after reset_peak_memory_stats; recorded: peak
