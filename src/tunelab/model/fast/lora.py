@@ -71,7 +71,7 @@ def lora_linear_reference(x, weight, quant_state, bias, lora_a, lora_b, scale: f
     return y + (xd @ lora_a.to(dtype).t()) @ lora_b.to(dtype).t() * scale
 
 
-# The order of the two GEMMs (TUNELAB_LORA_FIRST=1: opt-in, being measured, docs/fastpath.md run 9). Default: the
+# The order of the two GEMMs (TUNELAB_LORA_FIRST=1: opt-in, its speed not measured yet: docs/fastpath.md). Default: the
 # big product first, then the rank-r product added by its GEMM epilogue (beta 1): that second GEMM reads and
 # writes the whole [tokens, out] output, memory-bound (gate/up at 7B 4 x 1024: 125 us each, 25 ms of the
 # compiled step, run 8's profile). LoRA first: the rank-r product only writes the output, and the big GEMM adds
