@@ -2,7 +2,7 @@
 
     python tools/estimate_compiled_graph.py --quantized [--no-ckpt] [--partitioner default] [--scale-tokens 2x4096]
 
-Builds a 2-layer Qwen2 (hidden 192, intermediate 352, 6 heads, 2 kv heads, LoRA r=8 on all seven projections;
+Builds a 1-layer Qwen2 (hidden 192, intermediate 352, 6 heads, 2 kv heads, LoRA r=8 on all seven projections;
 NF4 through bitsandbytes' CPU backend with --quantized), installs the fast path's fused projections and compiles
 the (checkpointed) decoder layers as tunelab does (tunelab.model.fast.compile), with a backend that keeps
 AOTAutograd's forward and backward graphs instead of generating code, partitioned as inductor partitions them
@@ -25,7 +25,7 @@ def build(quantized: bool, hidden: int, inter: int, heads: int, kv_heads: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=heads,
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, vocab_size=512)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     if quantized:
