@@ -392,6 +392,9 @@ def test_the_default_plan_is_compiled_offloaded_with_the_host_embedding(monkeypa
     no_ckpt = fast_path_plan(model_shape(Q7), _view(), grad_ckpt=False)  # nothing to offload, so no host embedding
     assert (no_ckpt.offload, no_ckpt.host_embedding) == (False, False)
     assert no_ckpt.host_embedding_reason == "on with the checkpoint offload only (TUNELAB_HOST_EMBEDDING=1 forces it)"
+    from tunelab.model.fast import NO_CHECKPOINT_REASON
+
+    assert (no_ckpt.compiled, no_ckpt.compiled_reason) == (False, NO_CHECKPOINT_REASON)  # eager without checkpoints
     monkeypatch.setenv("TUNELAB_FAST_COMPILE", "0")
     monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "0")
     plan = fast_path_plan(model_shape(Q7), _view(enable_liger_kernel=True))

@@ -324,6 +324,10 @@ def test_compile_decision_and_liger_left_out(monkeypatch, caplog):
     assert compile_decision(_model("qwen2"), _cfg(enable_liger_kernel=True), single)[1].startswith("enable_liger_kernel: true")
     ddp = types.SimpleNamespace(device="cuda", device_name="H200", parallel="ddp")
     assert compile_decision(_model("qwen2"), _cfg(), ddp) == (False, "parallel ddp: compiled layers are measured on one GPU only")
+    no_ckpt = types.SimpleNamespace(device="cuda", device_name="H200", parallel="single", gradient_checkpointing=False)
+    assert compile_decision(_model("qwen2"), _cfg(), no_ckpt) == (
+        False, "gradient checkpointing is off: a compiled layer would keep its dequantized weights for the backward "
+               "(~12 GiB more at 7B), so the layers run eager")
     with caplog.at_level(logging.INFO, logger="tunelab.model.kernels"):  # training: inductor fuses what Liger would
         assert apply_kernels(_model("qwen2"), _cfg(enable_liger_kernel=None), single, for_training=True) == []
     assert "Liger left out: the compiled decoder layers fuse RMSNorm, RoPE and SwiGLU" in caplog.text

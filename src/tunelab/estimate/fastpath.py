@@ -76,13 +76,15 @@ def stand_in_model(shape: ModelShape):
     return types.SimpleNamespace(config=types.SimpleNamespace(model_type=shape.family))
 
 
-def stand_in_resolved(cfg, device: str = "cuda", parallel: str | None = None):
-    """The resolved settings the decisions read: the device kind, a name for the log, the parallel mode."""
+def stand_in_resolved(cfg, device: str = "cuda", parallel: str | None = None, grad_ckpt: bool = True):
+    """The resolved settings the decisions read: the device kind, a name for the log, the parallel mode, whether
+    gradient checkpointing is on (compile_decision keeps the layers eager without it)."""
     if parallel is None:
         from tunelab.config.resolve import resolve_parallel
 
         parallel = resolve_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return types.SimpleNamespace(device=device, device_name="the training GPU", parallel=parallel)
+    return types.SimpleNamespace(device=device, device_name="the training GPU", parallel=parallel,
+                                 gradient_checkpointing=grad_ckpt)
 
 
 def cli_config(method: str, bits: int | None, dropout: float, liger: bool | None, use_fast_kernels: bool | None = None):
@@ -102,6 +104,10 @@ def compile_checks_without_triton(cfg, resolved) -> tuple[bool, str]:
     parallel = getattr(resolved, "parallel", "single")
     if parallel != "single":
         return False, f"parallel {parallel}: compiled layers are measured on one GPU only"
+    if getattr(resolved, "gradient_checkpointing", True) is False:
+        from tunelab.model.fast import NO_CHECKPOINT_REASON
+
+        return False, NO_CHECKPOINT_REASON
     return True, f"decoder layers compiled; {TRITON_ASSUMED}"
 
 
@@ -145,7 +151,7 @@ def fast_path_plan(shape: ModelShape, cfg, *, grad_ckpt: bool = True, ask_triton
     grad_ckpt: gradient checkpointing on (the offload moves checkpoints: without them it installs nothing)."""
     from tunelab.model.fast import compile_decision, fast_path_decision, offload_decision
 
-    model, resolved = stand_in_model(shape), stand_in_resolved(cfg, device, parallel)
+    model, resolved = stand_in_model(shape), stand_in_resolved(cfg, device, parallel, grad_ckpt)
     fused, fused_reason = fast_path_decision(model, cfg, resolved)
     if fused:
         if ask_triton:

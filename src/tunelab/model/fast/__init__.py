@@ -59,6 +59,13 @@ def fast_path_decision(model, cfg, resolved) -> tuple[bool, str]:
     return True, f"{model_type} LoRA on {resolved.device_name}"
 
 
+# Without gradient checkpointing a compiled layer's forward saves all 7 dequantized weights of every layer for the
+# backward (inductor's partitioner on the CPU graphs, docs/estimate.md: ~12 GiB more at 7B than eager); not measured
+# on a GPU, so that case keeps the eager fast path.
+NO_CHECKPOINT_REASON = ("gradient checkpointing is off: a compiled layer would keep its dequantized weights for "
+                        "the backward (~12 GiB more at 7B), so the layers run eager")
+
+
 def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
     """(on, reason): whether the fast path compiles the decoder layers (it must be on itself first)."""
     import os
@@ -73,6 +80,8 @@ def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
     parallel = getattr(resolved, "parallel", "single")
     if parallel != "single":
         return False, f"parallel {parallel}: compiled layers are measured on one GPU only"
+    if getattr(resolved, "gradient_checkpointing", True) is False:
+        return False, NO_CHECKPOINT_REASON
     from torch.utils._triton import has_triton
 
     if not has_triton():
@@ -83,10 +92,9 @@ def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
 def offload_decision(cfg, resolved) -> tuple[bool, str]:
     """(on, reason) for the checkpoint offload (offload.py): on by default on one process (TUNELAB_OFFLOAD_CHECKPOINTS=0
     turns it off). Measured on the H200 (run 8, docs/fastpath.md): with the compiled layers at 7B QLoRA 4 x 1024
-    11,103 tok/s at 6.84 GiB against 10,113 at 7.42 without it, in one lease. Open: the end-to-end GPU test of
-    `tunelab train` with it on (tests/test_gpu.py::test_qlora_train_on_gpu) did not finish in run 9 (cause not
-    established; the same flow trains on the CPU with it forced on); TUNELAB_OFFLOAD_CHECKPOINTS=0 restores the
-    previous default."""
+    11,103 tok/s at 6.84 GiB against 10,113 at 7.42 without it, in one lease. The end-to-end GPU test of
+    `tunelab train` with it on (tests/test_gpu.py::test_qlora_train_on_gpu) stalled once in run 9 and passed alone
+    in 66 s in a later lease (docs/fastpath.md); TUNELAB_OFFLOAD_CHECKPOINTS=0 restores the previous default."""
     import os
 
     if os.environ.get("TUNELAB_OFFLOAD_CHECKPOINTS", "1") == "0":
