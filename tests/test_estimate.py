@@ -541,21 +541,19 @@ def test_use_fast_kernels_true_where_it_cannot_apply_is_the_trainers_error(tmp_p
     assert rc == 1 and "use_fast_kernels: true, but the fast path cannot apply here: lora_dropout 0.05" in err
 
 
-def test_compiled_without_checkpointing_saves_every_layers_dequantized_weights():
-    """No checkpointing under compile: the forward saves the 7 dense weights of each layer for grad x, L x 92,160 B
-    on the tiny shape, held from the loss on; the backward dequantizes nothing more."""
+def test_a_compiled_setup_without_checkpointing_is_estimated_eager():
+    """compile_decision keeps the layers eager without checkpointing (a compiled layer forward would save the 7
+    dense weights of every layer: the CPU graphs): a compiled setup whose checkpointing fit turns off is the eager
+    path with Liger's layer set, the final norm transformers' (as planned with Liger left out), one dequantized
+    weight at a time, nothing saved per layer beyond the activations."""
     s = _tiny_shape()
     comp = estimate(s, Setup(batch=2, seq=16, compiled=True, grad_ckpt=False))
     eager = estimate(s, Setup(batch=2, seq=16, liger=True, grad_ckpt=False))
-    assert comp.row("dequant_saved") == 2 * 92_160
+    assert [r.key for r in comp.rows] == [r.key for r in eager.rows]
     final = T.r512((4 * 64 + 4 + 256) * 32) - T.r512((4 + 256) * 32)  # transformers' final norm against Liger's
-    # a compiled layer forward (no checkpoint around it) also saves o_proj's output: 128 B more per token and layer,
-    # on top of Liger's 1,960 and the layer's input (128)
-    layers = 2 * (T.r512((1960 + 128 + 128) * 32) - T.r512((1960 + 128) * 32))
-    assert layers == 2 * 4096
-    assert comp.phases["loss"] - eager.phases["loss"] == 2 * 92_160 + final + layers
-    assert comp.phases["backward"] - eager.phases["backward"] == 2 * 92_160 - 22_528 + layers  # no dequantize in backward
-    assert estimate(s, Setup(method="lora", bits=None, batch=2, seq=16, compiled=True, grad_ckpt=False)).row("dequant_saved") == 0
+    assert comp.phases["loss"] - eager.phases["loss"] == final
+    assert comp.phases["backward"] == eager.phases["backward"]
+    assert comp.row("dequant") == eager.row("dequant")
 
 
 def _graph_tool():

@@ -202,7 +202,10 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     lora = u.method in ("lora", "qlora")  # full / freeze: every projection's weight is trainable, so keeps its input
     saved = T.layer_saved(shape, k, b, u.seq, u.rank if lora else 0, u.targets if lora else T.LORA_TARGETS, u.dropout if lora else 0.0)
     offload = u.offload and u.grad_ckpt and not u.plain
-    forward_compiled = u.compiled and not u.plain and (offload or not u.grad_ckpt)
+    # compile_decision keeps the layers eager without checkpointing (a compiled layer forward would save all 7
+    # dequantized weights of every layer: the CPU graphs, docs/estimate.md), as the offload needs checkpoints
+    compiled = u.compiled and not u.plain and u.grad_ckpt
+    forward_compiled = compiled and offload
     if forward_compiled:  # the partitioner's saved set of a compiled layer forward: o_proj's output too (CPU graphs)
         saved += b * shape.hidden
     if offload:
@@ -216,11 +219,6 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
                    shape.layers * T.r512((saved + b * shape.hidden) * n), f"{saved + b * shape.hidden:,} B per token per layer")
     common = [held]
     qbits = u.bits if u.method == "qlora" else None
-    compiled = u.compiled and not u.plain
-    if compiled and not u.grad_ckpt and qbits:
-        common.append(Row("dequant_saved", f"dequantized weights saved by all {shape.layers} compiled layers",
-                          shape.layers * T.compiled_dequant_bytes(shape, qbits, b),
-                          "no checkpointing: the compiled forward saves them for grad x (CPU graphs; not measured on a GPU)"))
     if u.mask:
         common.append(Row("mask", "attention mask (B x T x T)", T.mask_bytes(u.batch, u.seq)))
     final = T.r512((T.norm_saved(shape, _kernels(u, layer=False), b) + 2 * b * shape.hidden) * n)  # final norm, its output and input
@@ -236,9 +234,7 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     moments = {"loss": common + [loss, casts]}
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
     temp = T.r512(T.layer_backward_temp(shape, k, b) * n)
-    if compiled and not u.grad_ckpt:
-        dequant = Row("dequant", "dequantized weights: the saved ones (compiled)", 0, "counted above")
-    elif compiled:
+    if compiled:
         dequant = Row("dequant", "dequantized weights: all 7 of a layer (compiled)", T.compiled_dequant_bytes(shape, qbits, b),
                       "kept from the recompute to grad x" + (" (saved by the compiled forward)" if forward_compiled else ""))
     else:
