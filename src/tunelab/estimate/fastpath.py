@@ -24,12 +24,13 @@ What is the trainer's own code and what is mirrored:
 * `compile_decision` is called as it is with `ask_triton=True` (train time, on the GPU). Its last check,
   `torch.utils._triton.has_triton()`, imports torch (4 s on a 2-core machine, where the estimate otherwise answers
   in 0.3 s) and answers for the machine it runs on: False on any machine without a CUDA GPU, where the CLI is often
-  run to plan for one. So planning mirrors its other checks (environment, Liger forced, parallel) and assumes
-  Triton on the training GPU (torch's CUDA wheels ship it); tests/test_estimate.py pins the mirror to the real
-  function over every combination.
+  run to plan for one. So planning calls its other checks, `compile_config_decision` (environment, Liger forced,
+  parallel, checkpointing), and assumes Triton on the training GPU (torch's CUDA wheels ship it);
+  tests/test_estimate.py compares the plan with the real function over every combination.
 * `host_embedding_decision` inspects the loaded model's embedding tensor (its class, requires_grad, and that it is
   on a CUDA device), so it cannot run before loading; its config checks (environment, the offload, 4-bit, one
-  process, untied head, a frozen plain embedding) are mirrored and pinned by a test to the real function on a CPU model.
+  process) are `embed.host_embedding_config_decision`, called as it is; the model checks (untied head, a frozen
+  plain embedding) are read from the shape and the config, pinned by a test to the real function on a CPU model.
 * Liger (`kernels.apply_kernels`): left out where the layers are compiled and enable_liger_kernel is null; else
   on when enable_liger_kernel is true, or null with liger-kernel installed (where the estimate runs).
 """
@@ -97,32 +98,20 @@ def cli_config(method: str, bits: int | None, dropout: float, liger: bool | None
 
 def compile_checks_without_triton(cfg, resolved) -> tuple[bool, str]:
     """compile_decision's checks after the fast path's own, less the Triton one (see the module docstring)."""
-    if os.environ.get("TUNELAB_FAST_COMPILE", "1") == "0":
-        return False, "TUNELAB_FAST_COMPILE=0"
-    if getattr(cfg, "enable_liger_kernel", None) is True:
-        return False, "enable_liger_kernel: true (Liger's kernels are not compiled with the layers)"
-    parallel = getattr(resolved, "parallel", "single")
-    if parallel != "single":
-        return False, f"parallel {parallel}: compiled layers are measured on one GPU only"
-    if getattr(resolved, "gradient_checkpointing", True) is False:
-        from tunelab.model.fast import NO_CHECKPOINT_REASON
+    from tunelab.model.fast import compile_config_decision
 
-        return False, NO_CHECKPOINT_REASON
-    return True, f"decoder layers compiled; {TRITON_ASSUMED}"
+    on, reason = compile_config_decision(cfg, resolved)
+    return (True, f"{reason}; {TRITON_ASSUMED}") if on else (False, reason)
 
 
 def host_embedding_checks(shape: ModelShape, cfg, resolved, offload: bool) -> tuple[bool, str]:
     """host_embedding_decision's config checks (it also needs the loaded embedding on a CUDA device); offload: the
     checkpoint offload installed (apply_fast_path passes whether it offloaded any layer)."""
-    flag = os.environ.get("TUNELAB_HOST_EMBEDDING")
-    if flag == "0":
-        return False, "TUNELAB_HOST_EMBEDDING=0"
-    if flag != "1" and not offload:
-        return False, "on with the checkpoint offload only (TUNELAB_HOST_EMBEDDING=1 forces it)"
-    if getattr(cfg, "quantization_bit", None) != 4:
-        return False, "the base is not 4-bit (the Trainer moves a 16-bit model to the GPU whole)"
-    if getattr(resolved, "parallel", "single") != "single":
-        return False, f"parallel {resolved.parallel}: one process only"
+    from tunelab.model.fast.embed import host_embedding_config_decision
+
+    on, reason = host_embedding_config_decision(cfg, resolved, offload)
+    if not on:
+        return False, reason
     extra = [t.strip() for t in (getattr(cfg, "additional_target", None) or "").split(",")]
     if "embed_tokens" in extra:  # PEFT trains (and wraps) it: no longer a frozen plain nn.Embedding
         return False, "the input embedding is not a frozen plain nn.Embedding"

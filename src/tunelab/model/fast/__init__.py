@@ -66,13 +66,11 @@ NO_CHECKPOINT_REASON = ("gradient checkpointing is off: a compiled layer would k
                         "the backward (~12 GiB more at 7B), so the layers run eager")
 
 
-def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
-    """(on, reason): whether the fast path compiles the decoder layers (it must be on itself first)."""
+def compile_config_decision(cfg, resolved) -> tuple[bool, str]:
+    """compile_decision's checks of the config, the parallel mode and the environment (no torch, no model; the fast
+    path itself is checked by the caller): the memory planner calls it where Triton cannot be asked."""
     import os
 
-    on, reason = fast_path_decision(model, cfg, resolved)
-    if not on:
-        return False, f"the fast path is off ({reason})"
     if os.environ.get("TUNELAB_FAST_COMPILE", "1") == "0":
         return False, "TUNELAB_FAST_COMPILE=0"
     if getattr(cfg, "enable_liger_kernel", None) is True:
@@ -82,6 +80,17 @@ def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
         return False, f"parallel {parallel}: compiled layers are measured on one GPU only"
     if getattr(resolved, "gradient_checkpointing", True) is False:
         return False, NO_CHECKPOINT_REASON
+    return True, "decoder layers compiled"
+
+
+def compile_decision(model, cfg, resolved) -> tuple[bool, str]:
+    """(on, reason): whether the fast path compiles the decoder layers (it must be on itself first)."""
+    on, reason = fast_path_decision(model, cfg, resolved)
+    if not on:
+        return False, f"the fast path is off ({reason})"
+    on, reason = compile_config_decision(cfg, resolved)
+    if not on:
+        return False, reason
     from torch.utils._triton import has_triton
 
     if not has_triton():

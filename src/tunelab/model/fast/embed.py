@@ -32,11 +32,9 @@ import types
 logger = logging.getLogger(__name__)
 
 
-def host_embedding_decision(model, cfg, resolved, offload: bool = False) -> tuple[bool, str]:
-    """(on, reason) for moving the input embedding to host memory. Default: on where the checkpoint offload is on
-    (`offload`); TUNELAB_HOST_EMBEDDING=1 / 0 forces it on / off."""
-    import torch
-
+def host_embedding_config_decision(cfg, resolved, offload: bool = False) -> tuple[bool, str]:
+    """host_embedding_decision's checks of the environment, the offload, the config and the parallel mode (no torch,
+    no model): the memory planner calls it before any model is loaded."""
     flag = os.environ.get("TUNELAB_HOST_EMBEDDING")
     if flag == "0":
         return False, "TUNELAB_HOST_EMBEDDING=0"
@@ -47,6 +45,17 @@ def host_embedding_decision(model, cfg, resolved, offload: bool = False) -> tupl
         return False, "the base is not 4-bit (the Trainer moves a 16-bit model to the GPU whole)"
     if getattr(resolved, "parallel", "single") != "single":
         return False, f"parallel {resolved.parallel}: one process only"
+    return True, "input embedding in pinned host memory"
+
+
+def host_embedding_decision(model, cfg, resolved, offload: bool = False) -> tuple[bool, str]:
+    """(on, reason) for moving the input embedding to host memory. Default: on where the checkpoint offload is on
+    (`offload`); TUNELAB_HOST_EMBEDDING=1 / 0 forces it on / off."""
+    import torch
+
+    on, reason = host_embedding_config_decision(cfg, resolved, offload)
+    if not on:
+        return False, reason
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
