@@ -116,20 +116,9 @@ def _tiny_peft(device, quantized: bool):
                          num_key_value_heads=2, vocab_size=512)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     if quantized:
-        import bitsandbytes as bnb
+        from tunelab.model.tiny import quantize_decoder_linears_nf4
 
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, lin in list(parent.named_children()):
-                    if isinstance(lin, torch.nn.Linear):
-                        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                              compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
-                                              quant_storage=torch.bfloat16)
-                        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                                     compress_statistics=True, quant_storage=torch.bfloat16)
-                        if lin.bias is not None:
-                            q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-                        setattr(parent, name, q)
+        quantize_decoder_linears_nf4(model)
     model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -111,3 +111,25 @@ def build_tiny_model(
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(spec, f, indent=2)
     return out_dir
+
+
+def quantize_decoder_linears_nf4(model, compute_dtype=None) -> None:
+    """Replace every nn.Linear of each decoder layer's attention and MLP by bitsandbytes' Linear4bit (NF4, double
+    quantization, bf16 storage), in place, for the CPU tests and tools of the 4-bit path. The weights quantize when
+    the model is moved to a device afterwards (`model.to(...)`: Params4bit quantizes on its move)."""
+    import bitsandbytes as bnb
+    import torch
+
+    compute_dtype = compute_dtype or torch.bfloat16
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                          quant_storage=torch.bfloat16)
+                    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, quant_storage=torch.bfloat16)
+                    if lin.bias is not None:
+                        q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                    setattr(parent, name, q)
