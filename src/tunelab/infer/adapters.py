@@ -289,11 +289,17 @@ def _grouped_term(layer: Any, router: AdapterRouter, x: Any):
         if router.stacked is not None:
             u = u * router.stacked.current_tiled[layer._tl_parts]  # each row's adapter block in every member
         router.stash = (x, _mm_t(u, b, router))
-    stash = router.stash
+    return _member_slice(router, "stash", layer, x)
+
+
+def _member_slice(router: AdapterRouter, attr: str, layer: Any, x: Any):
+    """A group member's columns of what its leader left in router.<attr> for this same input (None when the
+    stash is for another input); the group's last member clears it."""
+    stash = getattr(router, attr)
     if stash is None or stash[0] is not x:
         return None
     if layer._tl_last:
-        router.stash = None
+        setattr(router, attr, None)
     return stash[1][..., layer._tl_start : layer._tl_stop]
 
 
@@ -317,12 +323,7 @@ def _grouped_base(layer: Any, router: AdapterRouter, x: Any):
         return None
     if role == 1:
         router.base_stash = (x, torch.nn.functional.linear(x, layer._tl_wcat, layer._tl_bcat))
-    stash = router.base_stash
-    if stash is None or stash[0] is not x:
-        return None
-    if layer._tl_last:
-        router.base_stash = None
-    return stash[1][..., layer._tl_start : layer._tl_stop]
+    return _member_slice(router, "base_stash", layer, x)
 
 
 def _fuse_base(lead: Any, members: list[Any]) -> int:
