@@ -131,7 +131,9 @@ def fill(page, elem_id: str, value: str, enter: bool = False) -> None:
 
 def tab(page, name: str) -> None:
     page.evaluate("window.scrollTo(0, 0)")
-    page.get_by_role("tab", name=name).click()
+    # a tab switch never navigates: don't wait on a navigation an earlier step scheduled (one fresh-clone CI run
+    # timed out there after the click was done, "waiting for scheduled navigations to finish")
+    page.get_by_role("tab", name=name).click(no_wait_after=True)
 
 
 def wait_text(page, elem_id: str, needle: str, timeout: float = 60) -> str:
