@@ -97,6 +97,10 @@ FAST = {
     "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1"}),
     "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8"}),
     "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
+    # not measured yet: the split-K Triton decode attention (model/fast/decode_attn.py) in place of SDPA's
+    "dattn": ("tunelab fast + Triton decode attention", {"TUNELAB_DECODE_ATTN": "1"}),
+    "dattn_ahead_cprefill": ("tunelab fast + Triton decode attention + 8 steps per sync + compiled prefill",
+                             {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
 }
 ENV_KEYS = sorted({k for _, env in FAST.values() for k in env})
 

@@ -15,6 +15,6 @@ timeout -k 5 ${BOX0:-150} python -m pytest -q -rfE -m gpu -p no:cacheprovider te
 echo "rc=$? gpu tests (decode == plain generate with the levers on)" >> "$out/phases.txt"
 run() { local box=$1; shift; timeout -k 5 "$box" python tools/bench_serve.py --workdir $W --out "$out/serve.jsonl" "$@"; echo "rc=$? box=$box $*" >> "$out/phases.txt"; }
 run ${BOX1:-195} --phases single16 --fast ${FAST16:-fast,cprefill,ahead,ahead_cprefill} 2>> "$out/log.txt"
-run ${BOX2:-120} --phases serve16 --serve-env ${SERVE_ENV:-} --serve-settings ${SETTINGS:-8192/5,0/5,8192/0.5} 2>> "$out/log.txt"
+run ${BOX2:-120} --phases serve16 ${SERVE_ENV:+--serve-env $SERVE_ENV} --serve-settings ${SETTINGS:-8192/5,0/5,8192/0.5} 2>> "$out/log.txt"
 run ${BOX3:-110} --phases single4 --fast ${FAST4:-nolevers,fast} --no-plain-after 2>> "$out/log.txt"
 grep -v '^\[bench_serve\] {' "$out/log.txt" | grep -iE "error|traceback|warn|failed" | head -40 > "$out/problems.txt"

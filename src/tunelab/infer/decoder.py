@@ -231,10 +231,31 @@ def _packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
+DECODE_KERNEL = "tunelab_decode_kernel"
+DECODE_ATTN_DEFAULT = False  # TUNELAB_DECODE_ATTN unset: whether CUDA decoders use the Triton decode attention
+
+
+def _decode_kernel_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Decode-step attention through tunelab's split-K Triton kernel (model/fast/decode_attn.py; the
+    TUNELAB_DECODE_ATTN lever): one query token per row against the cached keys/values where they lie, under
+    the decoder's boolean mask. Anything it does not cover goes to the packed-GQA SDPA path."""
+    import torch
+
+    from tunelab.model.fast import decode_attn
+
+    mask = attention_mask
+    simple = (query.shape[2] == 1 and not dropout and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+              and kwargs.get("sliding_window") is None and decode_attn.supported(query, key))
+    if not simple or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1)):
+        return _packed_gqa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    return decode_attn.decode_attention(query, key, value, mask, scaling), None
+
+
 def _register_packed_gqa() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_GQA, _packed_gqa_attention)
+    AttentionInterface.register(DECODE_KERNEL, _decode_kernel_attention)
 
 
 class _CompiledLayers:
@@ -358,13 +379,16 @@ class SlotDecoder:
         self.additive_mask = attn == "eager"
         # decode steps' attention without repeat_kv (docs/serve.md): on by default on CUDA, TUNELAB_PACK_GQA=0 off
         self.pack_gqa = attn == "sdpa" and lever("TUNELAB_PACK_GQA", self.device)
+        # decode steps' attention through the split-K Triton kernel (TUNELAB_DECODE_ATTN=1; off by default: not
+        # measured yet), in place of the packed-GQA SDPA call
+        self.decode_kernel = self.pack_gqa and lever("TUNELAB_DECODE_ATTN", self.device, cuda_default=DECODE_ATTN_DEFAULT) and _triton_ok()
         # one-prompt prefills through the compiled layer (TUNELAB_COMPILE_PREFILL=1; off by default: not measured)
         self.compile_prefill = self.compiled is not None and lever("TUNELAB_COMPILE_PREFILL", self.device, cuda_default=False)
         if self.pack_gqa:
             try:
                 _register_packed_gqa()
             except Exception as exc:
-                self.pack_gqa = False
+                self.pack_gqa = self.decode_kernel = False
                 logger.warning("packed-GQA decode attention unavailable: %s", _error(exc))
         self.dtype = self.lm.get_input_embeddings().weight.dtype
         params = inspect.signature(type(self.lm).forward).parameters
@@ -615,13 +639,14 @@ class SlotDecoder:
 
     @contextlib.contextmanager
     def _decode_attention(self) -> Iterator[None]:
-        """During a decode step (with the pack_gqa lever): the packed-GQA attention in place of SDPA's."""
+        """During a decode step (with the pack_gqa lever): the packed-GQA attention in place of SDPA's (with the
+        decode_kernel lever too: the Triton kernel's)."""
         if not self.pack_gqa:
             yield
             return
         config = self.lm.config
         before = config._attn_implementation
-        config._attn_implementation = PACKED_GQA
+        config._attn_implementation = DECODE_KERNEL if self.decode_kernel else PACKED_GQA
         try:
             yield
         finally:
@@ -720,6 +745,15 @@ class SlotDecoder:
         with torch.cuda.graph(graph, pool=pool):
             out = run()
         return graph, out
+
+
+def _triton_ok() -> bool:
+    from tunelab.model.fast import decode_attn
+
+    if decode_attn.triton is None:
+        logger.warning("TUNELAB_DECODE_ATTN: the 'triton' package cannot be imported; decode attention stays SDPA's")
+        return False
+    return True
 
 
 def _error(exc: BaseException) -> str:
