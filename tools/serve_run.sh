@@ -11,7 +11,8 @@ W=/tmp/b7
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/env.txt" 2>&1
 python -c "import torch, transformers, peft, fastapi, uvicorn, pydantic; print(torch.__version__, transformers.__version__, peft.__version__, fastapi.__version__, uvicorn.__version__, pydantic.__version__)" >> "$out/env.txt" 2>&1
 # first: the decode levers' greedy equality with plain generate on CUDA (they became defaults after the last run)
-timeout -k 5 ${BOX0:-150} python -m pytest -q -rfE -m gpu -p no:cacheprovider tests/test_infer_engine.py tests/test_decode_fast.py > "$out/gpu_tests.txt" 2>&1
+# (GPU_TESTS / GPU_K: other test files / a -k selection, for a run that checks one new lever)
+timeout -k 5 ${BOX0:-150} python -m pytest -q -rfE -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_infer_engine.py tests/test_decode_fast.py} ${GPU_K:+-k "$GPU_K"} > "$out/gpu_tests.txt" 2>&1
 echo "rc=$? gpu tests (decode == plain generate with the levers on)" >> "$out/phases.txt"
 run() { local box=$1; shift; timeout -k 5 "$box" python tools/bench_serve.py --workdir $W --out "$out/serve.jsonl" "$@"; echo "rc=$? box=$box $*" >> "$out/phases.txt"; }
 run ${BOX1:-195} --phases single16 --fast ${FAST16:-fast,cprefill,ahead,ahead_cprefill} 2>> "$out/log.txt"
