@@ -5,9 +5,11 @@ imported; the subprocess keeps it from the rest of this pytest process), over gr
 views (the slot decoder's `[:rows, :, :width]` slices), per-row masks, no mask, head_dim not a power of two,
 splits that do not divide the positions, a batch-1 broadcast mask; and the slot decoder on a tiny bf16 model with
 the lever on against the same decoder with SDPA's attention: the same greedy tokens, logits within bf16 noise.
-Tolerances: with a float32 output the kernel is the float32 reference to accumulation order (2e-6); in 16 bits
-within one unit in the last place of the reference plus that 2e-6 (the interpreter's float32 -> 16-bit cast
-truncates, the GPU's rounds to nearest; values near zero are sums that cancel, where 2e-6 is many units).
+Tolerances: with a float32 output the kernel is the float32 reference to 2e-6 with fp16 inputs and 3e-5 with
+bf16 (P V uses P split into two 16-bit parts: 22 of its bits kept in fp16, 16 in bf16, whose interpreted casts
+truncate); in 16 bits within one unit in the last place of the reference plus that (the interpreter's float32 ->
+16-bit cast truncates, the GPU's rounds to nearest; values near zero are sums that cancel, where the float32
+tolerance is many units).
 GPU (marked gpu): Qwen2.5-7B's attention shapes (28 query / 4 key-value heads, head_dim 128) at batch 1 and 32
 over 256 / 512 / 4096 cached positions, bf16 and fp16, inside a captured CUDA graph and through torch.compile.
 """
@@ -65,6 +67,9 @@ def _inputs(case, seed):
     return q, ck[:b, :, :w], cv[:b, :, :w], mask, 1.0 / (d ** 0.5)
 
 
+_TOL = {torch.float16: 2e-6, torch.bfloat16: 3e-5}  # the float32 output's tolerance (module docstring)
+
+
 def _ulp(t):
     """One unit in the last place of each value of t (its dtype)."""
     bits = {torch.bfloat16: 8, torch.float16: 11}[t.dtype]
@@ -97,13 +102,14 @@ def test_interpreted_kernel_equals_the_reference(interpreted, index):
     assert got.shape == got32.shape == (b, 1, h, d) and got.dtype == q.dtype and got32.dtype == torch.float32
     want32 = reference(q.float(), k.float(), v.float(), mask, scale)  # float32 all through
     assert torch.isfinite(want32).all() and want32.abs().max() > 0.05
-    torch.testing.assert_close(got32, want32, rtol=2e-6, atol=2e-6)
-    assert ((got.float() - want32).abs() <= _ulp(want32.to(q.dtype)) + 2e-6).all()
+    tol = _TOL[q.dtype]
+    torch.testing.assert_close(got32, want32, rtol=tol, atol=tol)
+    assert ((got.float() - want32).abs() <= _ulp(want32.to(q.dtype)) + tol).all()
     # the SDPA the decoder used before (keys/values repeated per query head): the same function
     rep = h // k.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1),
                                                             attn_mask=mask, scale=scale).transpose(1, 2)
-    torch.testing.assert_close(got32, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got32, sdpa, rtol=2 * tol + 1e-5, atol=2 * tol + 1e-5)
 
 
 def test_compiled_custom_op_equals_eager(interpreted):
@@ -204,7 +210,7 @@ def test_gpu_kernel_at_7b_shapes_in_graphs_and_compiled(dtype):
         mask = (torch.arange(width, device="cuda").view(1, width) <= pos).view(rows, 1, 1, width)
         want = reference(q.float(), k.float(), v.float(), mask, 128 ** -0.5)
         got = decode_attention(q, k, v, mask, 128 ** -0.5)
-        assert ((got.float() - want).abs() <= _ulp(want.to(dtype)) + 2e-6).all(), (rows, width)
+        assert ((got.float() - want).abs() <= _ulp(want.to(dtype)) + _TOL[dtype]).all(), (rows, width)
         graph = torch.cuda.CUDAGraph()  # captured, then replayed on new queries written in place
         decode_attention(q, k, v, mask, 128 ** -0.5)
         with torch.cuda.graph(graph):

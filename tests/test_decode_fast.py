@@ -180,7 +180,7 @@ def test_packed_gqa_attention_equals_sdpa_over_repeated_heads():
                     reason="an off-by-default lever's compiled test (~20 s of compilation; the suite stays under 15 "
                            "minutes on CI's 2 cores); set TUNELAB_SLOW_TESTS=1")
 def test_compiled_prefill_lever_keeps_logits_cache_rows_and_tokens(lora_run, monkeypatch):
-    """TUNELAB_COMPILE_PREFILL=1 (off by default): one-prompt prefills run through the compiled layer (no mask:
+    """TUNELAB_COMPILE_PREFILL (on by default on CUDA, forced on here): one-prompt prefills run through the compiled layer (no mask:
     causal attention, keys/values written straight into the slot's row); logits and cache rows equal the eager
     prefill's to rounding and the greedy tokens are the reference's, with one and two adapters."""
     import torch

@@ -88,16 +88,17 @@ def load_engine(base: str, adapter: str, bits: int | None):
 # the fast variants: environment each decoder is built under (read when a decoder and its router are made)
 FAST = {
     "eager": ("tunelab fast, eager layers", {"TUNELAB_COMPILE_DECODE": "0"}),
-    "fast": ("tunelab fast", {}),  # the defaults: on CUDA the three levers below are on
+    "fast": ("tunelab fast", {}),  # the defaults: on CUDA the three levers below, 8 steps per sync and the compiled prefill are on
     "nolevers": ("tunelab fast, no levers", {"TUNELAB_FUSE_PROJ": "0", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "0"}),
     "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "1"}),
     "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
             {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1"}),
-    # not measured yet (2026-12-02): the next single-stream levers
-    "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1"}),
-    "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8"}),
+    # measured on 2026-12-02 (docs/serve.md), defaults on CUDA since: 8 steps per sync and the compiled prefill
+    "one_step": ("tunelab fast, one step per sync, eager prefill", {"TUNELAB_DECODE_AHEAD": "0", "TUNELAB_COMPILE_PREFILL": "0"}),
+    "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1", "TUNELAB_DECODE_AHEAD": "0"}),
+    "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "0"}),
     "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
-    # not measured yet: the split-K Triton decode attention (model/fast/decode_attn.py) in place of SDPA's
+    # the split-K Triton decode attention (first form measured 2026-12-02: docs/serve.md; off by default) (model/fast/decode_attn.py) in place of SDPA's
     "dattn": ("tunelab fast + Triton decode attention", {"TUNELAB_DECODE_ATTN": "1"}),
     "dattn_ahead_cprefill": ("tunelab fast + Triton decode attention + 8 steps per sync + compiled prefill",
                              {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),

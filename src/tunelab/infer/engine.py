@@ -183,7 +183,7 @@ class StaticDecodeBackend:
         max_new = settings.max_new_tokens
         if settings.max_length is not None:
             max_new = max(1, min(max_new, settings.max_length - input_ids.shape[1]))
-        ahead = _ahead_steps()
+        ahead = _ahead_steps(model.get_input_embeddings().weight.device)
         dec = self._decoder(model, len(prompts), max(len(p) for p in prompts) + max_new, pad_token_id, ahead=ahead > 1)
         params = SamplingParams(
             do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -191,7 +191,7 @@ class StaticDecodeBackend:
         )
         adapter = _active_adapter(model)
         rows = {i: RowState(params, prompt=p) for i, p in enumerate(prompts)}
-        # TUNELAB_DECODE_AHEAD=k (greedy only): k steps per host sync, the picks on the device (step_ahead)
+        # TUNELAB_DECODE_AHEAD=k (greedy only; 8 by default on CUDA): k steps per host sync, the picks on the device (step_ahead)
         use_ahead = ahead > 1 and dec.ahead and params.plain_greedy
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -254,13 +254,19 @@ class StaticDecodeBackend:
         return dec
 
 
-def _ahead_steps() -> int:
-    """TUNELAB_DECODE_AHEAD: greedy decode steps per host sync in the static backend (0 or 1: one, the default)."""
-    value = os.environ.get("TUNELAB_DECODE_AHEAD", "0").strip() or "0"
+AHEAD_DEFAULT = 8  # greedy steps per host sync on CUDA when TUNELAB_DECODE_AHEAD is unset (docs/serve.md)
+
+
+def _ahead_steps(device=None) -> int:
+    """TUNELAB_DECODE_AHEAD: greedy decode steps per host sync in the static backend. Unset or 'auto': 8 on CUDA
+    (measured on the H200: +1-3% single-stream tokens/s, the same tokens), 1 elsewhere; 0 or 1: one step."""
+    value = os.environ.get("TUNELAB_DECODE_AHEAD", "auto").strip().lower() or "auto"
+    if value == "auto":
+        return AHEAD_DEFAULT if str(getattr(device, "type", device)).startswith("cuda") else 0
     try:
         steps = int(value)
     except ValueError:
-        raise ConfigError(f"TUNELAB_DECODE_AHEAD must be a whole number of steps (got {value!r}).") from None
+        raise ConfigError(f"TUNELAB_DECODE_AHEAD must be a whole number of steps or 'auto' (got {value!r}).") from None
     from tunelab.infer.decoder import AHEAD_MAX
 
     if not 0 <= steps <= AHEAD_MAX:

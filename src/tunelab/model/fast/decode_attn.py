@@ -15,12 +15,18 @@ Here the cached positions are split instead:
 
 Semantics are SDPA's for a boolean mask (True = attend): softmax(q k^T * scale + mask) v per row and head, the
 keys/values read where they lie in the cache (strided views of the slot buffers, no copy, no repeat_kv), the
-mask's False positions never loaded. Numerics: everything after the loads in float32 (both products with
-`input_precision="ieee"`, no tensor cores: at one query token the kernel waits on memory, not on math; the
-probabilities are not rounded to 16 bits before the P V product, as flash attention's are), one rounding to the
-query's dtype at the end: the float32 reference rounded, to the last bit or two of accumulation order
+mask's False positions never loaded. Numerics: q k^T on tensor cores (16-bit products are exact in their
+float32 accumulator), the online softmax in float32, P V as two tensor-core products of a 16-bit split of P
+(high part + remainder: ~16 of P's bits kept, where flash attention rounds P to 16 bits), one rounding to the
+query's dtype at the end: the float32 reference rounded, to about a unit in the last place
 (tests/test_decode_attn.py states the tolerances; the decoder's GPU test checks greedy tokens against plain
-generate). A row whose mask is all False gives zeros (SDPA gives NaN): the decoder never builds one.
+generate). Under Triton's CPU interpreter, whose 16-bit tl.dot is wrong, the same 16-bit operands (P's split
+included) are multiplied as float32.
+
+History: the first version (H200 run of 2026-12-02) ran both products in float32 without tensor cores
+(`input_precision="ieee"`): at batch 1 it took 8.1 us a layer against cuDNN's 13.9 (replay 5.47 ms against 5.57),
+at batch 32 over 512 positions the step's replay went from 7.5 to 11.5 ms: the scalar products, not memory,
+bounded it. Hence the tensor-core form (not measured yet: the lever stays off by default). A row whose mask is all False gives zeros (SDPA gives NaN): the decoder never builds one.
 
 `decode_attention(q, k, v, mask, scale)` is the entry point: inline when eager, the custom op
 tunelab::decode_attention inside torch.compile (an opaque call in the compiled decoder layer). `supported()`
@@ -82,7 +88,8 @@ if triton is not None:
                         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
                         sob, soh, sos, sod, smlb, smlh, smls,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                        BLOCK: tl.constexpr, PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr):
+                        BLOCK: tl.constexpr, PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr,
+                        DOT_F32: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -91,7 +98,7 @@ if triton is not None:
         gmask = g < G
         dmask = d < D
         heads = kvh * G + g
-        q = tl.load(Q + row * sqb + heads[:, None] * sqh + d[None, :] * sqd, mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        q = tl.load(Q + row * sqb + heads[:, None] * sqh + d[None, :] * sqd, mask=gmask[:, None] & dmask[None, :], other=0.0)
         m = tl.full([G_PAD], -1.0e30, tl.float32)
         s = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -102,15 +109,24 @@ if triton is not None:
             if HAS_MASK:
                 keep = keep & (tl.load(MASK + row * smb + n * smn, mask=n < width, other=0) != 0)
             k = tl.load(K + row * skb + kvh * skh + n[:, None] * skn + d[None, :] * skd, mask=keep[:, None] & dmask[None, :], other=0.0)
-            # float32 products (exact for 16-bit inputs), no tensor cores: the kernel waits on memory, not math
-            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # [G_PAD, BLOCK]
+            if DOT_F32:  # Triton's CPU interpreter: its 16-bit tl.dot is wrong; float32 products are the same values
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+            else:  # tensor cores: 16-bit products are exact in the float32 accumulator
+                scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK] float32
             scores = tl.where(keep[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             s = s * alpha + tl.sum(p, 1)
             v = tl.load(V + row * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd, mask=keep[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            # P as a 16-bit high part plus its 16-bit remainder: two tensor-core products, ~16 bits of P kept
+            p_hi = p.to(v.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+            if DOT_F32:
+                pv = tl.dot(p_hi.to(tl.float32), v.to(tl.float32)) + tl.dot(p_lo.to(tl.float32), v.to(tl.float32))
+            else:
+                pv = tl.dot(p_hi, v) + tl.dot(p_lo, v)
+            acc = acc * alpha[:, None] + pv
             m = m_new
         out = row * sob + heads[:, None] * soh + split * sos + d[None, :] * sod
         tl.store(O + out, acc, mask=gmask[:, None] & dmask[None, :])
@@ -162,7 +178,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
         q.stride(0), q.stride(1), q.stride(2), *key.stride(), *value.stride(), *mstrides,
         *part.stride(), *mx.stride(),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad, BLOCK=BLOCK_N, PER_SPLIT=per, HAS_MASK=mask is not None,
-        num_warps=4)
+        DOT_F32=interpreting(), num_warps=4)
     o = out.view(b, h, d)
     _combine_kernel[(b, h)](part, mx, sm, o, splits, *part.stride(), *mx.stride(), *o.stride(),
                             D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
