@@ -23,7 +23,11 @@ case_() {  # case_ NAME WANT ARGS...: one bench invocation, its JSON lines appen
   timeout "$t" $B "$@" > $OUT/$name.out 2>$OUT/$name.err; echo "rc=$? at ${SECONDS}s" | tee -a $L
   grep '^{"variant"' $OUT/$name.out >> $OUT/all.jsonl
   grep '^{"variant"' $OUT/$name.out | summary | tee -a $L
-  { echo "== $name"; tail -c 1200 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
+  { echo "== $name"; tail -c 1200 $OUT/$name.err; } >> $OUT/errs.txt
+  if ! grep -q '^{"variant"' $OUT/$name.out; then  # no result (a timeout): keep what it printed, for the cause
+    { echo "== $name: no result line; its last output"; tail -c 3000 $OUT/$name.out; tail -c 3000 $OUT/$name.err; } >> $OUT/noresult.txt
+  fi
+  rm -f $OUT/$name.out $OUT/$name.err
 }
 peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
   # (its JSON lines go to log.txt and, wrapped as {"peer": NAME, "r": ...}, to all.jsonl; not to the call's stdout)
