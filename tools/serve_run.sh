@@ -14,6 +14,11 @@ python -c "import torch, transformers, peft, fastapi, uvicorn, pydantic; print(t
 # (GPU_TESTS / GPU_K: other test files / a -k selection, for a run that checks one new lever)
 timeout -k 5 ${BOX0:-150} python -m pytest -q -rfE -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_infer_engine.py tests/test_decode_fast.py} ${GPU_K:+-k "$GPU_K"} > "$out/gpu_tests.txt" 2>&1
 echo "rc=$? gpu tests (decode == plain generate with the levers on)" >> "$out/phases.txt"
+# the decode attention kernel alone against the SDPA path (tools/bench_decode_attn.py), when BOXA is set
+if [ -n "${BOXA:-}" ]; then
+  timeout -k 5 "$BOXA" python tools/bench_decode_attn.py --out "$out/dattn.jsonl" > "$out/dattn.txt" 2>&1
+  echo "rc=$? box=$BOXA bench_decode_attn" >> "$out/phases.txt"
+fi
 run() { local box=$1; shift; timeout -k 5 "$box" python tools/bench_serve.py --workdir $W --out "$out/serve.jsonl" "$@"; echo "rc=$? box=$box $*" >> "$out/phases.txt"; }
 run ${BOX1:-195} --phases single16 --fast ${FAST16:-fast,cprefill,ahead,ahead_cprefill} 2>> "$out/log.txt"
 run ${BOX2:-120} --phases serve16 ${SERVE_ENV:+--serve-env $SERVE_ENV} --serve-settings ${SETTINGS:-8192/5,0/5,8192/0.5} 2>> "$out/log.txt"
