@@ -259,7 +259,7 @@ AHEAD_DEFAULT = 8  # greedy steps per host sync on CUDA when TUNELAB_DECODE_AHEA
 
 def _ahead_steps(device=None) -> int:
     """TUNELAB_DECODE_AHEAD: greedy decode steps per host sync in the static backend. Unset or 'auto': 8 on CUDA
-    (measured on the H200: +1-3% single-stream tokens/s, the same tokens), 1 elsewhere; 0 or 1: one step."""
+    (measured on the H200: +1-3% single-stream tokens/s, the same tokens), one step elsewhere; 0 or 1: one step."""
     value = os.environ.get("TUNELAB_DECODE_AHEAD", "auto").strip().lower() or "auto"
     if value == "auto":
         return AHEAD_DEFAULT if str(getattr(device, "type", device)).startswith("cuda") else 0

@@ -21,12 +21,13 @@ float32 accumulator), the online softmax in float32, P V as two tensor-core prod
 query's dtype at the end: the float32 reference rounded, to about a unit in the last place
 (tests/test_decode_attn.py states the tolerances; the decoder's GPU test checks greedy tokens against plain
 generate). Under Triton's CPU interpreter, whose 16-bit tl.dot is wrong, the same 16-bit operands (P's split
-included) are multiplied as float32.
+included) are multiplied as float32. A row whose mask is all False gives zeros (SDPA gives NaN): the decoder
+never builds one.
 
 History: the first version (H200 run of 2026-12-02) ran both products in float32 without tensor cores
 (`input_precision="ieee"`): at batch 1 it took 8.1 us a layer against cuDNN's 13.9 (replay 5.47 ms against 5.57),
 at batch 32 over 512 positions the step's replay went from 7.5 to 11.5 ms: the scalar products, not memory,
-bounded it. Hence the tensor-core form (not measured yet: the lever stays off by default). A row whose mask is all False gives zeros (SDPA gives NaN): the decoder never builds one.
+bounded it. Hence the tensor-core form (not measured yet: the lever stays off by default).
 
 `decode_attention(q, k, v, mask, scale)` is the entry point: inline when eager, the custom op
 tunelab::decode_attention inside torch.compile (an opaque call in the compiled decoder layer). `supported()`
