@@ -154,6 +154,63 @@ def test_levers_fused_base_gemms_and_lora_reductions_keep_the_greedy_tokens(lora
     eng.unload()
 
 
+@pytest.mark.parametrize("dtype, label", [("bfloat16", "one adapter"), ("auto", "two adapters")])
+def test_lora_fold_lever_keeps_the_greedy_tokens_and_drops_the_a_products(lora_run, monkeypatch, dtype, label):
+    """TUNELAB_LORA_FOLD (with the fused GEMMs and the reductions): each projection's or group's LoRA A rows are
+    appended below its base weight, so the compiled layer runs 4 GEMMs (q/k/v, o, gate/up, down) and no LoRA A
+    product; the greedy tokens stay the eager decoder's (bf16 with one adapter: the 16-bit A rows; the default
+    dtype with two stacked adapters and the base); the base weights are views of the folded buffers holding the
+    same values; a second router with the same adapters uses the folded rows, one with other adapters does not
+    (the buffers hold the first one's A rows) and gives the unfolded decoder's tokens; plain generate on the re-homed weights is unchanged."""
+    import torch
+
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = _engine(lora_run, infer_dtype=dtype)
+    eng.add_adapter("second", TOOL_ADAPTER)
+    routed = ["default"] if label == "one adapter" else ["default", "second"]
+    plan = [(p, routed[i % len(routed)]) for i, p in enumerate(PROMPTS)] + [(PROMPTS[0], None)]
+    lm = eng.model.get_base_model()
+    mlp, attn = lm.model.layers[0].mlp, lm.model.layers[0].self_attn
+    before = {n: getattr(mlp, n).base_layer.weight.detach().clone() for n in ("gate_proj", "up_proj", "down_proj")}
+    before["o_proj"] = attn.o_proj.base_layer.weight.detach().clone()
+    plain = eng.generate_ids([PROMPTS[0]], max_new_tokens=6)[0]
+    torch._dynamo.reset()
+    reference = _decode(SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed), plan)
+    for k, v in {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "1", "TUNELAB_PACK_GQA": "1", "TUNELAB_LORA_FOLD": "1"}.items():
+        monkeypatch.setenv(k, v)
+    graphs: list = []
+    dec = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed, compile=True, compile_backend=_recording_backend(graphs))
+    assert dec.router.folding and dec.router.folded_layers == 4 * 2, dec.router.folded_layers  # 4 GEMMs x 2 layers
+    assert _decode(dec, plan) == reference, label
+    ops = graphs[0]
+    mm = ops["<built-in function linear>"] + ops["<built-in function matmul>"]
+    assert mm == 4, ops  # the folded base GEMMs; the B products are reductions (multiply + sum)
+    width = sum(eng.model.peft_config[n].r for n in routed)  # the ranks stacked
+    assert attn.q_proj._tl_wcat.shape[0] == sum(getattr(attn, n).base_layer.out_features for n in ("q_proj", "k_proj", "v_proj")) + 3 * width
+    assert attn.o_proj._tl_wfold.shape == (attn.o_proj.base_layer.out_features + width, attn.o_proj.base_layer.in_features)
+    a_o = dec.router._a_rows(attn.o_proj)
+    assert a_o.shape[0] == width
+    assert torch.equal(attn.o_proj._tl_wfold[attn.o_proj._tl_nbase :], a_o.to(attn.o_proj._tl_wfold.dtype))
+    for n, w in before.items():
+        layer = getattr(mlp, n, None) or attn.o_proj
+        buf = mlp.gate_proj._tl_wcat if n in ("gate_proj", "up_proj") else layer._tl_wfold
+        assert layer.base_layer.weight.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), n
+        assert torch.equal(layer.base_layer.weight, w), n
+    again = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=routed, compile=True, compile_backend=_recording_backend([]))
+    assert again.router.folding and again.router.folded_layers == 8  # the same adapters: the folded rows are its own
+    assert _decode(again, plan) == reference, label
+    other = ["second"] if label == "one adapter" else ["second", "default"]  # other A rows: it must not use the fold
+    monkeypatch.delenv("TUNELAB_LORA_FOLD")
+    want = _decode(SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=other), [(p, other[0]) for p, _ in plan])
+    monkeypatch.setenv("TUNELAB_LORA_FOLD", "1")
+    second = SlotDecoder(eng.model, max_slots=4, max_len=64, adapters=other, compile=True, compile_backend=_recording_backend([]))
+    assert not second.router.folding and second.router.folded_layers == 0
+    assert _decode(second, [(p, other[0]) for p, _ in plan]) == want, label
+    assert eng.generate_ids([PROMPTS[0]], max_new_tokens=6)[0] == plain  # plain generate on the re-homed weights
+    eng.unload()
+
+
 def test_packed_gqa_attention_equals_sdpa_over_repeated_heads():
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -333,13 +333,15 @@ def test_batched_prefill_equals_one_prompt_prefills(two_adapters):
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [{"infer_dtype": "float32"}, {"infer_dtype": "bfloat16"}, {"quantization_bit": 4},
                                    {"infer_dtype": "bfloat16", "env": {"TUNELAB_DECODE_ATTN": "1"}},
-                                   {"quantization_bit": 4, "env": {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_COMPILE_PREFILL": "1"}}],
-                         ids=["fp32", "bf16", "nf4", "bf16-decode-attn", "nf4-decode-attn-cprefill"])
+                                   {"quantization_bit": 4, "env": {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_COMPILE_PREFILL": "1"}},
+                                   {"infer_dtype": "bfloat16", "env": {"TUNELAB_LORA_FOLD": "1"}},
+                                   {"infer_dtype": "bfloat16", "env": {"TUNELAB_LORA_FOLD": "1", "TUNELAB_DECODE_ATTN": "1"}}],
+                         ids=["fp32", "bf16", "nf4", "bf16-decode-attn", "nf4-decode-attn-cprefill", "bf16-lora-fold", "bf16-lora-fold-decode-attn"])
 def test_gpu_static_graph_decode_equals_plain_generate(lora_run, extra, monkeypatch):
     """On CUDA the static backend replays captured CUDA graphs of the compiled decode step (torch.compile of the
     decoder layer, grouped LoRA products, flat 4-bit scales); greedy tokens equal plain generate (fp32 and bf16
-    tiny model with its LoRA adapter, and the 4-bit NF4 base; with the Triton decode attention and the compiled
-    prefill levers on)."""
+    tiny model with its LoRA adapter, and the 4-bit NF4 base; with the Triton decode attention, the compiled
+    prefill and the LoRA fold levers on)."""
     import torch
 
     from tunelab.infer.engine import HFDecodeBackend, StaticDecodeBackend
@@ -364,13 +366,15 @@ def test_gpu_static_graph_decode_equals_plain_generate(lora_run, extra, monkeypa
         "batched_equal": batched == expected,
         "graphs": (len(dec.graphs), len(dec.batch_buckets) * len(dec.len_buckets), dec.graph_error),
         "compiled": (dec.compiled is not None, dec.compile_error, dec.warmup_seconds), "lora_groups": dec.router.groups,
-        "decode_kernel": dec.decode_kernel, "compile_prefill": dec.compile_prefill,
+        "decode_kernel": dec.decode_kernel, "compile_prefill": dec.compile_prefill, "folded": dec.router.folded_layers,
     }
     eng.unload()
     print(report)
     assert report["graphs"][0] == report["graphs"][1] and report["graphs"][2] is None, report
     assert report["compiled"][:2] == (True, None) and report["lora_groups"] == 4, report
     assert report["solo_equal"], report
+    if os.environ.get("TUNELAB_LORA_FOLD") == "1":
+        assert report["folded"] == 4 * 2, report  # q/k/v, o, gate/up, down in the 2 layers
     from tunelab.infer.adapters import lever
     from tunelab.infer.decoder import DECODE_ATTN_DEFAULT
 

@@ -100,6 +100,9 @@ FAST = {
     "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
     # the split-K Triton decode attention (first form measured 2026-12-02: docs/serve.md; off by default) (model/fast/decode_attn.py) in place of SDPA's
     "dattn": ("tunelab fast + Triton decode attention", {"TUNELAB_DECODE_ATTN": "1"}),
+    # LoRA A rows appended to the base weights (the A products out of the base GEMMs; built 2026-12-02, off by default)
+    "fold": ("tunelab fast + LoRA A folded into the base GEMMs", {"TUNELAB_LORA_FOLD": "1"}),
+    "fold_dattn": ("tunelab fast + LoRA A folded + Triton decode attention", {"TUNELAB_LORA_FOLD": "1", "TUNELAB_DECODE_ATTN": "1"}),
     "dattn_ahead_cprefill": ("tunelab fast + Triton decode attention + 8 steps per sync + compiled prefill",
                              {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
 }
@@ -167,7 +170,8 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
                    "cuda_graphs": len(dec.graphs), "graph_error": dec.graph_error, "compiled": dec.compiled is not None,
                    "compile_error": dec.compile_error, "decoder_build_s": round(dec.warmup_seconds, 1),
                    "lora_groups": dec.router.groups if dec.router else None,
-                   "fused_projections": getattr(dec.router, "fused", None) if dec.router else None, **step_profile(dec)}
+                   "fused_projections": getattr(dec.router, "fused", None) if dec.router else None,
+                   "folded_lora": getattr(dec.router, "folded_layers", None) if dec.router else None, **step_profile(dec)}
             if key != "fast" and "fast" in tokens:
                 row["first_difference_vs_fast"] = first_diff(tokens["fast"], tokens[key])
         except Exception:

@@ -85,12 +85,19 @@ class AdapterRouter:
         self.members = set(self.layers)
         self.stash: tuple[Any, Any] | None = None
         self.base_stash: tuple[Any, Any] | None = None
+        self.fold_stash: tuple[Any, Any] | None = None  # a folded group leader's x @ A^T columns for its input
         # decode levers (docs/serve.md), on by default on CUDA where they were measured: the LoRA products as
         # broadcast-multiply + sum while compiling (Triton reductions that inductor fuses with their neighbours
         # instead of cuBLAS calls), and the q/k/v and gate/up base GEMMs as one GEMM per group (their weights
         # re-homed into one buffer); TUNELAB_LORA_REDUCE=0 / TUNELAB_FUSE_PROJ=0 turn them off, =1 forces them
         self.reduce = lever("TUNELAB_LORA_REDUCE", device)
         self.fuse = lever("TUNELAB_FUSE_PROJ", device)
+        # TUNELAB_LORA_FOLD (needs the fused GEMMs): each projection's (or group's) LoRA A rows appended to its
+        # 16-bit base weight buffer, so x @ A^T comes out of the base GEMM (see _fold_rows); only the first
+        # router of a model folds (its A rows are the ones in the buffers): `folding` says this one did
+        self.fold = self.fuse and lever("TUNELAB_LORA_FOLD", device, cuda_default=False)
+        self.folding = False
+        self.folded_layers = 0  # projections or groups whose base GEMM also yields their x @ A^T
         self.fused = 0  # groups whose base GEMMs are fused
         self.groups = 0
         self.plan: list[tuple[Any, ...]] | None = None
@@ -118,8 +125,29 @@ class AdapterRouter:
             for m, (role, start, stop, last) in members:
                 m._tl_role, m._tl_start, m._tl_stop, m._tl_last = role, start, stop, last
         self.groups = len(self.plan)
+        if self.fold and not self.folding:
+            grouped = {m for *_, members in self.plan for m, _ in members}
+            if not any(_rehomed(m) for m in self.layers):  # the model's first re-homing: this router's A rows go in
+                for lead, ga, _, _, members in self.plan:
+                    self.folded_layers += _fuse_base(lead, [m for m, _ in members], extra=ga)
+                for layer in self.layers:
+                    if layer not in grouped:
+                        self.folded_layers += _fold_base(layer, self._a_rows(layer))
+                self.folding = True
+            else:  # re-homed before: usable only if the rows there are this router's (the same adapters, in order)
+                found = [(lead, lead._tl_wcat, ga) for lead, ga, *_ in self.plan if getattr(lead, "_tl_nbase", None) is not None]
+                found += [(m, m._tl_wfold, self._a_rows(m)) for m in self.layers if m not in grouped and getattr(m, "_tl_wfold", None) is not None]
+                if found and all(_fold_matches(holder, buf, a) for holder, buf, a in found):
+                    self.folding, self.folded_layers = True, len(found)
         if self.fuse:
             self.fused = sum(_fuse_base(lead, [m for m, _ in members]) for lead, _, _, _, members in self.plan)
+
+    def _a_rows(self, layer: Any) -> Any:
+        """The A rows this router multiplies a projection's input by: the stacked A's, or the one adapter's."""
+        if self.stacked is not None:
+            return self.stacked.weights[id(layer)][0]
+        (name,) = self.names
+        return layer.lora_A[name].weight.detach() if name in layer.lora_A else None
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -130,6 +158,7 @@ class AdapterRouter:
             yield
         finally:
             _ACTIVE, self.current, self._cast, self.stash, self.base_stash = None, None, None, None, None
+            self.fold_stash = None
             if self.stacked is not None:
                 self.stacked.current, self.stacked.current_tiled = None, None
 
@@ -238,15 +267,21 @@ def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
     if router is None or router.current is None or layer.merged:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = _grouped_base(layer, router, x) if router.fuse else None  # this projection's slice of its group's GEMM
+    u = None  # x @ A^T from a folded base GEMM (an ungrouped projection)
     if result is None:
-        result = layer.base_layer(x, *args, **kwargs)
+        if router.folding and getattr(layer, "_tl_wfold", None) is not None:
+            out = torch.nn.functional.linear(x, layer._tl_wfold, layer._tl_bfold)
+            result, u = out[..., : layer._tl_nbase], out[..., layer._tl_nbase :]
+        else:
+            result = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     quantized = type(layer).__name__ != "Linear"
     grouped = _grouped_term(layer, router, x)  # this projection's slice of its group's LoRA product, or None
     if router.stacked is not None:
         if grouped is None:
             a_cat, b_cat = layer._tl_a_cat, layer._tl_b_cat
-            grouped = _mm_t(_mm_t(router.cast(x, a_cat.dtype), a_cat, router) * router.stacked.current, b_cat, router)
+            u = u.to(a_cat.dtype) if u is not None else _mm_t(router.cast(x, a_cat.dtype), a_cat, router)
+            grouped = _mm_t(u * router.stacked.current, b_cat, router)
         return result + grouped.to(dtype) if quantized else (result + grouped).to(dtype)
     for name, scale in router.current.items():
         if name not in layer.lora_A:
@@ -255,7 +290,9 @@ def _routed_forward(layer: Any, x: Any, *args: Any, **kwargs: Any):
             out = grouped  # one routed adapter: the group's product is this adapter's
         else:
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-            if router.reduce and _compiling():
+            if u is not None:  # the one routed adapter's A rows are the folded ones
+                out = _mm_t(u.to(lora_a.weight.dtype), lora_b.weight, router)
+            elif router.reduce and _compiling():
                 out = _mm_t(_mm_t(router.cast(x, lora_a.weight.dtype), lora_a.weight, router), lora_b.weight, router)
             else:
                 out = lora_b(lora_a(router.cast(x, lora_a.weight.dtype)))
@@ -285,7 +322,12 @@ def _grouped_term(layer: Any, router: AdapterRouter, x: Any):
         return None
     if role == 1:
         a, b = layer._tl_ga, layer._tl_gb
-        u = _mm_t(router.cast(x, a.dtype), a, router)
+        fold = router.fold_stash
+        if fold is not None and fold[0] is x:  # the group's base GEMM already gave x @ A_group^T
+            router.fold_stash = None
+            u = fold[1].to(a.dtype)
+        else:
+            u = _mm_t(router.cast(x, a.dtype), a, router)
         if router.stacked is not None:
             u = u * router.stacked.current_tiled[layer._tl_parts]  # each row's adapter block in every member
         router.stash = (x, _mm_t(u, b, router))
@@ -322,15 +364,69 @@ def _grouped_base(layer: Any, router: AdapterRouter, x: Any):
     if not role or getattr(layer, "_tl_wcat", None) is None and role == 1:
         return None
     if role == 1:
-        router.base_stash = (x, torch.nn.functional.linear(x, layer._tl_wcat, layer._tl_bcat))
+        out = torch.nn.functional.linear(x, layer._tl_wcat, layer._tl_bcat)
+        router.base_stash = (x, out)  # the members' slices are its first columns
+        nbase = getattr(layer, "_tl_nbase", None)
+        if nbase is not None and router.folding:
+            router.fold_stash = (x, out[..., nbase:])
     return _member_slice(router, "base_stash", layer, x)
 
 
-def _fuse_base(lead: Any, members: list[Any]) -> int:
+def _rehomed(layer: Any) -> bool:
+    return getattr(layer, "_tl_wcat", None) is not None or getattr(layer, "_tl_wfold", None) is not None
+
+
+def _fold_rows(w: Any, a: Any) -> Any | None:
+    """A's rows in the base weight's dtype, to append below it (None when A does not fit: no A, other input
+    width). The LoRA A product then comes out of the base GEMM: 16-bit operands (A rounded to the base's dtype,
+    as vLLM's and most servers' LoRA kernels hold it) with the GEMM's float32 accumulation, its result rounded
+    to 16 bits before the B product (PEFT: A in float32, x @ A^T in float32). One GEMM instead of a GEMM plus
+    a reduction kernel per projection or group at decode time; the extra rows are ~1% of the weight's bytes."""
+    if a is None or a.shape[1] != w.shape[1]:
+        return None
+    return a.detach().to(device=w.device, dtype=w.dtype)
+
+
+def _fold_matches(holder: Any, buf: Any, a: Any) -> bool:
+    """Whether the A rows folded into `buf` (below row holder._tl_nbase) are exactly `a`'s, as _fold_rows puts them."""
+    import torch
+
+    rows = _fold_rows(buf, a)
+    folded = buf[holder._tl_nbase :]
+    return rows is not None and rows.shape == folded.shape and bool(torch.equal(rows, folded))
+
+
+def _fold_base(layer: Any, a: Any) -> int:
+    """An ungrouped projection (o, down): its base weight (and bias) re-homed into a [out + rank, in] buffer
+    whose first rows are the weight (a view: the same values) and last ones its A rows (_fold_rows)."""
+    import torch
+
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear or base.weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return 0
+    rows = _fold_rows(base.weight, a)
+    if rows is None:
+        return 0
+    n = base.weight.shape[0]
+    with torch.no_grad():
+        wfold = torch.cat([base.weight.detach(), rows])
+        bfold = None if base.bias is None else torch.cat([base.bias.detach(), rows.new_zeros(rows.shape[0])])
+        base.weight = torch.nn.Parameter(wfold[:n], requires_grad=False)
+        if bfold is not None:
+            base.bias = torch.nn.Parameter(bfold[:n], requires_grad=False)
+    layer.register_buffer("_tl_wfold", wfold, persistent=False)
+    layer.register_buffer("_tl_bfold", bfold, persistent=False)
+    layer._tl_nbase = n
+    return 1
+
+
+def _fuse_base(lead: Any, members: list[Any], extra: Any = None) -> int:
     """Re-home the members' base weights (and biases) into one [sum of outputs, in] buffer, each member's
     weight a row-slice view of it (the same values, no extra memory), and put the buffer on the leader. 1 if
     done (or already done), 0 when the members are not plain 16-bit Linear layers of one dtype and device, or
-    their output slices differ from the LoRA group's (_tl_start/_tl_stop index both)."""
+    their output slices differ from the LoRA group's (_tl_start/_tl_stop index both). `extra` (the group's
+    stacked A, TUNELAB_LORA_FOLD): rows appended below the members' (_fold_rows), the leader's `_tl_nbase`
+    then says where they start."""
     import torch
 
     if getattr(lead, "_tl_wcat", None) is not None:
@@ -350,15 +446,20 @@ def _fuse_base(lead: Any, members: list[Any]) -> int:
     has_bias = [b.bias is not None for b in bases]
     if any(has_bias) and not all(has_bias):
         return 0
+    rows = _fold_rows(ws[0], extra) if extra is not None else None
+    if extra is not None and rows is None:
+        return 0
     with torch.no_grad():
-        wcat = torch.cat([w.detach() for w in ws])
-        bcat = torch.cat([b.bias.detach() for b in bases]) if all(has_bias) else None
+        wcat = torch.cat([w.detach() for w in ws] + ([rows] if rows is not None else []))
+        bcat = torch.cat([b.bias.detach() for b in bases] + ([rows.new_zeros(rows.shape[0])] if rows is not None else [])) if all(has_bias) else None
         for b, (lo, hi) in zip(bases, starts):
             b.weight = torch.nn.Parameter(wcat[lo:hi], requires_grad=False)
             if bcat is not None:
                 b.bias = torch.nn.Parameter(bcat[lo:hi], requires_grad=False)
     lead.register_buffer("_tl_wcat", wcat, persistent=False)
     lead.register_buffer("_tl_bcat", bcat, persistent=False)
+    if rows is not None:
+        lead._tl_nbase = at
     return 1
 
 
