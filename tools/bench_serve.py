@@ -88,7 +88,7 @@ def load_engine(base: str, adapter: str, bits: int | None):
 # the fast variants: environment each decoder is built under (read when a decoder and its router are made)
 FAST = {
     "eager": ("tunelab fast, eager layers", {"TUNELAB_COMPILE_DECODE": "0"}),
-    "fast": ("tunelab fast", {}),  # the defaults: on CUDA the three levers below, 8 steps per sync and the compiled prefill are on
+    "fast": ("tunelab fast", {}),  # the defaults: on CUDA every lever below is on (the fused GEMMs, reductions, packed GQA, fold, Triton attention, 8 steps per sync, compiled prefill)
     "nolevers": ("tunelab fast, no levers", {"TUNELAB_FUSE_PROJ": "0", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "0"}),
     "fuse_gqa": ("tunelab fast + fused GEMMs + packed-GQA attention", {"TUNELAB_FUSE_PROJ": "1", "TUNELAB_LORA_REDUCE": "0", "TUNELAB_PACK_GQA": "1"}),
     "all": ("tunelab fast + fused GEMMs + LoRA reductions + packed-GQA attention",
@@ -99,10 +99,13 @@ FAST = {
     "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "0"}),
     "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
     # the split-K Triton decode attention (first form measured 2026-12-02: docs/serve.md; off by default) (model/fast/decode_attn.py) in place of SDPA's
-    "dattn": ("tunelab fast + Triton decode attention", {"TUNELAB_DECODE_ATTN": "1"}),
-    # LoRA A rows appended to the base weights (the A products out of the base GEMMs; built 2026-12-02, off by default)
-    "fold": ("tunelab fast + LoRA A folded into the base GEMMs", {"TUNELAB_LORA_FOLD": "1"}),
+    "dattn": ("tunelab fast + Triton decode attention, no fold", {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_LORA_FOLD": "0"}),
+    # LoRA A rows appended to the base weights (the A products out of the base GEMMs): measured 2026-12-02 (run 5 of
+    # the day), on by default on CUDA since, with the Triton decode attention. A fold is made by the model's first
+    # router: list a folding variant first (later ones then run on the folded buffers, their GEMMs ~1% wider)
+    "fold": ("tunelab fast + LoRA A folded into the base GEMMs", {"TUNELAB_LORA_FOLD": "1", "TUNELAB_DECODE_ATTN": "0"}),
     "fold_dattn": ("tunelab fast + LoRA A folded + Triton decode attention", {"TUNELAB_LORA_FOLD": "1", "TUNELAB_DECODE_ATTN": "1"}),
+    "before_fold": ("tunelab fast, no fold, SDPA attention (the default before run 5)", {"TUNELAB_LORA_FOLD": "0", "TUNELAB_DECODE_ATTN": "0"}),
     "dattn_ahead_cprefill": ("tunelab fast + Triton decode attention + 8 steps per sync + compiled prefill",
                              {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
 }

@@ -91,11 +91,16 @@ class AdapterRouter:
         # instead of cuBLAS calls), and the q/k/v and gate/up base GEMMs as one GEMM per group (their weights
         # re-homed into one buffer); TUNELAB_LORA_REDUCE=0 / TUNELAB_FUSE_PROJ=0 turn them off, =1 forces them
         self.reduce = lever("TUNELAB_LORA_REDUCE", device)
+        try:  # the most rows a LoRA product is a reduction for (_mm_t); more rows: a GEMM
+            self.reduce_rows = max(1, int(os.environ.get("TUNELAB_LORA_REDUCE_ROWS", "1")))
+        except ValueError:
+            raise ModelError(f"TUNELAB_LORA_REDUCE_ROWS must be a whole number of rows, not {os.environ['TUNELAB_LORA_REDUCE_ROWS']!r}.") from None
         self.fuse = lever("TUNELAB_FUSE_PROJ", device)
-        # TUNELAB_LORA_FOLD (needs the fused GEMMs): each projection's (or group's) LoRA A rows appended to its
-        # 16-bit base weight buffer, so x @ A^T comes out of the base GEMM (see _fold_rows); only the first
-        # router of a model folds (its A rows are the ones in the buffers): `folding` says this one did
-        self.fold = self.fuse and lever("TUNELAB_LORA_FOLD", device, cuda_default=False)
+        # TUNELAB_LORA_FOLD (needs the fused GEMMs; on by default on CUDA since its 2026-12-02 run, docs/serve.md):
+        # each projection's (or group's) LoRA A rows appended to its 16-bit base weight buffer, so x @ A^T comes
+        # out of the base GEMM (see _fold_rows); the model's first router folds its A rows in, a later one uses
+        # them only if they are its own (_fold_matches): `folding` says whether this router does
+        self.fold = self.fuse and lever("TUNELAB_LORA_FOLD", device)
         self.folding = False
         self.folded_layers = 0  # projections or groups whose base GEMM also yields their x @ A^T
         self.fused = 0  # groups whose base GEMMs are fused
@@ -346,12 +351,24 @@ def _member_slice(router: AdapterRouter, attr: str, layer: Any, x: Any):
 
 
 def _mm_t(x: Any, w: Any, router: AdapterRouter):
-    """x @ w.t(); with the router's `reduce` lever, while compiling, as a broadcast multiply + sum over the
-    shared dimension: inductor emits a Triton reduction (fused with the cast before it, and for the second LoRA
-    product with the add after it) instead of a cuBLAS call. Same float32 products, another summation order."""
-    if router.reduce and _compiling():
+    """x @ w.t(); with the router's `reduce` lever, while compiling a forward of at most `reduce_rows` rows (one
+    token: the one-stream decode step), as a broadcast multiply + sum over the shared dimension: inductor emits
+    a Triton reduction (fused with the cast before it, and for the second LoRA product with the add after it)
+    instead of a cuBLAS call. Same float32 products, another summation order. More rows (a batched decode step,
+    a compiled prefill) stay cuBLAS GEMMs: the reduction reads w once per row (at 32 rows the gate/up B product
+    took 41 us a layer that way, 2026-12-02 run 5), a GEMM once."""
+    if router.reduce and _compiling() and _rows(x) <= router.reduce_rows:
         return (x.unsqueeze(-2) * w).sum(-1)
     return x @ w.t()
+
+
+def _rows(x: Any):
+    """Rows of x's product (all dimensions but the last). Under torch.compile a batch dimension >= 2 is a
+    symbol known to be >= 2, so comparing with 1 needs no new guard."""
+    n = 1
+    for d in x.shape[:-1]:
+        n = n * d
+    return n
 
 
 def _grouped_base(layer: Any, router: AdapterRouter, x: Any):

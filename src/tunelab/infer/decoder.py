@@ -232,7 +232,7 @@ def _packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 DECODE_KERNEL = "tunelab_decode_kernel"
-DECODE_ATTN_DEFAULT = False  # TUNELAB_DECODE_ATTN unset: whether CUDA decoders use the Triton decode attention
+DECODE_ATTN_DEFAULT = True  # TUNELAB_DECODE_ATTN unset: CUDA decoders use the Triton decode attention (measured 2026-12-02, docs/serve.md)
 
 
 def _decode_kernel_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
