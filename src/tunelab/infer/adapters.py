@@ -138,7 +138,7 @@ class AdapterRouter:
                 for layer in self.layers:
                     if layer not in grouped:
                         self.folded_layers += _fold_base(layer, self._a_rows(layer))
-                self.folding = True
+                self.folding = self.folded_layers > 0  # 4-bit bases: nothing to fold into
             else:  # re-homed before: usable only if the rows there are this router's (the same adapters, in order)
                 found = [(lead, lead._tl_wcat, ga) for lead, ga, *_ in self.plan if getattr(lead, "_tl_nbase", None) is not None]
                 found += [(m, m._tl_wfold, self._a_rows(m)) for m in self.layers if m not in grouped and getattr(m, "_tl_wfold", None) is not None]
