@@ -174,7 +174,9 @@ def single_stream(engine, label: str, prompt_len: int, new: int, out: str | None
                    "compile_error": dec.compile_error, "decoder_build_s": round(dec.warmup_seconds, 1),
                    "lora_groups": dec.router.groups if dec.router else None,
                    "fused_projections": getattr(dec.router, "fused", None) if dec.router else None,
-                   "folded_lora": getattr(dec.router, "folded_layers", None) if dec.router else None, **step_profile(dec)}
+                   "folded_lora": getattr(dec.router, "folded_layers", None) if dec.router else None,
+                   "compile_prefill": getattr(dec, "compile_prefill", None), "decode_kernel": getattr(dec, "decode_kernel", None),
+                   **step_profile(dec)}
             if key != "fast" and "fast" in tokens:
                 row["first_difference_vs_fast"] = first_diff(tokens["fast"], tokens[key])
         except Exception:
