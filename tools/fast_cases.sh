@@ -1,6 +1,7 @@
 #!/bin/bash
 # Shared by the fast-path device scripts (tools/fast_run6.sh, fast_run7.sh, ...): sourced, not run.
-# Sets the environment, the case helpers (case_: one tunelab bench invocation; peer: ../shared/bench/peer_bench.py
+# Sets the environment, the case helpers (case_: one tunelab bench invocation; one: one variant at one shape through
+# the bench's --single form, its progress kept in $OUT/progress.txt; peer: ../shared/bench/peer_bench.py
 # through .peerbench, Unsloth's site first on its own path only), each time-boxed against END seconds with its
 # JSON lines appended to $OUT/all.jsonl as soon as it ends; then starts writing the random-init 7B in the
 # background ($BUILD: wait for it before the first case). Set END before sourcing to change the budget.
@@ -28,6 +29,32 @@ case_() {  # case_ NAME WANT ARGS...: one bench invocation, its JSON lines appen
     { echo "== $name: no result line; its last output"; tail -c 3000 $OUT/$name.out; tail -c 3000 $OUT/$name.err; } >> $OUT/noresult.txt
   fi
   rm -f $OUT/$name.out $OUT/$name.err
+}
+one() {  # one NAME WANT VARIANT SHAPE [ARGS...]: one measurement, the bench's `--single` form run directly
+  # (no parent process: its JSON line reaches the file the moment it is printed, not when the child exits; run 10's
+  # cases hit their boxes with the parent still waiting). The output is polled each second: new lines go to
+  # $OUT/progress.txt stamped with the script's seconds (the Trainer's per-step log dicts show how far a case got,
+  # also when its box ends first); 5 s after the result line the process is stopped if it has not exited.
+  local name=$1 t v=$3 s=$4 pid n=0 m at0=$SECONDS done_at= rc; t=$(box "$2"); shift 4
+  if [ "$t" -lt 35 ]; then echo "skip $name (no time left)" | tee -a $L; return; fi
+  echo "== $name (box ${t}s, at ${SECONDS}s)" | tee -a $L; echo "== $name $v $s $* (start at ${SECONDS}s)" >> $OUT/progress.txt
+  timeout -k 10 "$t" $B --single "$v" --model-dir $M --shapes "$s" --steps $PAIR_STEPS "$@" > $OUT/$name.out 2>&1 &
+  pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    sleep 1; m=$(wc -l < $OUT/$name.out)
+    if [ "$m" -gt "$n" ]; then sed -n "$((n + 1)),${m}p" $OUT/$name.out | cut -c1-400 | sed "s/^/[$SECONDS] /" >> $OUT/progress.txt; n=$m; fi
+    if [ -z "$done_at" ] && grep -q '^{"variant"' $OUT/$name.out; then done_at=$SECONDS; fi
+    if [ -n "$done_at" ] && [ $((SECONDS - done_at)) -ge 5 ]; then echo "[$SECONDS] result at ${done_at}s, not exited 5 s later: stopped" >> $OUT/progress.txt; kill -TERM $pid; break; fi
+  done
+  wait $pid; rc=$?
+  echo "rc=$rc at ${SECONDS}s (case wall $((SECONDS - at0)) s, result line at ${done_at:-none} s)" | tee -a $L
+  grep '^{"variant"' $OUT/$name.out >> $OUT/all.jsonl
+  grep '^{"variant"' $OUT/$name.out | summary | tee -a $L
+  { echo "== $name"; grep -v '^{"variant"' $OUT/$name.out | tail -c 1200; } >> $OUT/errs.txt
+  if [ -z "$done_at" ]; then
+    { echo "== $name: no result line; its last output"; tail -c 3000 $OUT/$name.out; } >> $OUT/noresult.txt
+  fi
+  rm -f $OUT/$name.out
 }
 peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
   # (its JSON lines go to log.txt and, wrapped as {"peer": NAME, "r": ...}, to all.jsonl; not to the call's stdout)
