@@ -10,6 +10,8 @@
 #  build the 7B (~60 s) -> default 4x1024 -> default 2x4096 -> Unsloth 4x1024, 2x4096, 1x1024 in one process
 #  (one load; 132 s in run 10) -> default 1x1024 -> 16-bit LoRA 4x1024 -> packed alpaca-like -> plain path
 #  4x1024, each skipped when fewer than 35 s are left.
+# Ran as run 11 (session 2026-12-02 #3): every case up to the packed one printed its result (31-47 s a case,
+# 371 s in all, 456 s of device budget); the plain path was skipped for time. Figures: docs/fastpath.md, "Run 11".
 OUT=${1:-${OUT:?}}; export OUT
 END=${END:-400}
 source "$(dirname "$0")/fast_cases.sh"
