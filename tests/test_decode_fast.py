@@ -276,3 +276,30 @@ def test_compiled_prefill_lever_keeps_logits_cache_rows_and_tokens(lora_run, mon
             dec.release(slot)
     assert _decode(dec, plan) == tokens
     eng.unload()
+
+
+def test_fold_and_fuse_leave_offloaded_or_meta_weights_alone():
+    """A base weight on the meta device (or swapped in by an accelerate offload hook) is never re-homed: the fold
+    and the fused GEMMs decline (0) and the layer keeps its own weight; a real one is folded below its rows."""
+    import torch
+
+    from tunelab.infer.adapters import _fold_base, _fuse_base
+
+    def layer(device):
+        m = torch.nn.Module()
+        with torch.device(device):
+            m.base_layer = torch.nn.Linear(8, 6, bias=True)
+        return m
+
+    a = torch.randn(2, 8)
+    meta = layer("meta")
+    assert _fold_base(meta, a) == 0 and not hasattr(meta, "_tl_wfold")
+    hooked = layer("cpu")
+    hooked.base_layer._hf_hook = object()
+    assert _fold_base(hooked, a) == 0 and _fuse_base(hooked, [hooked]) == 0
+    real = layer("cpu")
+    w, b = real.base_layer.weight.detach().clone(), real.base_layer.bias.detach().clone()
+    assert _fold_base(real, a) == 1 and real._tl_nbase == 6
+    assert torch.equal(real._tl_wfold, torch.cat([w, a])) and torch.equal(real._tl_bfold, torch.cat([b, torch.zeros(2)]))
+    assert real.base_layer.weight.untyped_storage().data_ptr() == real._tl_wfold.untyped_storage().data_ptr()
+    assert _fold_base(layer("cpu"), torch.randn(2, 5)) == 0  # A of another input width
