@@ -449,8 +449,10 @@ class SlotDecoder:
         import torch
 
         n = ids.shape[1]
-        cache = _PrefillCache(self.keys, self.values, torch.tensor([slot], device=self.device))
         with torch.inference_mode(), self._route(adapter=adapter), self.compiled.active():
+            # the slot index made in inference mode whoever calls (warm-up or a request under inference_mode):
+            # the compiled graph guards on the tensor's kind and would otherwise compile twice
+            cache = _PrefillCache(self.keys, self.values, torch.tensor([slot], device=self.device))
             out = self.lm(input_ids=ids, position_ids=self.arange[:n].view(1, n), attention_mask={t: None for t in self.layer_types},
                           use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         self.lengths[slot] = n
@@ -672,12 +674,17 @@ class SlotDecoder:
             self.prefill(0, list(dummy_prompt))
             self.release(0)
         if self.compile_prefill:  # compile the prefill now, not at the first request (dynamic prompt length)
-            try:
-                self.prefill(0, list(dummy_prompt) * 8)
-            except Exception as exc:
-                self.compile_prefill = False
-                logger.warning("compiled prefill failed (%s); prefilling eagerly", _error(exc))
-            self.release(0)
+            # two lengths: dynamo compiles the first prompt length it sees as a constant and recompiles with a
+            # symbolic length at the next one (seen on the CPU, transformers 5.24): both compilations here
+            for reps in (8, 12):
+                try:
+                    self.prefill(0, list(dummy_prompt) * reps)
+                except Exception as exc:
+                    self.compile_prefill = False
+                    logger.warning("compiled prefill failed (%s); prefilling eagerly", _error(exc))
+                self.release(0)
+                if not self.compile_prefill:
+                    break
         if not self.use_graphs or self.graphs:
             return
         t = time.perf_counter()
