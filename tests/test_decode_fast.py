@@ -326,3 +326,14 @@ def test_compiled_prefill_is_compiled_at_warmup_not_at_the_first_prompts(lora_ru
             dec.release(0)
     assert not counters["stats"].get("unique_graphs"), dict(counters["stats"])
     eng.unload()
+
+
+def test_a_bad_reduce_rows_setting_is_a_sentence(lora_run, monkeypatch):
+    from tunelab.errors import ModelError
+    from tunelab.infer.decoder import SlotDecoder
+
+    eng = _engine(lora_run)
+    monkeypatch.setenv("TUNELAB_LORA_REDUCE_ROWS", "two")
+    with pytest.raises(ModelError, match=r"TUNELAB_LORA_REDUCE_ROWS must be a whole number of rows, not 'two'\."):
+        SlotDecoder(eng.model, max_slots=2, max_len=32, adapters=["default"])
+    eng.unload()

@@ -371,12 +371,11 @@ def test_gpu_static_graph_decode_equals_plain_generate(lora_run, extra, monkeypa
     assert report["graphs"][0] == report["graphs"][1] and report["graphs"][2] is None, report
     assert report["compiled"][:2] == (True, None) and report["lora_groups"] == 4, report
     assert report["solo_equal"], report
-    from tunelab.infer.adapters import lever as _lever
-
-    folds = _lever("TUNELAB_LORA_FOLD", "cuda") and "quantization_bit" not in extra  # 16-bit bases only
-    assert report["folded"] == (4 * 2 if folds else 0), report  # q/k/v, o, gate/up, down in the 2 layers
     from tunelab.infer.adapters import lever
     from tunelab.infer.decoder import DECODE_ATTN_DEFAULT
+
+    folds = lever("TUNELAB_LORA_FOLD", "cuda") and "quantization_bit" not in extra  # 16-bit bases only
+    assert report["folded"] == (4 * 2 if folds else 0), report  # q/k/v, o, gate/up, down in the 2 layers
 
     assert report["decode_kernel"] == lever("TUNELAB_DECODE_ATTN", "cuda", cuda_default=DECODE_ATTN_DEFAULT), report
     if "infer_dtype" in extra and extra["infer_dtype"] == "float32":

@@ -98,7 +98,7 @@ FAST = {
     "cprefill": ("tunelab fast + compiled prefill", {"TUNELAB_COMPILE_PREFILL": "1", "TUNELAB_DECODE_AHEAD": "0"}),
     "ahead": ("tunelab fast + 8 steps per sync", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "0"}),
     "ahead_cprefill": ("tunelab fast + 8 steps per sync + compiled prefill", {"TUNELAB_DECODE_AHEAD": "8", "TUNELAB_COMPILE_PREFILL": "1"}),
-    # the split-K Triton decode attention (first form measured 2026-12-02: docs/serve.md; off by default) (model/fast/decode_attn.py) in place of SDPA's
+    # the split-K Triton decode attention (model/fast/decode_attn.py) in place of SDPA's: on by default on CUDA since run 5 of 2026-12-02
     "dattn": ("tunelab fast + Triton decode attention, no fold", {"TUNELAB_DECODE_ATTN": "1", "TUNELAB_LORA_FOLD": "0"}),
     # LoRA A rows appended to the base weights (the A products out of the base GEMMs): measured 2026-12-02 (run 5 of
     # the day), on by default on CUDA since, with the Triton decode attention. A fold is made by the model's first

@@ -22,13 +22,19 @@ case_() {  # case_ NAME WANT ARGS...: one bench invocation, its JSON lines appen
   if [ "$t" -lt 35 ]; then echo "skip $name (no time left)" | tee -a $L; return; fi
   echo "== $name (box ${t}s, at ${SECONDS}s)" | tee -a $L
   timeout "$t" $B "$@" > $OUT/$name.out 2>$OUT/$name.err; echo "rc=$? at ${SECONDS}s" | tee -a $L
-  grep '^{"variant"' $OUT/$name.out >> $OUT/all.jsonl
-  grep '^{"variant"' $OUT/$name.out | summary | tee -a $L
-  { echo "== $name"; tail -c 1200 $OUT/$name.err; } >> $OUT/errs.txt
-  if ! grep -q '^{"variant"' $OUT/$name.out; then  # no result (a timeout): keep what it printed, for the cause
-    { echo "== $name: no result line; its last output"; tail -c 3000 $OUT/$name.out; tail -c 3000 $OUT/$name.err; } >> $OUT/noresult.txt
+  keep "$name"
+}
+keep() {  # keep NAME: a finished case's JSON lines into all.jsonl (+ their summary in the log), its other output's
+  # tail into errs.txt (from $OUT/NAME.err, or from NAME.out's non-result lines when stderr went there), and, when
+  # it printed no result (a timeout), its last output into noresult.txt for the cause; then its files go
+  local name=$1 out=$OUT/$1.out err=$OUT/$1.err
+  grep '^{"variant"' $out >> $OUT/all.jsonl
+  grep '^{"variant"' $out | summary | tee -a $L
+  { echo "== $name"; if [ -f $err ]; then tail -c 1200 $err; else grep -v '^{"variant"' $out | tail -c 1200; fi; } >> $OUT/errs.txt
+  if ! grep -q '^{"variant"' $out; then
+    { echo "== $name: no result line; its last output"; tail -c 3000 $out; if [ -f $err ]; then tail -c 3000 $err; fi; } >> $OUT/noresult.txt
   fi
-  rm -f $OUT/$name.out $OUT/$name.err
+  rm -f $out $err
 }
 one() {  # one NAME WANT VARIANT SHAPE [ARGS...]: one measurement, the bench's `--single` form run directly
   # (no parent process: its JSON line reaches the file the moment it is printed, not when the child exits; run 10's
@@ -48,13 +54,7 @@ one() {  # one NAME WANT VARIANT SHAPE [ARGS...]: one measurement, the bench's `
   done
   wait $pid; rc=$?
   echo "rc=$rc at ${SECONDS}s (case wall $((SECONDS - at0)) s, result line at ${done_at:-none} s)" | tee -a $L
-  grep '^{"variant"' $OUT/$name.out >> $OUT/all.jsonl
-  grep '^{"variant"' $OUT/$name.out | summary | tee -a $L
-  { echo "== $name"; grep -v '^{"variant"' $OUT/$name.out | tail -c 1200; } >> $OUT/errs.txt
-  if [ -z "$done_at" ]; then
-    { echo "== $name: no result line; its last output"; tail -c 3000 $OUT/$name.out; } >> $OUT/noresult.txt
-  fi
-  rm -f $OUT/$name.out
+  keep "$name"
 }
 peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
   # (its JSON lines go to log.txt and, wrapped as {"peer": NAME, "r": ...}, to all.jsonl; not to the call's stdout)

@@ -393,10 +393,14 @@ def _rehomed(layer: Any) -> bool:
     return getattr(layer, "_tl_wcat", None) is not None or getattr(layer, "_tl_wfold", None) is not None
 
 
-def _movable(base: Any) -> bool:
-    """Whether a base Linear's weight may be re-homed: a real tensor (not on the meta device) that no accelerate
-    offload hook swaps in at forward time (device_map with CPU/disk offload)."""
-    return base.weight.device.type != "meta" and getattr(base, "_hf_hook", None) is None
+def _rehomable(base: Any) -> bool:
+    """Whether a base layer's weight may be re-homed into a shared buffer (_fuse_base, _fold_base): a plain
+    16/32-bit torch Linear whose weight is a real tensor (not on the meta device) that no accelerate offload hook
+    swaps in at forward time (device_map with CPU/disk offload)."""
+    import torch
+
+    return (type(base) is torch.nn.Linear and base.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and base.weight.device.type != "meta" and getattr(base, "_hf_hook", None) is None)
 
 
 def _fold_rows(w: Any, a: Any) -> Any | None:
@@ -425,9 +429,7 @@ def _fold_base(layer: Any, a: Any) -> int:
     import torch
 
     base = layer.base_layer
-    if type(base) is not torch.nn.Linear or base.weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return 0
-    if not _movable(base):
+    if not _rehomable(base):
         return 0
     rows = _fold_rows(base.weight, a)
     if rows is None:
@@ -457,10 +459,10 @@ def _fuse_base(lead: Any, members: list[Any], extra: Any = None) -> int:
     if getattr(lead, "_tl_wcat", None) is not None:
         return 1
     bases = [m.base_layer for m in members]
-    if not all(type(b) is torch.nn.Linear for b in bases) or not all(_movable(b) for b in bases):
+    if not all(_rehomable(b) for b in bases):
         return 0
     ws = [b.weight for b in bases]
-    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1 or not all(w.dtype in (torch.bfloat16, torch.float16, torch.float32) for w in ws):
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
         return 0
     starts, at = [], 0
     for w in ws:
