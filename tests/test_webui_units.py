@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import string
 import subprocess
 import sys
@@ -78,6 +79,13 @@ def test_a_second_start_on_the_same_device_is_refused_and_writes_nothing(tmp_pat
     busy.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tunelab", "train"])
     try:
+        # Popen can return (vfork) before the kernel has set the child's argument pages: /proc/<pid>/cmdline reads
+        # empty for that moment, and pid_alive, which checks it for "tunelab", would call the run dead (one
+        # fresh-clone CI run failed so). Wait for the command line the run check reads.
+        deadline = time.time() + 10
+        cmdline = pathlib.Path(f"/proc/{sleeper.pid}/cmdline")
+        while os.path.isdir("/proc") and b"tunelab" not in cmdline.read_bytes() and time.time() < deadline:
+            time.sleep(0.01)
         (busy / runs.RUN_FILE).write_text(json.dumps({"pid": sleeper.pid, "device": runs.current_device(), "started": time.time()}))
         other = tmp_path / "saves" / "other"
         with pytest.raises(ConfigError, match=f"already training on {runs.current_device()}.*pid {sleeper.pid}"):
