@@ -275,7 +275,8 @@ def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # 
     if device == "cpu":
         assert model.tunelab_fast_path == [] and patched == []
     else:  # the defaults on one GPU: fused projections, the host embedding with the offload, compiled layers
-        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "offload(2 layers)", "compile(2 layers)"]
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "offload(2 layers)",
+                                           "split-recompute(2 layers)", "compile(2 layers)"]
         assert len(patched) == 14
         assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
         assert resolved.fast_path.startswith("on (qwen2 LoRA on ") and "2 decoder layers compiled" in resolved.fast_path

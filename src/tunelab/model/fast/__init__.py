@@ -14,7 +14,11 @@ default: on where it applies). What it installs (one file per fused op, each bes
   SwiGLU itself, so Liger's module kernels are left out where it applies (kernels.apply_kernels asks first).
 * offload.py: checkpointed layer inputs in pinned host memory (on by default on one process;
   TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it off); each layer's forward is then compiled under the eager offloading
-  checkpoint instead of the whole checkpointed call.
+  checkpoint instead of the whole checkpointed call. Its first pass takes the fused projections too
+  (TUNELAB_FUSED_FIRST_PASS=0: PEFT's no-grad path).
+* split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
+  (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input;
+  TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
 * embed.py: the frozen input embedding in pinned host memory (on by default with the offload: 4-bit base, one
   process, untied head; TUNELAB_HOST_EMBEDDING=0/1 forces it).
 
@@ -114,25 +118,50 @@ def offload_decision(cfg, resolved) -> tuple[bool, str]:
     return True, "checkpointed layer inputs in pinned host memory"
 
 
+class Passes:
+    """Switches the checkpoint offload (offload.py, split.py) sets around its own calls; read by _fast_forward, so
+    a compiled caller is guarded on them (each of those functions always sees the same values).
+    first_pass: the offload's no-grad first pass takes the fused function too (as plain arithmetic, no autograd
+    state), not PEFT's inference path (bitsandbytes' three-launch dequantize and a separate LoRA pass); other
+    no-grad calls (evaluation, generation) keep PEFT's."""
+    first_pass = False
+
+
+def fused_args(module, x_dtype=None):
+    """(weight, quant_state, bias, lora_a, lora_b, scale, dtype) when a call of this patched layer is the fused
+    case (one active adapter, not disabled or merged, its packed weight still quantized), else None; dtype: the
+    compute dtype (autocast's on CUDA, else the base layer's)."""
+    import torch
+
+    if module.disable_adapters or module.merged:
+        return None
+    active = module.active_adapters
+    if len(active) != 1 or active[0] != module._tunelab_adapter:
+        return None
+    name = module._tunelab_adapter
+    weight = module._tunelab_base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if module._tunelab_quantized and quant_state is None:  # the packed weight was replaced (a wrapper, sharding)
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else module._tunelab_dtype
+    return (weight, quant_state, module._tunelab_base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+            module.scaling[name], dtype)
+
+
 def _fast_forward(self, x, *args, **kwargs):
     """Replaces a PEFT LoRA layer's forward: the fused function when the call is the plain training case."""
     import torch
 
-    if args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled():
+    if self._tunelab_skip:  # split.py's recompute: this product's output is not needed, only its input
+        return x
+    if args or kwargs or not (torch.is_grad_enabled() or Passes.first_pass):
         return self._tunelab_plain_forward(x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1 or active[0] != self._tunelab_adapter:
+    fused = fused_args(self)
+    if fused is None:
         return self._tunelab_plain_forward(x, *args, **kwargs)
     from tunelab.model.fast.lora import lora_linear
 
-    name = self._tunelab_adapter
-    weight = self._tunelab_base.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if self._tunelab_quantized and quant_state is None:  # the packed weight was replaced (a wrapper, sharding)
-        return self._tunelab_plain_forward(x, *args, **kwargs)
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self._tunelab_dtype
-    return lora_linear(x, weight, quant_state, self._tunelab_base.bias, self.lora_A[name].weight,
-                       self.lora_B[name].weight, self.scaling[name], dtype)
+    return lora_linear(x, *fused)
 
 
 def _patchable(module) -> str | None:
@@ -176,6 +205,7 @@ def patch_lora_layers(model) -> int:
         object.__setattr__(module, "_tunelab_base", module.get_base_layer())
         module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
         module._tunelab_quantized = qs is not None
+        module._tunelab_skip = False  # set by split.py around its recompute only
         if qs is not None and weight.is_cuda:  # the dequantize kernel, decided once per layer (nf4_triton.py)
             from tunelab.model.fast import nf4_triton
 
@@ -191,7 +221,7 @@ def unpatch_lora_layers(model) -> None:
     for module in model.modules():
         if hasattr(module, "_tunelab_plain_forward"):
             module.forward = module._tunelab_plain_forward
-            del module._tunelab_plain_forward, module._tunelab_base
+            del module._tunelab_plain_forward, module._tunelab_base, module._tunelab_skip
 
 
 def apply_fast_path(model, cfg, resolved) -> list[str]:
@@ -222,8 +252,14 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         applied.append("host-embedding")
         what.append(f"input embedding in host memory ({moved / 2**30:.2f} GiB off the GPU)")
     if offloaded:
+        from tunelab.model.fast.offload import split_layers
+
         applied.append(f"offload({offloaded} layers)")
         what.append(f"checkpoints of {offloaded} layers in host memory")
+        split = split_layers(model)
+        if split:
+            applied.append(f"split-recompute({split} layers)")
+            what.append(f"{split} layers recomputed without their o and down products")
     if compiled:
         from tunelab.model.fast.compile import compile_decoder_layers
 

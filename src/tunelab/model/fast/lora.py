@@ -135,24 +135,40 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2, xa, a, b = ctx.saved_tensors
-        dtype, scale = ctx.dtype, ctx.scale
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        if g.dtype != dtype:
-            g = g.to(dtype)
-        gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w = dense_weight(ctx.weight, ctx.quant_state, dtype)
-            grad_x = two_products(g, w, None, gb_r, a, scale)
-            del w
+        need = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, ctx.weight, ctx.quant_state, ctx.scale,
+                                               ctx.dtype, need[0], need[1], need[2])
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
             if grad_x.dtype != ctx.in_dtype:
                 grad_x = grad_x.to(ctx.in_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(gb_r.t(), x2).mul_(scale).to(ctx.a_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), xa).mul_(scale).to(ctx.b_dtype)
+        if grad_a is not None:
+            grad_a = grad_a.to(ctx.a_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.b_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def lora_backward(grad_y, x2, xa, a, b, weight, quant_state, scale: float, dtype, need_x=True, need_a=True,
+                  need_b=True):
+    """The projection's backward from its input rows x2 [tokens, in] and xa = x2 @ a.T [tokens, r] (a, b: the
+    compute-dtype copies of A and B): (grad x [tokens, in], grad A, grad B), each None where not needed; the LoRA
+    gradients in `dtype` before the caller's cast. Also called without the forward having run (split.py: the
+    recompute skips the o and down products, whose outputs no gradient needs)."""
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    if g.dtype != dtype:
+        g = g.to(dtype)
+    gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
+    grad_x = grad_a = grad_b = None
+    if need_x:
+        w = dense_weight(weight, quant_state, dtype)
+        grad_x = two_products(g, w, None, gb_r, a, scale)
+        del w
+    if need_a:
+        grad_a = torch.mm(gb_r.t(), x2).mul_(scale)
+    if need_b:
+        grad_b = torch.mm(g.t(), xa).mul_(scale)
+    return grad_x, grad_a, grad_b
 
 
 def lora_linear(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtype):

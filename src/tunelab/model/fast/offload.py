@@ -82,19 +82,38 @@ def _build():
 
     class OffloadedCheckpoint(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, run, stash, hidden):
-            ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
+        def forward(ctx, run, stash, hidden, split=None, fused_first=False):
+            ctx.run, ctx.stash, ctx.device, ctx.split = run, stash, hidden.device, split
             # the recompute must see the forward's autocast (backward runs without it); no RNG state is kept:
             # the fast path covers dropout 0 only
             ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _devices()]
             ctx.slot = stash.push(hidden)
-            with torch.no_grad():
-                return run(hidden)
+            with torch.no_grad(), _first_pass(fused_first):
+                if split is None:
+                    return run(hidden)
+                out, h2 = split.first(hidden)  # split.py: h2, the residual after attention, is kept too
+            ctx.slot_h2 = stash.push(h2)
+            return out
 
         @staticmethod
         def backward(ctx, *grads):
             import contextlib
 
+            from tunelab.model.fast.split import split_backward
+
+            split = ctx.split
+            if split is not None and grads[0] is not None:
+                h2 = ctx.stash.pop(ctx.slot_h2, ctx.device)  # starts bringing back this layer's input
+
+                def get_x():
+                    return ctx.stash.pop(ctx.slot, ctx.device)
+
+                grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp)
+                if grad is not None:
+                    return None, None, grad, None, None
+                del h2  # o or down left the fused case since the forward: the whole layer is recomputed
+            elif split is not None:
+                ctx.stash.pop(ctx.slot_h2, ctx.device)
             hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.enable_grad())
@@ -104,7 +123,7 @@ def _build():
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o) and o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            return None, None, hidden.grad
+            return None, None, hidden.grad, None, None
 
     return OffloadedCheckpoint
 
@@ -119,57 +138,159 @@ def _devices() -> list[str]:
     return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
 
 
+class _first_pass:
+    """The fused projections also in the offload's no-grad first pass (fast.Passes.first_pass) while inside."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            from tunelab.model.fast import Passes
+
+            Passes.first_pass = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            from tunelab.model.fast import Passes
+
+            Passes.first_pass = False
+
+
 def _call(run, hidden):
     return run(hidden)
 
 
+def _first(layer, kwargs, hidden):
+    from tunelab.model.fast.split import first_pass
+
+    return first_pass(layer, kwargs, hidden)
+
+
+def _attn(layer, kwargs, hidden):
+    from tunelab.model.fast.split import attn_input
+
+    return attn_input(layer, kwargs, hidden)
+
+
+def _mlp(layer, kwargs, h2):
+    from tunelab.model.fast.split import mlp_input
+
+    return mlp_input(layer, h2)
+
+
 class _Compiled:
-    call: Any = None  # torch.compile(_call), made on first use: the layer's forward as one graph (compile.py)
+    """Each function's torch.compile'd form, made on first use (the layer's forward, or split.py's three parts, as
+    one graph each; compile.py); looked up at each call: a failed compile replaces it with the eager function."""
+    fns: dict[str, Any] = {}
+    backend: Any = None  # torch.compile's (None: inductor; the CPU tests set a counting one and clear fns)
+
+    @classmethod
+    def get(cls, fn):
+        name = fn.__name__
+        if name not in cls.fns:
+            import torch
+
+            from tunelab.model.fast.compile import eager_on_failure
+
+            def give_up():
+                cls.fns[name] = fn
+
+            compiled = torch.compile(fn) if cls.backend is None else torch.compile(fn, backend=cls.backend)
+            cls.fns[name] = eager_on_failure(compiled, fn, give_up, f"the offloaded layers' {name.strip('_')}")
+        return cls.fns[name]
 
 
-def _call_compiled(run, hidden):
-    return _Compiled.call(run, hidden)  # looked up at each call: a failed compile replaces it with the eager _call
+def _compiled(fn):
+    def call(*args):
+        return _Compiled.get(fn)(*args)
+
+    return call
 
 
-def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False):
+class _Split:
+    """A layer's split.py parts for the offload: the first pass returning h2, the two halves for the backward."""
+
+    def __init__(self, layer, kwargs, compiled: bool):
+        wrap = _compiled if compiled else (lambda fn: fn)
+        first, attn, mlp = wrap(_first), wrap(_attn), wrap(_mlp)
+        self.layer = layer
+        self.first = functools.partial(first, layer, kwargs)
+        self.attn = functools.partial(attn, layer, kwargs)
+        self.mlp = functools.partial(mlp, layer, kwargs)
+
+
+def _layer_kwargs(run, layer):
+    """The keyword arguments transformers bound to the layer's forward in `run`, or None when `run` is not that
+    (transformers 5.17: partial(super().__call__, **kw); later 5.x: partial(forward, layer, **kw))."""
+    if not isinstance(run, functools.partial):
+        return None
+    if run.args == () and getattr(run.func, "__self__", None) is layer:
+        return run.keywords
+    if run.args == (layer,):
+        return run.keywords
+    return None
+
+
+def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None, split: bool = False,
+                            fused_first: bool = False):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
     (`run`) runs through torch.compile, once without grad (the first pass) and once with it (the recompute); the
-    checkpoint itself stays eager (dynamo cannot trace the host copies' side effects)."""
+    checkpoint itself stays eager (dynamo cannot trace the host copies' side effects). split (with `layer`, the
+    decoder layer this is installed on): split.py's recompute without o's and down's products where it applies;
+    fused_first: the first pass through the fused projections instead of PEFT's no-grad path."""
     import torch
 
     if _Fn.fn is None:
         _Fn.fn = _build()
-    if compiled and _Compiled.call is None:
-        from tunelab.model.fast.compile import eager_on_failure
-
-        def give_up():
-            _Compiled.call = _call
-
-        _Compiled.call = eager_on_failure(torch.compile(_call), _call, give_up, "the offloaded layers' forward")
 
     def checkpoint(run, *args, **kwargs):
         if kwargs or len(args) != 1 or not torch.is_tensor(args[0]) or not args[0].requires_grad:
             return fallback(run, *args, **kwargs)
         if stash.host and stash.host[0] is None:  # a new step after a finished backward
             stash.host.clear()
+        parts = None
+        if split:
+            layer_kwargs = _layer_kwargs(run, layer)
+            if layer_kwargs is not None:
+                parts = _Split(layer, layer_kwargs, compiled)
         if compiled:
-            run = functools.partial(_call_compiled, run)
-        return _Fn.fn.apply(run, stash, args[0])
+            run = functools.partial(_compiled(_call), run)
+        return _Fn.fn.apply(run, stash, args[0], parts, fused_first)
 
     return checkpoint
 
 
-def offload_checkpoints(model, compiled: bool = False) -> int:
-    """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload."""
+def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None) -> int:
+    """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
+    split: split.py's recompute without the o and down products, on the layers it covers (default: on unless
+    TUNELAB_SPLIT_RECOMPUTE=0); fused_first: the first pass through the fused projections (default: on unless
+    TUNELAB_FUSED_FIRST_PASS=0). Returns how many layers were routed; `split_layers(model)` says how many split."""
+    import os
+
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from tunelab.model.fast import split as split_mod
+
+    if split is None:
+        split = split_mod.enabled()
+    if fused_first is None:
+        fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "1") != "0"
     stash = HostStash()
     count = 0
     for module in model.modules():
         fallback = getattr(module, "_gradient_checkpointing_func", None)
         if not isinstance(module, GradientCheckpointingLayer) or fallback is None or not module.gradient_checkpointing:
             continue
-        module._gradient_checkpointing_func = offloaded_checkpoint_fn(stash, fallback, compiled)
+        splits = split and split_mod.split_plan(module)
+        module._tunelab_split = splits
+        module._gradient_checkpointing_func = offloaded_checkpoint_fn(stash, fallback, compiled, module, splits,
+                                                                      fused_first)
         count += 1
     return count
+
+
+def split_layers(model) -> int:
+    """How many offloaded layers recompute without their o and down products (split.py)."""
+    return sum(1 for m in model.modules() if getattr(m, "_tunelab_split", False))

@@ -1,0 +1,148 @@
+"""Selective recomputation for the checkpoint offload: the backward recomputes a decoder layer without its o and
+down products.
+
+    split_plan(layer)                     # False where the layer is not one this covers (full recompute then)
+    out, h2 = first_pass(layer, kwargs, x)  # the layer's forward, also returning h2 (the residual after attention)
+    grad_x = split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp)   # (offload.py calls these)
+
+Checkpointing recomputes a layer's whole forward before its backward. Two of the seven products are not needed
+again: the backward of `y = x W^T + s (x A^T) B^T` needs x (for the LoRA gradients) and W, never y. The o product
+only feeds the residual h2 = x + o(attn(x)) and the down product only the layer output out = h2 + down(act(h2)),
+so with h2 kept beside the layer input (in host memory, as offload.py keeps the input), the recompute stops at o's
+input and at down's input, and the two backwards run from those (lora.lora_backward):
+
+    MLP half:        act = silu(gate(n2)) * up(n2), n2 = norm2(h2)    recomputed, down's output skipped
+                     grad act = down backward (grad out)               LoRA gradients of down accumulated
+                     autograd through act                              -> grad h2 (+ grad out: the residual)
+    attention half:  o_in = attention(norm1(x))                        recomputed, o's output skipped
+                     grad o_in = o backward (grad h2)                  LoRA gradients of o accumulated
+                     autograd through o_in                             -> grad x (+ grad h2: the residual)
+
+At Qwen2.5-7B that is 161.5 MFLOP of the layer's 466 a token (35% of the recompute, 11% of the step's
+41.7 GFLOP) and two of seven dequantizes fewer, for one more [tokens, hidden] tensor a layer on the host (the
+same size as the input the offload keeps; PCIe in both directions, overlapped with compute).
+
+The two halves run the model's own modules (attention, norms, MLP) with o and down set to pass their input through
+(their `_tunelab_skip`, read by the patched forward): only the residual wiring of the decoder layer is written
+here, for the layer classes whose forward is exactly `h2 = x + attn(norm1(x)); out = h2 + mlp(norm2(h2))` (Qwen2,
+Qwen3 dense, Llama: tests/test_fast_split.py checks `first_pass` against each class's forward). Anything else (other
+layers, hooks on the layer, o or down not patched or outside the fused case) keeps the full recompute.
+TUNELAB_SPLIT_RECOMPUTE=0 turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer")
+
+
+def enabled() -> bool:
+    return os.environ.get("TUNELAB_SPLIT_RECOMPUTE", "1") != "0"
+
+
+def split_plan(layer) -> bool:
+    """Whether `layer` is one whose backward can skip the o and down products (checked at install time; the fused
+    case of both projections is checked again at each call, `_fused`)."""
+    if type(layer).__name__ not in LAYERS:
+        return False
+    if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"):
+        return False  # the first pass calls the submodules itself: a hook on the layer would be skipped
+    try:
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        layer.input_layernorm, layer.post_attention_layernorm  # noqa: B018 (present: the wiring below uses them)
+    except AttributeError:
+        return False
+    return all(hasattr(m, "_tunelab_plain_forward") for m in (o, down))
+
+
+def _fused(layer):
+    """(o's fused arguments, down's) when both calls are the fused case now, else None."""
+    from tunelab.model.fast import fused_args
+
+    o, down = fused_args(layer.self_attn.o_proj), fused_args(layer.mlp.down_proj)
+    return None if o is None or down is None else (o, down)
+
+
+def first_pass(layer, kwargs, x):
+    """The decoder layer's forward (its own arithmetic, op for op), returning (out, h2)."""
+    h = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
+    h2 = x + h
+    return h2 + layer.mlp(layer.post_attention_layernorm(h2)), h2
+
+
+def attn_input(layer, kwargs, x):
+    """The attention half up to o's input (o passes its input through: `_tunelab_skip`, set by the caller)."""
+    return layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
+
+
+def mlp_input(layer, h2):
+    """The MLP half up to down's input, act(gate(n2)) * up(n2) (down passes its input through)."""
+    return layer.mlp(layer.post_attention_layernorm(h2))
+
+
+def _projection_backward(args, x_in, grad_y):
+    """grad of the projection's input, and its LoRA gradients accumulated into A's and B's .grad."""
+    import torch
+
+    from tunelab.model.fast.lora import lora_backward
+
+    weight, quant_state, bias, lora_a, lora_b, scale, dtype = args
+    x2 = x_in.reshape(-1, x_in.shape[-1])
+    if x2.dtype != dtype:
+        x2 = x2.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    with torch.no_grad():
+        xa = torch.mm(x2, a.t())  # as the forward would have made it (the same GEMM on the same rows)
+        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, weight, quant_state, float(scale), dtype,
+                                               True, lora_a.requires_grad, lora_b.requires_grad)
+        for p, g in ((lora_a, grad_a), (lora_b, grad_b)):
+            if g is not None:
+                g = g.to(p.dtype)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad += g
+    return grad_x.view(*x_in.shape[:-1], grad_x.shape[-1])
+
+
+def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
+    """grad of the layer input from grad_out, recomputing the two halves without o's and down's products, or None
+    (before anything ran) when o or down is not the fused case now: the caller then recomputes the whole layer.
+    get_x(): the layer input, back on the device (fetched after the MLP half); h2: the residual after attention; autocast: the forward's
+    (device, enabled, dtype) list; run_attn(x) / run_mlp(h2): attn_input / mlp_input (compiled or not) bound to
+    the layer and its kwargs."""
+    import contextlib
+
+    import torch
+
+    def forward_mode():  # the forward's grad mode and autocast (backward runs without them)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.enable_grad())
+        for device, enabled, dtype in autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        return stack
+
+    def recompute(run, inp, module):
+        inp = inp.detach().requires_grad_(True)
+        with forward_mode():
+            module._tunelab_skip = True
+            try:
+                return inp, run(inp)
+            finally:
+                module._tunelab_skip = False
+
+    with forward_mode():
+        fused = _fused(layer)  # inside the forward's autocast: the compute dtype is its
+    if fused is None:
+        return None
+    o_args, down_args = fused
+    # the projections' backwards run as LoraLinear.backward does: outside autocast, in the dtypes they name
+    h2, act = recompute(run_mlp, h2, layer.mlp.down_proj)
+    grad_act = _projection_backward(down_args, act.detach(), grad_out)
+    torch.autograd.backward([act], [grad_act.to(act.dtype)])
+    grad_h2 = grad_out + h2.grad  # the residual's share and the MLP's
+    del act, grad_act, h2
+    x, o_in = recompute(run_attn, get_x(), layer.self_attn.o_proj)
+    grad_o_in = _projection_backward(o_args, o_in.detach(), grad_h2)
+    torch.autograd.backward([o_in], [grad_o_in.to(o_in.dtype)])
+    return grad_h2 + x.grad

@@ -1,0 +1,228 @@
+"""Selective recomputation (tunelab.model.fast.split) under the checkpoint offload: the decoder layer's backward
+without the o and down products recomputed.
+
+The first pass must be each covered layer class's own forward (exactly), and a training step with the split must
+give the full recompute's loss and gradients: exactly on the CPU in eager (the same products on the same rows in
+the same order), within the compiled-vs-eager bounds under a compiling backend. GPU forms are marked.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from tunelab.model.fast import patch_lora_layers
+from tunelab.model.fast import lora as lora_mod
+from tunelab.model.fast.offload import offload_checkpoints, split_layers
+from tunelab.model.fast.split import first_pass, split_plan
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _base(model_type: str, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
+    cls, config = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig),
+                   "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[model_type]
+    extra = dict(head_dim=32) if model_type == "qwen3" else {}  # q/k/v width 128 != hidden 64: o is not square
+    return cls(config(**shapes, **extra)).to(dtype)
+
+
+def _peft(model_type: str, device="cpu", quantized=False, dtype=torch.bfloat16):
+    from peft import LoraConfig, get_peft_model
+
+    model = _base(model_type, dtype)
+    if quantized:
+        from tunelab.model.tiny import quantize_decoder_linears_nf4
+
+        quantize_decoder_linears_nf4(model)
+    model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    for n, p in model.named_parameters():
+        if "lora_" in n:  # B nonzero: every gradient is live
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).mul(0.05).to(device)
+    patch_lora_layers(model)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _stepper(model, device, seed=3):
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():  # .backward() as the Trainer does: the offload's backward fills .grad
+        for p in params:
+            p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    return step
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_first_pass_is_the_layers_own_forward(model_type):
+    model = _base(model_type)
+    layer = model.model.layers[0]
+    seen = {}
+    layer.register_forward_pre_hook(lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args: seen.update(h2=args[0]))
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids)  # the kwargs the model passes its layers (mask, positions, rotary embeddings, cache)
+        x, kwargs = seen["args"][0], seen["kwargs"]
+        layer._forward_pre_hooks.clear()
+        want = layer(x, **kwargs)
+        want_h2 = seen["h2"]
+        out, h2 = first_pass(layer, kwargs, x)
+    assert torch.equal(out, want) and torch.equal(h2, want_h2)
+
+
+@pytest.mark.parametrize("model_type, quantized", [("qwen2", False), ("qwen2", True), ("qwen3", False),
+                                                   ("llama", False)])
+def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type, quantized, monkeypatch):
+    full, split = _peft(model_type, quantized=quantized), _peft(model_type, quantized=quantized)
+    assert offload_checkpoints(full, split=False, fused_first=True) == 2 and split_layers(full) == 0
+    assert offload_checkpoints(split, split=True, fused_first=True) == 2 and split_layers(split) == 2
+    uses = collections.Counter()
+    dense = lora_mod.dense_weight
+    monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.update([tuple(w.shape)]) or dense(w, qs, dt))
+    step_full, step_split = _stepper(full, "cpu"), _stepper(split, "cpu")
+    loss_full, grads_full = step_full()
+    per_step_full = sum(uses.values())
+    uses.clear()
+    for _ in range(2):  # a second step reuses the stash
+        loss, grads = step_split()
+        assert loss == loss_full
+        assert len(grads) == len(grads_full) == 2 * 7 * 2
+        for g, gf in zip(grads, grads_full):  # the same products on the same rows in the same order
+            assert torch.equal(g, gf)
+    # weight uses a layer and step: the first pass 7, the recompute 7 (full) or 5 (split: no o, no down), grad x 7
+    assert per_step_full == 2 * 21 and sum(uses.values()) == 2 * 2 * 19
+
+
+def test_the_first_pass_through_the_fused_projections_trains_like_peft_s():
+    peft_first, fused_first = _peft("qwen2"), _peft("qwen2")
+    offload_checkpoints(peft_first, fused_first=False)
+    offload_checkpoints(fused_first, fused_first=True)
+    loss_peft, grads_peft = _stepper(peft_first, "cpu")()
+    loss, grads = _stepper(fused_first, "cpu")()
+    # bf16: PEFT rounds the base product and adds its separately rounded LoRA term; the fused one adds in the GEMM
+    assert abs(loss - loss_peft) < 1e-3 * loss_peft
+    for g, gp in zip(grads, grads_peft):
+        assert (g.float() - gp.float()).norm() < 3e-2 * gp.float().norm()
+
+
+def test_no_grad_calls_outside_the_first_pass_keep_peft_s_path():
+    model = _peft("qwen2")
+    offload_checkpoints(model)
+    o = model.base_model.model.model.layers[0].self_attn.o_proj
+    calls = []
+    plain = o._tunelab_plain_forward
+    o._tunelab_plain_forward = lambda *a, **k: calls.append(1) or plain(*a, **k)
+    _stepper(model, "cpu")()
+    assert calls == []  # training, first pass included: the fused function
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert calls == [1]  # evaluation / generation: PEFT's (bitsandbytes' inference kernels)
+
+
+def test_layers_the_split_does_not_cover_keep_the_full_recompute(monkeypatch):
+    model = _peft("qwen2")
+    layers = model.base_model.model.model.layers
+    assert split_plan(layers[0])
+    handle = layers[0].register_forward_hook(lambda *a: None)
+    assert not split_plan(layers[0])  # a hook on the layer: the first pass would skip it
+    handle.remove()
+    del layers[1].mlp.down_proj._tunelab_plain_forward  # down not patched (as for a layer PEFT left unfused)
+    assert not split_plan(layers[1])
+    from tunelab.model.fast import split
+
+    monkeypatch.setattr(split, "LAYERS", ("LlamaDecoderLayer",))
+    assert not split_plan(layers[0])  # another class: its forward's wiring is not known here
+
+
+def test_with_the_adapter_disabled_the_backward_recomputes_the_whole_layer():
+    """Outside the fused case (here: adapters disabled, as a DPO reference pass does) the split's backward finds o
+    and down unfused and the layer is recomputed whole: the same input gradient as plain checkpointing."""
+    plain, split = _peft("qwen2"), _peft("qwen2")
+    offload_checkpoints(split, split=True)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(4))
+
+    def grad_of_embeddings(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with model.disable_adapter():  # the backward (its recompute) inside too
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(inputs_embeds=emb, labels=ids).loss
+            loss.backward()
+        return loss.item(), emb.grad
+
+    loss_plain, grad_plain = grad_of_embeddings(plain)
+    loss, grad = grad_of_embeddings(split)
+    assert loss == loss_plain and torch.equal(grad, grad_plain)
+
+
+def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
+    """Under a compiling backend (AOTAutograd's graphs, run eagerly: no code generation on the CPU) the first pass
+    and the two halves each trace as one graph for both layers, with no graph break (the skip flags and the
+    first-pass switch are guarded, not breaks), and train like eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tunelab.model.fast import offload
+    from tunelab.model.fast.compile import compile_counters
+
+    ops = collections.Counter()
+
+    def count(gm, _):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    eager, compiled = _peft("qwen2"), _peft("qwen2")
+    offload_checkpoints(eager)
+    torch._dynamo.reset()
+    saved = offload._Compiled.fns, offload._Compiled.backend
+    offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=count, bw_compiler=count)
+    try:
+        assert offload_checkpoints(compiled, compiled=True) == 2 and split_layers(compiled) == 2
+        loss_eager, grads_eager = _stepper(eager, "cpu")()
+        before = compile_counters()
+        for _ in range(2):
+            loss, grads = _stepper(compiled, "cpu")()
+            assert abs(loss - loss_eager) < 1e-3 * loss_eager
+            for g, ge in zip(grads, grads_eager):  # AOTAutograd's decompositions round some bf16 steps apart
+                assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
+        after = compile_counters()
+    finally:
+        offload._Compiled.fns, offload._Compiled.backend = saved
+        torch._dynamo.reset()
+    assert after["graph_breaks"] == before["graph_breaks"]
+    assert after["unique_graphs"] - before["unique_graphs"] == 3  # first pass, attention half, MLP half
+    # the products: first pass 7 (no grad), attention half q/k/v (o skipped) and MLP half gate/up (down skipped),
+    # each half's backward its own grad x; o's and down's backward run eager (lora_backward), outside the graphs
+    assert ops["tunelab.two_products.default"] == 7 + 3 + 2 + 3 + 2
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [True, False])
+def test_split_with_compiled_parts_trains_like_the_full_recompute_on_gpu(quantized):
+    full, split = _peft("qwen2", "cuda", quantized), _peft("qwen2", "cuda", quantized)
+    offload_checkpoints(full, split=False, fused_first=False)  # the previous default, eager
+    assert offload_checkpoints(split, compiled=True, split=True, fused_first=True) == 2 and split_layers(split) == 2
+    loss_full, grads_full = _stepper(full, "cuda")()
+    for _ in range(2):  # the second step reuses the stash and the compiled graphs
+        loss, grads = _stepper(split, "cuda")()
+        assert abs(loss - loss_full) < 1e-3 * loss_full
+        for g, gf in zip(grads, grads_full):  # inductor fuses the bf16 elementwise work differently
+            assert (g.float() - gf.float()).norm() < 3e-2 * gf.float().norm()
