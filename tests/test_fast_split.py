@@ -93,7 +93,8 @@ def test_first_pass_is_the_layers_own_forward(model_type):
 def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type, quantized, monkeypatch):
     full, split = _peft(model_type, quantized=quantized), _peft(model_type, quantized=quantized)
     assert offload_checkpoints(full, split=False, fused_first=True) == 2 and split_layers(full) == 0
-    assert offload_checkpoints(split, split=True, fused_first=True) == 2 and split_layers(split) == 2
+    assert offload_checkpoints(split, split=True, fused_first=True, split_min_tokens=48) == 2
+    assert split_layers(split) == 2
     uses = collections.Counter()
     dense = lora_mod.dense_weight
     monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.update([tuple(w.shape)]) or dense(w, qs, dt))
@@ -111,6 +112,33 @@ def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type,
     assert per_step_full == 2 * 21 and sum(uses.values()) == 2 * 2 * 19
 
 
+def test_below_the_token_threshold_the_whole_layer_is_recomputed(monkeypatch):
+    """2 x 24 = 48 tokens a step: with the threshold at 49 the split is not taken (the recompute uses all seven
+    weights again), at 48 it is; the default threshold and a bad TUNELAB_SPLIT_MIN_TOKENS."""
+    from tunelab.errors import ConfigError
+    from tunelab.model.fast import split
+
+    counts = {}
+    for threshold in (49, 48):
+        model = _peft("qwen2")
+        offload_checkpoints(model, split_min_tokens=threshold)
+        uses = []
+        dense = lora_mod.dense_weight
+        monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.append(1) or dense(w, qs, dt))
+        _stepper(model, "cpu")()
+        monkeypatch.setattr(lora_mod, "dense_weight", dense)
+        counts[threshold] = len(uses)
+    # the first pass is PEFT's (no dense_weight); recompute 7 or 5, grad x 7, a layer
+    assert counts == {49: 2 * 14, 48: 2 * 12}
+    monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
+    assert split.min_tokens() == split.MIN_TOKENS == 4096
+    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "2048")
+    assert split.min_tokens() == 2048
+    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4k")
+    with pytest.raises(ConfigError, match="TUNELAB_SPLIT_MIN_TOKENS='4k': expected a whole number"):
+        split.min_tokens()
+
+
 def test_the_first_pass_through_the_fused_projections_trains_like_peft_s():
     peft_first, fused_first = _peft("qwen2"), _peft("qwen2")
     offload_checkpoints(peft_first, fused_first=False)
@@ -125,7 +153,7 @@ def test_the_first_pass_through_the_fused_projections_trains_like_peft_s():
 
 def test_no_grad_calls_outside_the_first_pass_keep_peft_s_path():
     model = _peft("qwen2")
-    offload_checkpoints(model)
+    offload_checkpoints(model, fused_first=True)
     o = model.base_model.model.model.layers[0].self_attn.o_proj
     calls = []
     plain = o._tunelab_plain_forward
@@ -156,7 +184,7 @@ def test_with_the_adapter_disabled_the_backward_recomputes_the_whole_layer():
     """Outside the fused case (here: adapters disabled, as a DPO reference pass does) the split's backward finds o
     and down unfused and the layer is recomputed whole: the same input gradient as plain checkpointing."""
     plain, split = _peft("qwen2"), _peft("qwen2")
-    offload_checkpoints(split, split=True)
+    offload_checkpoints(split, split=True, split_min_tokens=0)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(4))
 
     def grad_of_embeddings(model):
@@ -194,7 +222,8 @@ def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
     saved = offload._Compiled.fns, offload._Compiled.backend
     offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=count, bw_compiler=count)
     try:
-        assert offload_checkpoints(compiled, compiled=True) == 2 and split_layers(compiled) == 2
+        assert offload_checkpoints(compiled, compiled=True, split_min_tokens=0, fused_first=True) == 2
+        assert split_layers(compiled) == 2
         loss_eager, grads_eager = _stepper(eager, "cpu")()
         before = compile_counters()
         for _ in range(2):
@@ -208,7 +237,7 @@ def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
         torch._dynamo.reset()
     assert after["graph_breaks"] == before["graph_breaks"]
     assert after["unique_graphs"] - before["unique_graphs"] == 3  # first pass, attention half, MLP half
-    # the products: first pass 7 (no grad), attention half q/k/v (o skipped) and MLP half gate/up (down skipped),
+    # the products: first pass 7 (no grad, fused_first), attention half q/k/v (o skipped) and MLP half gate/up (down skipped),
     # each half's backward its own grad x; o's and down's backward run eager (lora_backward), outside the graphs
     assert ops["tunelab.two_products.default"] == 7 + 3 + 2 + 3 + 2
 
@@ -219,7 +248,7 @@ def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
 def test_split_with_compiled_parts_trains_like_the_full_recompute_on_gpu(quantized):
     full, split = _peft("qwen2", "cuda", quantized), _peft("qwen2", "cuda", quantized)
     offload_checkpoints(full, split=False, fused_first=False)  # the previous default, eager
-    assert offload_checkpoints(split, compiled=True, split=True, fused_first=True) == 2 and split_layers(split) == 2
+    assert offload_checkpoints(split, compiled=True, split=True, split_min_tokens=0) == 2 and split_layers(split) == 2
     loss_full, grads_full = _stepper(full, "cuda")()
     for _ in range(2):  # the second step reuses the stash and the compiled graphs
         loss, grads = _stepper(split, "cuda")()

@@ -14,11 +14,11 @@ default: on where it applies). What it installs (one file per fused op, each bes
   SwiGLU itself, so Liger's module kernels are left out where it applies (kernels.apply_kernels asks first).
 * offload.py: checkpointed layer inputs in pinned host memory (on by default on one process;
   TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it off); each layer's forward is then compiled under the eager offloading
-  checkpoint instead of the whole checkpointed call. Its first pass takes the fused projections too
-  (TUNELAB_FUSED_FIRST_PASS=0: PEFT's no-grad path).
+  checkpoint instead of the whole checkpointed call. TUNELAB_FUSED_FIRST_PASS=1 routes its no-grad first pass
+  through the fused projections instead of PEFT's (opt-in: measured slower, docs/fastpath.md run 12).
 * split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
-  (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input;
-  TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
+  (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
+  for batches of at least 4,096 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
 * embed.py: the frozen input embedding in pinned host memory (on by default with the offload: 4-bit base, one
   process, untied head; TUNELAB_HOST_EMBEDDING=0/1 forces it).
 

@@ -232,13 +232,14 @@ def _layer_kwargs(run, layer):
     return None
 
 
-def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None, split: bool = False,
-                            fused_first: bool = False):
+def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None,
+                            split_min_tokens: int | None = None, fused_first: bool = False):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
     (`run`) runs through torch.compile, once without grad (the first pass) and once with it (the recompute); the
     checkpoint itself stays eager (dynamo cannot trace the host copies' side effects). split (with `layer`, the
-    decoder layer this is installed on): split.py's recompute without o's and down's products where it applies;
+    decoder layer this is installed on; None: off): split.py's recompute without o's and down's products for calls
+    of at least that many tokens (rows x length);
     fused_first: the first pass through the fused projections instead of PEFT's no-grad path."""
     import torch
 
@@ -251,7 +252,7 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
         if stash.host and stash.host[0] is None:  # a new step after a finished backward
             stash.host.clear()
         parts = None
-        if split:
+        if split_min_tokens is not None and args[0].numel() >= split_min_tokens * args[0].shape[-1]:
             layer_kwargs = _layer_kwargs(run, layer)
             if layer_kwargs is not None:
                 parts = _Split(layer, layer_kwargs, compiled)
@@ -262,11 +263,14 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
     return checkpoint
 
 
-def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None) -> int:
+def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None,
+                        split_min_tokens: int | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
-    split: split.py's recompute without the o and down products, on the layers it covers (default: on unless
-    TUNELAB_SPLIT_RECOMPUTE=0); fused_first: the first pass through the fused projections (default: on unless
-    TUNELAB_FUSED_FIRST_PASS=0). Returns how many layers were routed; `split_layers(model)` says how many split."""
+    split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
+    split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 4,096 tokens or
+    TUNELAB_SPLIT_MIN_TOKENS: split.py says why); fused_first: the first pass through the fused projections
+    (default: off; TUNELAB_FUSED_FIRST_PASS=1: measured slower, docs/fastpath.md run 12). Returns how many layers
+    were routed; `split_layers(model)` says how many can split."""
     import os
 
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -275,8 +279,10 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
 
     if split is None:
         split = split_mod.enabled()
+    if split_min_tokens is None:
+        split_min_tokens = split_mod.min_tokens()
     if fused_first is None:
-        fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "1") != "0"
+        fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "0") == "1"
     stash = HostStash()
     count = 0
     for module in model.modules():
@@ -285,8 +291,8 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
             continue
         splits = split and split_mod.split_plan(module)
         module._tunelab_split = splits
-        module._gradient_checkpointing_func = offloaded_checkpoint_fn(stash, fallback, compiled, module, splits,
-                                                                      fused_first)
+        module._gradient_checkpointing_func = offloaded_checkpoint_fn(
+            stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first)
         count += 1
     return count
 
