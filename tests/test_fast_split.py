@@ -131,9 +131,9 @@ def test_below_the_token_threshold_the_whole_layer_is_recomputed(monkeypatch):
     # the first pass is PEFT's (no dense_weight); recompute 7 or 5, grad x 7, a layer
     assert counts == {49: 2 * 14, 48: 2 * 12}
     monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
-    assert split.min_tokens() == split.MIN_TOKENS == 4096
-    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "2048")
-    assert split.min_tokens() == 2048
+    assert split.min_tokens() == split.MIN_TOKENS == 2048
+    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4096")
+    assert split.min_tokens() == 4096
     monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4k")
     with pytest.raises(ConfigError, match="TUNELAB_SPLIT_MIN_TOKENS='4k': expected a whole number"):
         split.min_tokens()

@@ -18,7 +18,7 @@ default: on where it applies). What it installs (one file per fused op, each bes
   through the fused projections instead of PEFT's (opt-in: measured slower, docs/fastpath.md run 12).
 * split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
   (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
-  for batches of at least 4,096 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
+  for batches of at least 2,048 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
 * embed.py: the frozen input embedding in pinned host memory (on by default with the offload: 4-bit base, one
   process, untied head; TUNELAB_HOST_EMBEDDING=0/1 forces it).
 

@@ -16,6 +16,10 @@ layers' forwards compiled (tests/test_fast_lora.py). Measured on an H200 (7B QLo
 docs/fastpath.md, one lease): compiled, 10,113 -> 11,103 tok/s and 7.42 -> 6.84 GiB (with the host embedding,
 which it turns on: 11,084 at 5.82 GiB); eager (run 5) 7.11 -> 6.53 GiB at no loss of speed. Single-process only:
 its reentrant-style backward bypasses DDP/FSDP hooks.
+
+With split.py (on by default from 2,048 tokens a step) a covered layer also keeps h2, the residual after attention,
+here, and its backward recomputes the layer without the o and down products (run 13: 4 x 1024 11,244 tok/s and
+2 x 4096 12,303 at 5.64 / 6.50 GiB, against run 11's 10,907 / 10,949 at 5.82 / 6.68).
 """
 from __future__ import annotations
 
@@ -267,7 +271,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
                         split_min_tokens: int | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
-    split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 4,096 tokens or
+    split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
     TUNELAB_SPLIT_MIN_TOKENS: split.py says why); fused_first: the first pass through the fused projections
     (default: off; TUNELAB_FUSED_FIRST_PASS=1: measured slower, docs/fastpath.md run 12). Returns how many layers
     were routed; `split_layers(model)` says how many can split."""

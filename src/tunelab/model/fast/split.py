@@ -43,9 +43,12 @@ def enabled() -> bool:
 # Below this many tokens a step (rows x length) the split costs more than it saves: its backward makes three
 # compiled calls a layer instead of two, two autograd passes instead of one and the two projection backwards eager
 # (~3 ms of host time a layer on the H200's host), while the GPU time it saves scales with the tokens (~0.25 ms a
-# layer at 1,024). Measured (run 12, Qwen2.5-7B QLoRA): 1 x 1024 3,276 tok/s with it against 4,476 without; 4 x 1024
-# 12,334 against 10,828, 2 x 4096 12,149 against run 11's 10,949. 4,096 is the smallest measured size that gains.
-MIN_TOKENS = 4096
+# layer at 1,024). Measured (runs 12-13, Qwen2.5-7B QLoRA, docs/fastpath.md): 1 x 1024 3,276 tok/s with it against
+# 4,476 without (one lease); 4 x 1024 12,334 against 10,828 (one lease); packed alpaca-like rows (4 rows of up to
+# 1,024 tokens, ~4,000 a step) 8,765 real tok/s with a threshold of 4,096 (steps alternating between the two forms)
+# and 11,126 with 2,048 (same lease). 2,048 is between the measured loss at 1,024 and the gains from ~4,000; sizes
+# between were not measured.
+MIN_TOKENS = 2048
 
 
 def min_tokens() -> int:
