@@ -629,6 +629,9 @@ def test_pinned_host_memory_is_reported():
     """Offloaded checkpoints (L x N x H x b) and the host embedding table live in pinned CPU RAM: reported apart."""
     s = model_shape(Q7)
     est = estimate(s, Setup(batch=4, seq=1024, compiled=True, offload=True, host_embedding=True))
-    assert est.host_pinned == 28 * 4096 * 3584 * 2 + T.r512(2 * 152064 * 3584)
+    # the layer inputs and (split recompute, from 2,048 tokens) each layer's post-attention residual
+    assert est.host_pinned == 2 * 28 * 4096 * 3584 * 2 + T.r512(2 * 152064 * 3584)
     assert estimate(s, Setup(batch=4, seq=1024, compiled=True)).host_pinned == 0
+    small = estimate(s, Setup(batch=1, seq=1024, compiled=True, offload=True, host_embedding=True))
+    assert small.host_pinned == 28 * 1024 * 3584 * 2 + T.r512(2 * 152064 * 3584)  # under 2,048 tokens: no split
     assert est.to_json()["host_pinned_gib"] == round(est.host_pinned / T.GiB, 3)

@@ -42,7 +42,8 @@ def main(path: str) -> int:
         profile = name.partition(":")[2]
         plain = next((r for r in results if r["variant"].split("+")[0].split(":")[0] == "tunelab-plain"
                       and r["variant"].partition(":")[2] == profile and r["batch"] == fast["batch"]
-                      and r["seq"] == fast["seq"] and len(r["losses"]) == len(fast["losses"])), None)
+                      and r["seq"] == fast["seq"] and r.get("method") == fast.get("method")
+                      and len(r["losses"]) == len(fast["losses"])), None)
         if plain is None:
             continue
         out = compare(fast, plain)

@@ -26,7 +26,9 @@ The fast path's terms, each its own row:
   layer's forward is compiled without a checkpoint around it (under the offload, or with checkpointing off), the
   forward saves o_proj's output too (b H per token) and, without checkpointing, every layer's dense weights;
 * offload: checkpoints in host memory: none on the GPU at the loss, 3 x N x H x b at the backward
-  (offload_gpu_checkpoints);
+  (offload_gpu_checkpoints); from 2,048 tokens a step (Qwen2 / Qwen3 / Llama) the split recompute keeps each layer's
+  post-attention residual there too (twice the pinned host memory; its GPU side, one half of a layer's saved
+  tensors at a time, measured 0.18 GiB lower at 7B, is not modelled: the estimate stays on the high side);
 * host embedding: the embedding table leaves the GPU (measured: run 8).
 """
 from __future__ import annotations
@@ -44,6 +46,10 @@ from tunelab.estimate.archs import ModelShape
 # training step, read as nvidia-smi's per-process figure minus torch's reserved memory).
 RESERVED_FIXED = 0.35 * T.GiB
 RESERVED_LOGITS = 0.75
+# model.fast.split.MIN_TOKENS (not imported: the planner stays free of torch): from this many tokens a step the
+# offload also keeps each covered layer's post-attention residual in host memory
+SPLIT_MIN_TOKENS = 2048
+
 # The checkpoint offload reserves more (its prefetches allocate on a side stream, whose freed blocks stay in that
 # stream's pool): reserved - allocated was 0.50-0.91 GiB on its four measured points (runs 5 and 8) against 0.21-0.61
 # without it; 0.33 GiB more is the mean of the four's excess over RESERVED_FIXED (calibrated, not derived).
@@ -288,5 +294,7 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     warnings = [shape.warning] if shape.warning else []
     b, n = u.compute_bytes, u.batch * u.seq
     host = (T.checkpoint_bytes(shape, n, b) if u.offload and u.grad_ckpt and not u.plain else 0)
+    if host and shape.family in ("qwen2", "qwen3", "llama") and n >= SPLIT_MIN_TOKENS:
+        host *= 2  # the split recompute (model.fast.split) also keeps each layer's h2, the same size, on the host
     host += T.sixteen_bit_rest(shape, b)["embeddings"] if u.host_embedding_on() and not u.plain and not shape.tied else 0
     return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan, host)
