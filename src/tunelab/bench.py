@@ -284,6 +284,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                     fh.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))
                     fh.write("\n\nby self CUDA time\n")
                     fh.write(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45))
+                    fh.write("\n\nby self CPU time (the host's share)\n")
+                    fh.write(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
                 self.prof = None
 
         def on_log(self, args, state, control, logs=None, **kw):
