@@ -18,9 +18,9 @@ Saved for backward: x and x @ A.T ([tokens, r]); under gradient checkpointing ne
 """
 from __future__ import annotations
 
-from typing import Optional  # custom_op's schema inference reads the annotation (older torch: no X | None)
-
 import torch  # this module is imported only when the fast path is installed
+
+from tunelab.model.fast import ops
 
 
 def dense_weight(weight, quant_state, dtype):
@@ -88,15 +88,13 @@ def _two_products_eager(a1, b1, bias, a2, b2, alpha: float):
     return y.addmm_(a2, b2, alpha=alpha)  # the second product added by the GEMM epilogue (beta 1), in place
 
 
-@torch.library.custom_op("tunelab::two_products", mutates_args=())
-def _two_products_op(a1: torch.Tensor, b1: torch.Tensor, bias: Optional[torch.Tensor], a2: torch.Tensor,  # noqa: UP045
-                     b2: torch.Tensor, alpha: float) -> torch.Tensor:
-    return _two_products_eager(a1, b1, bias, a2, b2, alpha)
-
-
-@_two_products_op.register_fake
-def _(a1, b1, bias, a2, b2, alpha):
+def _two_products_fake(a1, b1, bias, a2, b2, alpha):
     return a1.new_empty((a1.shape[0], b1.shape[1]))
+
+
+_two_products_op = ops.define(
+    "two_products", "(Tensor a1, Tensor b1, Tensor? bias, Tensor a2, Tensor b2, float alpha) -> Tensor",
+    _two_products_eager, _two_products_fake)
 
 
 def two_products(a1, b1, bias, a2, b2, alpha: float):

@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from tunelab.model.fast import ops
+
 # bitsandbytes' CUDA tables (csrc/kernels.cu nf4_dequantization_lut / fp4_dequantization_lut), as fp32.
 NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -162,18 +164,20 @@ def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type,
         nf4_dequant_kernel[grid](*args, **kw)
 
 
-@torch.library.custom_op("tunelab::dequantize_4bit", mutates_args=())
-def _dequantize_op(weight: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
-                   offset: torch.Tensor, blocksize: int, blocksize2: int, nested: bool, quant_type: str,
-                   shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_impl(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, shape, dtype):
     out = torch.empty(shape, dtype=dtype, device=weight.device)
     _launch(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, out)
     return out
 
 
-@_dequantize_op.register_fake
-def _(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, shape, dtype):
+def _dequantize_fake(weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type, shape, dtype):
     return weight.new_empty(shape, dtype=dtype)
+
+
+_dequantize_op = ops.define(
+    "dequantize_4bit", "(Tensor weight, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, int blocksize, "
+    "int blocksize2, bool nested, str quant_type, int[] shape, ScalarType dtype) -> Tensor",
+    _dequantize_impl, _dequantize_fake)
 
 
 def dense(weight: torch.Tensor, quant_state) -> torch.Tensor:
