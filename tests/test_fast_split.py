@@ -91,6 +91,7 @@ def test_first_pass_is_the_layers_own_forward(model_type):
 @pytest.mark.parametrize("model_type, quantized", [("qwen2", False), ("qwen2", True), ("qwen3", False),
                                                    ("llama", False)])
 def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type, quantized, monkeypatch):
+    # fused_first on both: the h2 the split keeps from the first pass is then the one the full recompute remakes
     full, split = _peft(model_type, quantized=quantized), _peft(model_type, quantized=quantized)
     assert offload_checkpoints(full, split=False, fused_first=True) == 2 and split_layers(full) == 0
     assert offload_checkpoints(split, split=True, fused_first=True, split_min_tokens=48) == 2
@@ -110,6 +111,44 @@ def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type,
             assert torch.equal(g, gf)
     # weight uses a layer and step: the first pass 7, the recompute 7 (full) or 5 (split: no o, no down), grad x 7
     assert per_step_full == 2 * 21 and sum(uses.values()) == 2 * 2 * 19
+
+
+def test_gradient_accumulation_and_fp16_give_the_full_recomputes_gradients_exactly():
+    """Two micro-batches accumulated into .grad (the split adds its o/down LoRA gradients to what is there, as
+    autograd does for the others), in fp16 autocast over an fp16 base (a T4's setting): equal to the full recompute."""
+    def accumulate(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        losses = []
+        for seed in (5, 6):
+            ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed))
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss / 2
+            loss.backward()
+            losses.append(loss.item())
+        return losses, [p.grad.clone() for p in params]
+
+    full, split = _peft("qwen2", dtype=torch.float16), _peft("qwen2", dtype=torch.float16)
+    # fused_first: both first passes through the fused projections, so the h2 the split keeps is the one the full
+    # recompute makes again (with PEFT's first pass they differ by the bf16/fp16 rounding of PEFT's separate add)
+    offload_checkpoints(full, split=False, fused_first=True)
+    offload_checkpoints(split, split=True, split_min_tokens=0, fused_first=True)
+    losses_full, grads_full = accumulate(full)
+    losses, grads = accumulate(split)
+    assert losses == losses_full
+    assert all(g.dtype == torch.float32 for g in grads)  # the LoRA parameters' own dtype
+    for g, gf in zip(grads, grads_full):
+        assert torch.equal(g, gf)
+    # the defaults (PEFT's first pass): the split backpropagates through the h2 the forward made, the full recompute
+    # through the one it remakes with the fused products: equal up to fp16 rounding
+    full, split = _peft("qwen2", dtype=torch.float16), _peft("qwen2", dtype=torch.float16)
+    offload_checkpoints(full, split=False)
+    offload_checkpoints(split, split=True, split_min_tokens=0)
+    (losses_full, grads_full), (losses, grads) = accumulate(full), accumulate(split)
+    assert losses == losses_full  # the forward is the same PEFT pass in both
+    for g, gf in zip(grads, grads_full):
+        assert (g - gf).norm() < 2e-2 * gf.norm()
 
 
 def test_below_the_token_threshold_the_whole_layer_is_recomputed(monkeypatch):
