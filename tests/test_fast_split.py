@@ -294,3 +294,25 @@ def test_split_with_compiled_parts_trains_like_the_full_recompute_on_gpu(quantiz
         assert abs(loss - loss_full) < 1e-3 * loss_full
         for g, gf in zip(grads, grads_full):  # inductor fuses the bf16 elementwise work differently
             assert (g.float() - gf.float()).norm() < 3e-2 * gf.float().norm()
+
+
+@pytest.mark.parametrize("env, custom", [("1", True), ("0", False)])
+def test_the_opaque_ops_form_switch(env, custom):
+    """tunelab::two_products and ::dequantize_4bit are Library-defined ops (less host time a call); TUNELAB_CUSTOM_OP=1
+    defines them through custom_op, the form before, for an A/B on the GPU: the same results either way."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom tunelab.model.fast import lora, nf4_triton\n"
+            "from torch._library.custom_ops import OPDEFS\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "a1, b1, a2, b2 = (torch.randn(s, generator=g) for s in ((4, 8), (8, 4), (4, 2), (2, 4)))\n"
+            "y = torch.ops.tunelab.two_products.default(a1, b1, None, a2, b2, 0.5)\n"
+            "assert torch.equal(y, lora._two_products_eager(a1, b1, None, a2, b2, 0.5))\n"
+            "print(sorted(n for n in OPDEFS if n in ('tunelab::two_products', 'tunelab::dequantize_4bit')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TUNELAB_CUSTOM_OP": env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = "['tunelab::dequantize_4bit', 'tunelab::two_products']" if custom else "[]"
+    assert out.stdout.strip().splitlines()[-1] == want

@@ -20,8 +20,15 @@ _LIB = torch.library.Library("tunelab", "FRAGMENT")  # a fragment: serving's dec
 
 def define(name: str, schema: str, impl, fake):
     """Define tunelab::<name> with `schema` (the argument list and return, as in native_functions.yaml), `impl`
-    for every device and `fake` for the compiler; returns the op's default overload."""
-    _LIB.define(name + schema)
-    _LIB.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"tunelab::{name}", fake, lib=_LIB)
+    for every device and `fake` for the compiler; returns the op's default overload. TUNELAB_CUSTOM_OP=1 (read at
+    import) defines it through torch.library.custom_op instead, the form before, for an A/B on the GPU."""
+    import os
+
+    if os.environ.get("TUNELAB_CUSTOM_OP") == "1":
+        op = torch.library.custom_op(f"tunelab::{name}", impl, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+    else:
+        _LIB.define(name + schema)
+        _LIB.impl(name, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"tunelab::{name}", fake, lib=_LIB)
     return getattr(torch.ops.tunelab, name).default
