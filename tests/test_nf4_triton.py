@@ -67,7 +67,10 @@ outs = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz, element_tile=bo
         for i, (p, qs, bpp, ftz) in enumerate(items)]  # odd cases: the element-tile form of the kernel
 p, qs = items[0][:2]  # the custom op that torch.compile sees (fullgraph: no graph break)
 compiled = torch.compile(lambda w: K.dense(w, qs), backend="aot_eager", fullgraph=True)(p)
-torch.save((outs, compiled), sys.argv[2])
+(p1, qs1), (p2, qs2) = items[0][:2], items[3][:2]  # NF4 40x64 and FP4 40x64, bf16: stacked by dense_cat
+cat = K.dense_cat(p1, qs1, p2, qs2)
+cat_compiled = torch.compile(lambda a, b: K.dense_cat(a, qs1, b, qs2), backend="aot_eager", fullgraph=True)(p1, p2)
+torch.save((outs, compiled, cat, cat_compiled), sys.argv[2])
 """
 
 
@@ -170,7 +173,7 @@ CPU_CASES = [i for i, c in enumerate(CASES) if c[7] != "tiny"]
 
 @pytest.mark.parametrize("index", CPU_CASES, ids=[_case_id(CASES[i]) for i in CPU_CASES])
 def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
-    items, (outs, _) = interpreted
+    items, (outs, *_) = interpreted
     packed, qs, _, ftz = items[index]
     ref, _ = _reference_cpu(packed, qs, ftz=ftz)
     got = outs[index]
@@ -181,8 +184,18 @@ def test_interpreted_kernel_equals_bitsandbytes_bit_for_bit(interpreted, index):
 
 
 def test_compiled_custom_op_equals_eager(interpreted):
-    items, (outs, compiled) = interpreted
+    items, (outs, compiled, *_) = interpreted
     assert items[0][1].nested and torch.equal(compiled.view(torch.int16), outs[0].view(torch.int16))
+
+
+def test_dense_cat_stacks_two_weights_bit_for_bit_eager_and_compiled(interpreted):
+    """lora.dense_pair's kernel path: two 4-bit weights (here NF4 over FP4) dequantized into one tensor's rows,
+    equal to each one's own dequantize; the compiled form is one op (tunelab::dequantize_4bit_cat), no break."""
+    items, (outs, _, cat, cat_compiled) = interpreted
+    assert CASES[0][2] == "nf4" and CASES[3][2] == "fp4" and CASES[0][0] == CASES[3][0]
+    want = torch.cat([outs[0], outs[3]])
+    assert cat.shape == (80, 64) and torch.equal(cat.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(cat_compiled.view(torch.int16), want.view(torch.int16))
 
 
 def test_tables_are_bitsandbytes_code_tables():

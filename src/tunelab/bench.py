@@ -30,6 +30,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  (split.py; TUNELAB_SPLIT_RECOMPUTE=1 / 0; default on)
   +fusedfirst / +nofusedfirst  appended: the offload's first pass through the fused projections, or PEFT's
                  no-grad path (TUNELAB_FUSED_FIRST_PASS=1 / 0; default on)
+  +groupgu / +nogroupgu      appended: gate and up as one fused function (model/fast/group.py;
+                 TUNELAB_GROUP_GATE_UP=1 / 0; default off)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
                  (TUNELAB_LORA_FIRST=1; opt-in)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
@@ -244,7 +246,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         os.environ["TUNELAB_LORA_FIRST"] = "1"
         lora.LORA_FIRST = True
     for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING"),
-                      ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS")):
+                      ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS"),
+                      ("groupgu", "TUNELAB_GROUP_GATE_UP")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:

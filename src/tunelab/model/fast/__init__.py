@@ -16,6 +16,7 @@ default: on where it applies). What it installs (one file per fused op, each bes
   TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it off); each layer's forward is then compiled under the eager offloading
   checkpoint instead of the whole checkpointed call. TUNELAB_FUSED_FIRST_PASS=1 routes its no-grad first pass
   through the fused projections instead of PEFT's (opt-in: measured slower, docs/fastpath.md run 12).
+* group.py: gate and up as one function (lora.LoraPair), opt-in (TUNELAB_GROUP_GATE_UP=1).
 * split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
   (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
   for batches of at least 2,048 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
@@ -217,7 +218,10 @@ def patch_lora_layers(model) -> int:
 
 
 def unpatch_lora_layers(model) -> None:
-    """Give every patched layer its PEFT forward back."""
+    """Give every patched layer its PEFT forward back (and every grouped MLP its own forward)."""
+    from tunelab.model.fast.group import ungroup
+
+    ungroup(model)
     for module in model.modules():
         if hasattr(module, "_tunelab_plain_forward"):
             module.forward = module._tunelab_plain_forward
@@ -238,6 +242,13 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
     if count == 0:
         return _record(resolved, "off (no LoRA layer fits the fused projection)", [])
     applied, what = [f"fast-lora({count} projections)"], [f"{count} LoRA projections fused"]
+    from tunelab.model.fast import group
+
+    if group.enabled():  # opt-in (TUNELAB_GROUP_GATE_UP=1): not timed on a GPU yet
+        grouped = group.group_gate_up(model)
+        if grouped:
+            applied.append(f"group-gate-up({grouped} layers)")
+            what.append(f"gate and up as one function in {grouped} layers")
     from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
 
     compiled = compile_decision(model, cfg, resolved)[0]

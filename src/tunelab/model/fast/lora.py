@@ -173,3 +173,70 @@ def lora_linear(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtyp
     """x [..., in] -> [..., out]; weight packed 4-bit (with its quant_state) or dense [out, in] (quant_state None);
     lora_a [r, in], lora_b [out, r] (trainable, any float dtype); computed in `dtype`."""
     return LoraLinear.apply(x, lora_a, lora_b, weight, quant_state, bias, float(scale), dtype)
+
+
+def dense_pair(w1, qs1, w2, qs2, dtype):
+    """Two frozen base weights stacked, [out1 + out2, in] of `dtype` (gate over up): each 4-bit weight dequantized
+    straight into its rows where the NF4 Triton kernel applies (no copy), else the two dense weights concatenated."""
+    if (qs1 is not None and qs2 is not None and w1.is_cuda and getattr(qs1, "tunelab_triton", False)
+            and getattr(qs2, "tunelab_triton", False) and qs1.dtype == qs2.dtype):
+        from . import nf4_triton
+
+        w = nf4_triton.dense_cat(w1, qs1, w2, qs2)
+        return w if w.dtype == dtype else w.to(dtype)
+    return torch.cat([dense_weight(w1, qs1, dtype), dense_weight(w2, qs2, dtype)])
+
+
+class LoraPair(torch.autograd.Function):
+    """Two LoRA projections of the same input (gate and up) as one function: one GEMM for both base products over
+    the stacked weights, one for both x @ A^T (A stacked), one for both rank-r products (B as a block diagonal, its
+    zero blocks adding exact zeros), and in backward one GEMM for grad x over both (the two branches summed in the
+    GEMM's fp32 accumulation, where separate projections round each to the compute dtype and add them)."""
+
+    @staticmethod
+    def forward(ctx, x, a1, b1, a2, b2, w1, qs1, w2, qs2, scale, dtype):
+        in_dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        a = torch.cat([a1.to(dtype), a2.to(dtype)])  # [r1 + r2, in]
+        bd = torch.block_diag(b1.to(dtype), b2.to(dtype))  # [out1 + out2, r1 + r2]
+        w = dense_pair(w1, qs1, w2, qs2, dtype)
+        xa = torch.mm(x2, a.t())
+        y = two_products(x2, w.t(), None, xa, bd.t(), scale)
+        ctx.save_for_backward(x2, xa, a, bd)
+        ctx.weights = (w1, qs1, w2, qs2)
+        ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
+        ctx.r1, ctx.o1 = a1.shape[0], b1.shape[0]
+        ctx.dtypes = (a1.dtype, b1.dtype, a2.dtype, b2.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, a, bd = ctx.saved_tensors
+        dtype, scale, r1, o1 = ctx.dtype, ctx.scale, ctx.r1, ctx.o1
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        gb_r = torch.mm(g, bd)  # [tokens, r1 + r2]: each projection's grad of x @ A^T, before the scale
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = dense_pair(*ctx.weights, dtype)
+            grad_x = two_products(g, w, None, gb_r, a, scale).view(ctx.x_shape)
+            del w
+            if grad_x.dtype != ctx.in_dtype:
+                grad_x = grad_x.to(ctx.in_dtype)
+        grad_a = torch.mm(gb_r.t(), x2).mul_(scale)
+        ga1, ga2 = grad_a[:r1].to(ctx.dtypes[0]), grad_a[r1:].to(ctx.dtypes[2])
+        gb1 = torch.mm(g[:, :o1].t(), xa[:, :r1]).mul_(scale).to(ctx.dtypes[1])
+        gb2 = torch.mm(g[:, o1:].t(), xa[:, r1:]).mul_(scale).to(ctx.dtypes[3])
+        return grad_x, ga1, gb1, ga2, gb2, None, None, None, None, None, None
+
+
+def lora_pair(x, first, second):
+    """x [..., in] -> [..., out1 + out2]: the two projections' outputs side by side; first / second: each one's
+    (weight, quant_state, bias, lora_a, lora_b, scale, dtype) as fast.fused_args gives them (no bias, one scale and
+    one compute dtype between them: the caller checks)."""
+    w1, qs1, _, a1, b1, scale, dtype = first
+    w2, qs2, _, a2, b2, _, _ = second
+    return LoraPair.apply(x, a1, b1, a2, b2, w1, qs1, w2, qs2, float(scale), dtype)

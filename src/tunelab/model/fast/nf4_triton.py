@@ -180,6 +180,44 @@ _dequantize_op = ops.define(
     _dequantize_impl, _dequantize_fake)
 
 
+def _dequantize_cat_impl(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2,
+                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
+    out = torch.empty((rows1 + rows2, cols), dtype=dtype, device=w1.device)
+    _launch(w1, absmax1, absmax2_1, code2_1, offset1, blocksize[0], blocksize2[0], nested[0], quant_type[0], out[:rows1])
+    _launch(w2, absmax2, absmax2_2, code2_2, offset2, blocksize[1], blocksize2[1], nested[1], quant_type[1], out[rows1:])
+    return out
+
+
+def _dequantize_cat_fake(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2,
+                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
+    return w1.new_empty((rows1 + rows2, cols), dtype=dtype)
+
+
+_dequantize_cat_op = ops.define(
+    "dequantize_4bit_cat", "(Tensor w1, Tensor absmax1, Tensor absmax2_1, Tensor code2_1, Tensor offset1, Tensor w2, "
+    "Tensor absmax2, Tensor absmax2_2, Tensor code2_2, Tensor offset2, int[] blocksize, int[] blocksize2, "
+    "bool[] nested, str[] quant_type, int rows1, int rows2, int cols, ScalarType dtype) -> Tensor",
+    _dequantize_cat_impl, _dequantize_cat_fake)
+
+
+def dense_cat(w1: torch.Tensor, qs1, w2: torch.Tensor, qs2) -> torch.Tensor:
+    """Two 4-bit weights of one input width dequantized into one [rows1 + rows2, cols] tensor (each straight into
+    its rows: no copy), of their common dtype (lora.dense_pair: gate and up as one GEMM)."""
+    (r1, cols), (r2, cols2) = (int(d) for d in qs1.shape), (int(d) for d in qs2.shape)
+    if cols != cols2 or qs1.dtype != qs2.dtype:
+        raise ValueError(f"dense_cat needs one input width and dtype: {tuple(qs1.shape)} {qs1.dtype}, "
+                         f"{tuple(qs2.shape)} {qs2.dtype}")
+    s1, s2 = _state_tensors(w1, qs1), _state_tensors(w2, qs2)
+    if not torch.compiler.is_compiling():
+        out = torch.empty((r1 + r2, cols), dtype=qs1.dtype, device=w1.device)
+        dequantize_4bit(w1, qs1, out=out[:r1])
+        dequantize_4bit(w2, qs2, out=out[r1:])
+        return out
+    return _dequantize_cat_op(w1, *s1[:4], w2, *s2[:4], [int(qs1.blocksize), int(qs2.blocksize)], [s1[4], s2[4]],
+                              [bool(qs1.nested), bool(qs2.nested)], [qs1.quant_type, qs2.quant_type], r1, r2, cols,
+                              qs1.dtype)
+
+
 def dense(weight: torch.Tensor, quant_state) -> torch.Tensor:
     """dequantize_4bit for lora.dense_weight: inline when eager (a custom op's dispatch costs CPU time the
     launch-bound eager step cannot spare), one opaque op (tunelab::dequantize_4bit) inside torch.compile, as

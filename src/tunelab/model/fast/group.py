@@ -1,0 +1,60 @@
+"""gate and up as one fused function (lora.LoraPair): opt-in, TUNELAB_GROUP_GATE_UP=1 (not yet timed on a GPU).
+
+    n = group_gate_up(model)   # every covered MLP (Qwen2 / Qwen3 / Llama) whose gate, up and down are patched
+
+The two projections read the same input, so per pass one GEMM makes both base products (their weights stacked,
+each 4-bit weight dequantized straight into its rows), one makes both x @ A^T and one adds both rank-r products;
+the backward's grad x is one GEMM over both. Per layer and pass that is about half the launches of the two
+separate projections (docs/fastpath.md: the host's launches bind the small steps). The MLP's forward becomes
+`down(act(gate_up(x)[:, :I]) * gate_up(x)[:, I:])`, its own arithmetic; any call outside the fused case (no
+gradient, adapters off, a bias, two scales or dtypes) runs the MLP's own forward with the patched projections.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP")
+
+
+def enabled() -> bool:
+    return os.environ.get("TUNELAB_GROUP_GATE_UP", "0") == "1"
+
+
+def _grouped_forward(self, x):
+    import torch
+
+    from tunelab.model.fast import Passes, fused_args
+    from tunelab.model.fast.lora import lora_pair
+
+    gate, up = self.gate_proj, self.up_proj
+    if (torch.is_grad_enabled() or Passes.first_pass) and not (gate._tunelab_skip or up._tunelab_skip):
+        first, second = fused_args(gate), fused_args(up)
+        if (first is not None and second is not None and first[2] is None and second[2] is None
+                and first[5] == second[5] and first[6] == second[6]):
+            gu = lora_pair(x, first, second)
+            g, u = gu.split([first[4].shape[0], second[4].shape[0]], dim=-1)
+            return self.down_proj(self.act_fn(g) * u)
+    return self._tunelab_mlp_forward(x)
+
+
+def group_gate_up(model) -> int:
+    """Route every covered MLP whose three projections are patched (fast.patch_lora_layers) through the pair."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in MLPS or hasattr(module, "_tunelab_mlp_forward"):
+            continue
+        projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(hasattr(p, "_tunelab_plain_forward") for p in projections):
+            continue
+        module._tunelab_mlp_forward = module.forward
+        module.forward = types.MethodType(_grouped_forward, module)
+        count += 1
+    return count
+
+
+def ungroup(model) -> None:
+    for module in model.modules():
+        if hasattr(module, "_tunelab_mlp_forward"):
+            module.forward = module._tunelab_mlp_forward
+            del module._tunelab_mlp_forward
