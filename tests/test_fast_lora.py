@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers_train import offline_session, tiny_model  # noqa: F401
+from test_fast_split import _stepper
 from tunelab.model.fast import fast_path_decision, patch_lora_layers, unpatch_lora_layers
 from tunelab.model.fast.lora import lora_linear, lora_linear_reference
 
@@ -239,16 +240,7 @@ def test_offloaded_checkpoints_give_the_plain_checkpointing_gradients(device):
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.base_model.model.enable_input_require_grads()
     model.train()
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(11)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def backward_step():  # .backward() as the Trainer does: the reentrant-style recompute fills .grad
-        for p in params:
-            p.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in params]
+    backward_step = _stepper(model, device, seed=11)  # .backward() as the Trainer does: the recompute fills .grad
 
     loss_plain, grads_plain = backward_step()
     assert offload_checkpoints(model) == 2  # the two decoder layers
@@ -397,18 +389,7 @@ def _checkpointed_nf4_on_gpu(seed):
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.base_model.model.enable_input_require_grads()
     model.train()
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed)).cuda()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def backward_step():
-        for p in params:
-            p.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in params]
-
-    return model, backward_step
+    return model, _stepper(model, "cuda", seed=seed)
 
 
 @gpu
