@@ -625,6 +625,21 @@ def test_a_16_bit_base_keeps_its_embedding_on_the_gpu(monkeypatch):
     assert rc_doc["host_embedding"] is False
 
 
+def test_pinned_host_memory_follows_the_split_recomputes_switches(monkeypatch):
+    """The residuals the split recompute keeps on the host are counted as the trainer installs it: not with
+    TUNELAB_SPLIT_RECOMPUTE=0, not under TUNELAB_SPLIT_MIN_TOKENS tokens a step."""
+    s = model_shape(Q7)
+    setup = Setup(batch=4, seq=1024, compiled=True, offload=True)
+    inputs = 28 * 4096 * 3584 * 2  # the layer inputs (no host embedding in this setup)
+    assert estimate(s, setup).host_pinned == 2 * inputs
+    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "8192")
+    assert estimate(s, setup).host_pinned == inputs
+    monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4096")
+    assert estimate(s, setup).host_pinned == 2 * inputs
+    monkeypatch.setenv("TUNELAB_SPLIT_RECOMPUTE", "0")
+    assert estimate(s, setup).host_pinned == inputs
+
+
 def test_pinned_host_memory_is_reported():
     """Offloaded checkpoints (L x N x H x b) and the host embedding table live in pinned CPU RAM: reported apart."""
     s = model_shape(Q7)

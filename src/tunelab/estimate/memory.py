@@ -46,10 +46,6 @@ from tunelab.estimate.archs import ModelShape
 # training step, read as nvidia-smi's per-process figure minus torch's reserved memory).
 RESERVED_FIXED = 0.35 * T.GiB
 RESERVED_LOGITS = 0.75
-# model.fast.split.MIN_TOKENS (not imported: the planner stays free of torch): from this many tokens a step the
-# offload also keeps each covered layer's post-attention residual in host memory
-SPLIT_MIN_TOKENS = 2048
-
 # The checkpoint offload reserves more (its prefetches allocate on a side stream, whose freed blocks stay in that
 # stream's pool): reserved - allocated was 0.50-0.91 GiB on its four measured points (runs 5 and 8) against 0.21-0.61
 # without it; 0.33 GiB more is the mean of the four's excess over RESERVED_FIXED (calibrated, not derived).
@@ -267,6 +263,14 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     return moments
 
 
+def _splits(shape: ModelShape, tokens: int) -> bool:
+    """Whether the offload's split recompute applies, as model.fast.split decides it (its switch and threshold from
+    the environment: no torch is imported) for the families whose layers it covers."""
+    from tunelab.model.fast import ARCHITECTURES, split
+
+    return split.enabled() and shape.family in ARCHITECTURES and tokens >= split.min_tokens()
+
+
 def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     """The breakdown at the peak moment, the peak allocated, reserved and nvidia-smi figures."""
     u.check(shape)
@@ -294,7 +298,7 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     warnings = [shape.warning] if shape.warning else []
     b, n = u.compute_bytes, u.batch * u.seq
     host = (T.checkpoint_bytes(shape, n, b) if u.offload and u.grad_ckpt and not u.plain else 0)
-    if host and shape.family in ("qwen2", "qwen3", "llama") and n >= SPLIT_MIN_TOKENS:
+    if host and _splits(shape, n):
         host *= 2  # the split recompute (model.fast.split) also keeps each layer's h2, the same size, on the host
     host += T.sixteen_bit_rest(shape, b)["embeddings"] if u.host_embedding_on() and not u.plain and not shape.tied else 0
     return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan, host)

@@ -127,8 +127,15 @@ class Passes:
     no-grad calls (evaluation, generation) keep PEFT's."""
     first_pass = False
 
+    @staticmethod
+    def fused_now() -> bool:
+        """Whether a call now may take a fused function: under gradient, or in the offload's fused first pass."""
+        import torch
 
-def fused_args(module, x_dtype=None):
+        return torch.is_grad_enabled() or Passes.first_pass
+
+
+def fused_args(module):
     """(weight, quant_state, bias, lora_a, lora_b, scale, dtype) when a call of this patched layer is the fused
     case (one active adapter, not disabled or merged, its packed weight still quantized), else None; dtype: the
     compute dtype (autocast's on CUDA, else the base layer's)."""
@@ -151,11 +158,9 @@ def fused_args(module, x_dtype=None):
 
 def _fast_forward(self, x, *args, **kwargs):
     """Replaces a PEFT LoRA layer's forward: the fused function when the call is the plain training case."""
-    import torch
-
     if self._tunelab_skip:  # split.py's recompute: this product's output is not needed, only its input
         return x
-    if args or kwargs or not (torch.is_grad_enabled() or Passes.first_pass):
+    if args or kwargs or not Passes.fused_now():
         return self._tunelab_plain_forward(x, *args, **kwargs)
     fused = fused_args(self)
     if fused is None:

@@ -22,13 +22,11 @@ def enabled() -> bool:
 
 
 def _grouped_forward(self, x):
-    import torch
-
     from tunelab.model.fast import Passes, fused_args
     from tunelab.model.fast.lora import lora_pair
 
     gate, up = self.gate_proj, self.up_proj
-    if (torch.is_grad_enabled() or Passes.first_pass) and not (gate._tunelab_skip or up._tunelab_skip):
+    if Passes.fused_now() and not (gate._tunelab_skip or up._tunelab_skip):
         first, second = fused_args(gate), fused_args(up)
         if (first is not None and second is not None and first[2] is None and second[2] is None
                 and first[5] == second[5] and first[6] == second[6]):

@@ -134,8 +134,9 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, xa, a, b = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, ctx.weight, ctx.quant_state, ctx.scale,
-                                               ctx.dtype, need[0], need[1], need[2])
+        grad_x, grad_a, grad_b = lora_backward(
+            grad_y, x2, xa, a, b, lambda: dense_weight(ctx.weight, ctx.quant_state, ctx.dtype), ctx.scale, ctx.dtype,
+            need[0], need[1], need[2])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
             if grad_x.dtype != ctx.in_dtype:
@@ -147,19 +148,20 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def lora_backward(grad_y, x2, xa, a, b, weight, quant_state, scale: float, dtype, need_x=True, need_a=True,
-                  need_b=True):
+def lora_backward(grad_y, x2, xa, a, b, dense, scale: float, dtype, need_x=True, need_a=True, need_b=True):
     """The projection's backward from its input rows x2 [tokens, in] and xa = x2 @ a.T [tokens, r] (a, b: the
-    compute-dtype copies of A and B): (grad x [tokens, in], grad A, grad B), each None where not needed; the LoRA
-    gradients in `dtype` before the caller's cast. Also called without the forward having run (split.py: the
-    recompute skips the o and down products, whose outputs no gradient needs)."""
+    compute-dtype copies of A and B; dense(): the base weight, dense [out, in] in `dtype`, made only for grad x):
+    (grad x [tokens, in], grad A, grad B), each None where not needed; the LoRA gradients in `dtype` before the
+    caller's cast. Also called without the forward having run (split.py: the recompute skips the o and down
+    products, whose outputs no gradient needs) and for two projections at once (LoraPair: A stacked, B a block
+    diagonal)."""
     g = grad_y.reshape(-1, grad_y.shape[-1])
     if g.dtype != dtype:
         g = g.to(dtype)
     gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
     grad_x = grad_a = grad_b = None
     if need_x:
-        w = dense_weight(weight, quant_state, dtype)
+        w = dense()
         grad_x = two_products(g, w, None, gb_r, a, scale)
         del w
     if need_a:
@@ -218,15 +220,13 @@ class LoraPair(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         if g.dtype != dtype:
             g = g.to(dtype)
-        gb_r = torch.mm(g, bd)  # [tokens, r1 + r2]: each projection's grad of x @ A^T, before the scale
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = dense_pair(*ctx.weights, dtype)
-            grad_x = two_products(g, w, None, gb_r, a, scale).view(ctx.x_shape)
-            del w
+        # grad x over both (one GEMM) and grad A stacked; grad B per block below (the zero blocks need none)
+        grad_x, grad_a, _ = lora_backward(g, x2, xa, a, bd, lambda: dense_pair(*ctx.weights, dtype), scale, dtype,
+                                          ctx.needs_input_grad[0], True, False)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
             if grad_x.dtype != ctx.in_dtype:
                 grad_x = grad_x.to(ctx.in_dtype)
-        grad_a = torch.mm(gb_r.t(), x2).mul_(scale)
         ga1, ga2 = grad_a[:r1].to(ctx.dtypes[0]), grad_a[r1:].to(ctx.dtypes[2])
         gb1 = torch.mm(g[:, :o1].t(), xa[:, :r1]).mul_(scale).to(ctx.dtypes[1])
         gb2 = torch.mm(g[:, o1:].t(), xa[:, r1:]).mul_(scale).to(ctx.dtypes[3])

@@ -101,9 +101,7 @@ def _build():
 
         @staticmethod
         def backward(ctx, *grads):
-            import contextlib
-
-            from tunelab.model.fast.split import split_backward
+            from tunelab.model.fast.split import forward_mode, split_backward
 
             split = ctx.split
             if split is not None and grads[0] is not None:
@@ -119,10 +117,7 @@ def _build():
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
             hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.enable_grad())
-                for device, enabled, dtype in ctx.autocast:
-                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            with forward_mode(ctx.autocast):
                 out = ctx.run(hidden)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o) and o.requires_grad]
@@ -207,17 +202,21 @@ class _Compiled:
 
 def _compiled(fn):
     def call(*args):
-        return _Compiled.get(fn)(*args)
+        return _Compiled.get(fn)(*args)  # looked up at each call: a failed compile swaps in the eager function
 
     return call
+
+
+_EAGER = {"call": _call, "first": _first, "attn": _attn, "mlp": _mlp}
+_COMPILED = {name: _compiled(fn) for name, fn in _EAGER.items()}  # made once, not at each layer call
 
 
 class _Split:
     """A layer's split.py parts for the offload: the first pass returning h2, the two halves for the backward."""
 
     def __init__(self, layer, kwargs, compiled: bool):
-        wrap = _compiled if compiled else (lambda fn: fn)
-        first, attn, mlp = wrap(_first), wrap(_attn), wrap(_mlp)
+        fns = _COMPILED if compiled else _EAGER
+        first, attn, mlp = fns["first"], fns["attn"], fns["mlp"]
         self.layer = layer
         self.first = functools.partial(first, layer, kwargs)
         self.attn = functools.partial(attn, layer, kwargs)
@@ -261,7 +260,7 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
             if layer_kwargs is not None:
                 parts = _Split(layer, layer_kwargs, compiled)
         if compiled:
-            run = functools.partial(_compiled(_call), run)
+            run = functools.partial(_COMPILED["call"], run)
         return _Fn.fn.apply(run, stash, args[0], parts, fused_first)
 
     return checkpoint

@@ -107,7 +107,7 @@ def _projection_backward(args, x_in, grad_y):
     """grad of the projection's input, and its LoRA gradients accumulated into A's and B's .grad."""
     import torch
 
-    from tunelab.model.fast.lora import lora_backward
+    from tunelab.model.fast.lora import dense_weight, lora_backward
 
     weight, quant_state, bias, lora_a, lora_b, scale, dtype = args
     x2 = x_in.reshape(-1, x_in.shape[-1])
@@ -116,8 +116,9 @@ def _projection_backward(args, x_in, grad_y):
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     with torch.no_grad():
         xa = torch.mm(x2, a.t())  # as the forward would have made it (the same GEMM on the same rows)
-        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, weight, quant_state, float(scale), dtype,
-                                               True, lora_a.requires_grad, lora_b.requires_grad)
+        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, lambda: dense_weight(weight, quant_state, dtype),
+                                               float(scale), dtype, True, lora_a.requires_grad,
+                                               lora_b.requires_grad)
         for p, g in ((lora_a, grad_a), (lora_b, grad_b)):
             if g is not None:
                 g = g.to(p.dtype)
@@ -128,33 +129,38 @@ def _projection_backward(args, x_in, grad_y):
     return grad_x.view(*x_in.shape[:-1], grad_x.shape[-1])
 
 
-def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
-    """grad of the layer input from grad_out, recomputing the two halves without o's and down's products, or None
-    (before anything ran) when o or down is not the fused case now: the caller then recomputes the whole layer.
-    get_x(): the layer input, back on the device (fetched after the MLP half); h2: the residual after attention; autocast: the forward's
-    (device, enabled, dtype) list; run_attn(x) / run_mlp(h2): attn_input / mlp_input (compiled or not) bound to
-    the layer and its kwargs."""
+def forward_mode(autocast):
+    """The forward's grad mode and autocast, for a recompute inside backward (which runs without them); autocast:
+    the forward's (device, enabled, dtype) list, as the offload records it."""
     import contextlib
 
     import torch
 
-    def forward_mode():  # the forward's grad mode and autocast (backward runs without them)
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.enable_grad())
-        for device, enabled, dtype in autocast:
-            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-        return stack
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.enable_grad())
+    for device, enabled, dtype in autocast:
+        stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+    return stack
+
+
+def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
+    """grad of the layer input from grad_out, recomputing the two halves without o's and down's products, or None
+    (before anything ran) when o or down is not the fused case now: the caller then recomputes the whole layer.
+    get_x(): the layer input, back on the device (fetched after the MLP half); h2: the residual after attention;
+    autocast: the forward's (device, enabled, dtype) list; run_attn(x) / run_mlp(h2): attn_input / mlp_input
+    (compiled or not) bound to the layer and its kwargs."""
+    import torch
 
     def recompute(run, inp, module):
         inp = inp.detach().requires_grad_(True)
-        with forward_mode():
+        with forward_mode(autocast):
             module._tunelab_skip = True
             try:
                 return inp, run(inp)
             finally:
                 module._tunelab_skip = False
 
-    with forward_mode():
+    with forward_mode(autocast):
         fused = _fused(layer)  # inside the forward's autocast: the compute dtype is its
     if fused is None:
         return None
