@@ -29,7 +29,7 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +split / +nosplit          appended: the offload's backward without the o and down products recomputed
                  (split.py; TUNELAB_SPLIT_RECOMPUTE=1 / 0; default on)
   +fusedfirst / +nofusedfirst  appended: the offload's first pass through the fused projections, or PEFT's
-                 no-grad path (TUNELAB_FUSED_FIRST_PASS=1 / 0; default on)
+                 no-grad path (TUNELAB_FUSED_FIRST_PASS=1 / 0; default off: measured slower, run 12)
   +groupgu / +nogroupgu      appended: gate and up as one fused function (model/fast/group.py;
                  TUNELAB_GROUP_GATE_UP=1 / 0; default off)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue

@@ -207,12 +207,12 @@ def dense_cat(w1: torch.Tensor, qs1, w2: torch.Tensor, qs2) -> torch.Tensor:
     if cols != cols2 or qs1.dtype != qs2.dtype:
         raise ValueError(f"dense_cat needs one input width and dtype: {tuple(qs1.shape)} {qs1.dtype}, "
                          f"{tuple(qs2.shape)} {qs2.dtype}")
-    s1, s2 = _state_tensors(w1, qs1), _state_tensors(w2, qs2)
     if not torch.compiler.is_compiling():
         out = torch.empty((r1 + r2, cols), dtype=qs1.dtype, device=w1.device)
         dequantize_4bit(w1, qs1, out=out[:r1])
         dequantize_4bit(w2, qs2, out=out[r1:])
         return out
+    s1, s2 = _state_tensors(w1, qs1), _state_tensors(w2, qs2)
     return _dequantize_cat_op(w1, *s1[:4], w2, *s2[:4], [int(qs1.blocksize), int(qs2.blocksize)], [s1[4], s2[4]],
                               [bool(qs1.nested), bool(qs2.nested)], [qs1.quant_type, qs2.quant_type], r1, r2, cols,
                               qs1.dtype)
