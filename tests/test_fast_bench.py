@@ -50,3 +50,35 @@ def test_case_expansion():
     assert _variants(ns) == ["plain-autocast", "tunelab-fast", "tunelab-plain", "plain-autocast:alpaca-packed",
                              "tunelab-fast:alpaca-packed", "tunelab-plain:alpaca-packed"]
     assert _variants(argparse.Namespace(variants=None, path=None, profiles="full")) == ["tunelab-fast", "tunelab-plain"]
+
+
+class _Event:  # the four methods gpu_timeline reads of a kineto event
+    def __init__(self, name, device, start_us, dur_us):
+        self._n, self._d, self._s, self._t = name, device, start_us * 1000, dur_us * 1000
+
+    def name(self):
+        return self._n
+
+    def device_type(self):
+        return f"DeviceType.{self._d}"
+
+    def start_ns(self):
+        return self._s
+
+    def duration_ns(self):
+        return self._t
+
+
+def test_gpu_timeline_unions_kernels_and_counts_the_idle_gaps():
+    from tunelab.bench import gpu_timeline
+
+    events = [_Event("aten::mm", "CPU", 0, 5),  # the step's first host event: the span starts here
+              _Event("gemm", "CUDA", 10, 30),  # 10-40
+              _Event("add", "CUDA", 20, 30),  # 20-50: overlaps the first (another stream), busy to 50
+              _Event("Memcpy HtoD (Pinned -> Device)", "CUDA", 45, 100),  # a copy: not in the busy time
+              _Event("norm", "CUDA", 60, 5),  # gap 10 us (under 20)
+              _Event("softmax", "CUDA", 100, 10)]  # gap 35 us, ends at 110; the copy ends at 145
+    got = gpu_timeline(events)
+    assert got == {"span_ms": 0.145, "kernel_busy_ms": 0.055, "kernels": 4, "copy_ms": 0.1, "idle_gaps_ms": 0.045,
+                   "gaps_over_20us": 1, "gaps_over_20us_ms": 0.035}
+    assert gpu_timeline([])["kernels"] == 0

@@ -212,6 +212,40 @@ def run_plain(model_dir: str, samples: list[dict], batch: int, autocast: bool, m
     return out
 
 
+def gpu_timeline(events) -> dict[str, Any]:
+    """How busy the GPU was in a profiled step: the union of its kernels' intervals (copies and memsets apart: the
+    offload's copies run on the copy engines beside the kernels) against the step's span from its first host event
+    to its last device event, and the idle gaps between kernels (a step bound by the host shows many). `events`:
+    the profiler's kineto events (objects with name(), device_type(), start_ns(), duration_ns())."""
+    kernels, copies, first, last = [], 0.0, None, None
+    for e in events:
+        start, dur = e.start_ns(), e.duration_ns()
+        first = start if first is None else min(first, start)
+        last = start + dur if last is None else max(last, start + dur)
+        if "CUDA" not in str(e.device_type()):
+            continue
+        if e.name().startswith(("Memcpy", "Memset")):
+            copies += dur
+        else:
+            kernels.append((start, start + dur))
+    kernels.sort()
+    busy, gaps, end = 0, [], None
+    for a, b in kernels:
+        if end is not None and a > end:
+            gaps.append(a - end)
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    span = (last - first) if kernels else 0
+    big = [g for g in gaps if g >= 20_000]
+    return {"span_ms": round(span / 1e6, 3), "kernel_busy_ms": round(busy / 1e6, 3), "kernels": len(kernels),
+            "copy_ms": round(copies / 1e6, 3), "idle_gaps_ms": round(sum(gaps) / 1e6, 3),
+            "gaps_over_20us": len(big), "gaps_over_20us_ms": round(sum(big) / 1e6, 3)}
+
+
 def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, method: str,
                 pack_to: int | None = None) -> dict[str, Any]:
     """tunelab's path: its loader and TunelabTrainer (the code `tunelab train` runs), timed per optimizer step."""
@@ -283,7 +317,12 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
                 name = os.path.join(profile_dir, variant.replace(":", "_").replace("+", "_") + ".txt")
+                try:  # the timeline's summary first: is the step bound by the GPU or by the host?
+                    out["profile_gpu"] = gpu_timeline(self.prof.profiler.kineto_results.events())
+                except Exception as exc:  # a profiler without kineto results: the tables below still come
+                    out["profile_gpu"] = {"error": repr(exc)[:200]}
                 with open(name, "w") as fh:
+                    fh.write(f"GPU timeline of the step: {json.dumps(out['profile_gpu'])}\n\n")
                     fh.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))
                     fh.write("\n\nby self CUDA time\n")
                     fh.write(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45))
