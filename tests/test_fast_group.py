@@ -103,8 +103,9 @@ def test_outside_the_fused_case_the_mlp_runs_its_own_forward_and_ungroup_restore
 
 def test_the_grouped_mlp_compiles_without_breaks_cpu():
     """Under the offload's compiled forwards (AOTAutograd's graphs run eagerly, a counting backend) the grouped MLP
-    traces without a graph break; the products: the first pass is PEFT's (no fused op), the attention half q/k/v
-    and the MLP half one pair, the same in backward (o's and down's backward run eager in the split)."""
+    traces without a graph break; the products: the first pass through the fused projections (the default: q, k,
+    v, o, the pair, down), the attention half q/k/v and the MLP half one pair, the same in backward (o's and down's
+    backward run eager in the split)."""
     import collections
 
     from functorch.compile import make_boxed_func
@@ -136,7 +137,7 @@ def test_the_grouped_mlp_compiles_without_breaks_cpu():
         offload._Compiled.fns, offload._Compiled.backend = saved
         torch._dynamo.reset()
     assert after["graph_breaks"] == before["graph_breaks"] and after["unique_graphs"] - before["unique_graphs"] == 3
-    assert ops["tunelab.two_products.default"] == 3 + 1 + 3 + 1
+    assert ops["tunelab.two_products.default"] == 6 + 3 + 1 + 3 + 1
     assert abs(loss - loss_eager) < 1e-3 * loss_eager
     for g, ge in zip(grads, grads_eager):
         assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()

@@ -167,8 +167,8 @@ def test_below_the_token_threshold_the_whole_layer_is_recomputed(monkeypatch):
         _stepper(model, "cpu")()
         monkeypatch.setattr(lora_mod, "dense_weight", dense)
         counts[threshold] = len(uses)
-    # the first pass is PEFT's (no dense_weight); recompute 7 or 5, grad x 7, a layer
-    assert counts == {49: 2 * 14, 48: 2 * 12}
+    # the first pass through the fused projections (the default) 7, recompute 7 or 5, grad x 7, a layer
+    assert counts == {49: 2 * 21, 48: 2 * 19}
     monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
     assert split.min_tokens() == split.MIN_TOKENS == 2048
     monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4096")

@@ -26,7 +26,7 @@ def _inputs(seed, weight_grad=False):
 
 
 def test_loss_and_hidden_gradient_match_cross_entropy(monkeypatch):
-    monkeypatch.setattr(kernels, "_chunk_rows", lambda vocab: 7)  # several chunks, one partial
+    monkeypatch.setattr(kernels, "_chunk_rows", lambda vocab, **kw: 7)  # several chunks, one partial
     hidden, weight, labels = _inputs(0)
     loss = fused_linear_cross_entropy(hidden, weight, labels)
     (grad,) = torch.autograd.grad(loss * 3.0, hidden)

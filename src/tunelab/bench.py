@@ -29,9 +29,13 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +split / +nosplit          appended: the offload's backward without the o and down products recomputed
                  (split.py; TUNELAB_SPLIT_RECOMPUTE=1 / 0; default on)
   +fusedfirst / +nofusedfirst  appended: the offload's first pass through the fused projections, or PEFT's
-                 no-grad path (TUNELAB_FUSED_FIRST_PASS=1 / 0; default off: measured slower, run 12)
+                 no-grad path (TUNELAB_FUSED_FIRST_PASS=1 / 0; default on since run 14)
   +groupgu / +nogroupgu      appended: gate and up as one fused function (model/fast/group.py;
-                 TUNELAB_GROUP_GATE_UP=1 / 0; default off)
+                 TUNELAB_GROUP_GATE_UP=1 / 0; default on since run 14)
+  +celoss / +noceloss        appended: the loss and its gradient as one Triton kernel per chunk, or torch's ops
+                 (model/fast/ce_triton.py; TUNELAB_CE_TRITON=1 / 0; default on with CUDA and Triton)
+  +cppwrap / +nocppwrap      appended: inductor's wrapper code of the offloaded layers' graphs in C++ instead of
+                 Python (TUNELAB_CPP_WRAPPER=1 / 0; default off)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
                  (TUNELAB_LORA_FIRST=1; opt-in)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
@@ -260,10 +264,13 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from tunelab.train.trainer import TunelabTrainer
     from tunelab.train.workflow import training_arguments
 
-    if "+ce" in variant:  # e.g. +ce1024: the fused loss's logits chunk budget in MiB (default 256)
+    import re
+
+    budget = re.search(r"\+ce(\d+)", variant)
+    if budget:  # e.g. +ce1024: the fused loss's logits chunk budget in MiB (default 256)
         from tunelab.model import kernels
 
-        kernels.CHUNK_BUDGET_BYTES = int(variant.split("+ce")[1].split("+")[0]) << 20
+        kernels.CHUNK_BUDGET_BYTES = int(budget.group(1)) << 20
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
     collator = Collator(0, 8)
@@ -281,7 +288,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         lora.LORA_FIRST = True
     for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING"),
                       ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS"),
-                      ("groupgu", "TUNELAB_GROUP_GATE_UP")):
+                      ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
+                      ("cppwrap", "TUNELAB_CPP_WRAPPER")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:

@@ -227,11 +227,15 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     if u.plain:
         loss = Row("logits", "logits and loss (full vocab x tokens)", T.plain_loss_bytes(shape, n, b), "3 x fp32 N x V in the loss backward")
     else:
-        from tunelab.model.kernels import _chunk_rows  # the fused loss's own chunking (no torch import)
+        from tunelab.model.fast import ce_triton  # torch-free, as the fused loss's own chunking
+        from tunelab.model.kernels import _chunk_rows
 
-        rows = _chunk_rows(shape.vocab)
-        loss = Row("logits", f"fused loss: one chunk of {min(rows, labelled)} rows", T.fused_loss_bytes(shape, labelled, b, rows),
-                   "tunelab.model.kernels, labelled rows only")
+        # on a GPU the loss and its gradient are one Triton kernel over the b-byte logits (no fp32 block)
+        one_kernel = ce_triton.switched_on()
+        rows = _chunk_rows(shape.vocab, element_bytes=b if one_kernel else 4)
+        loss = Row("logits", f"fused loss: one chunk of {min(rows, labelled)} rows",
+                   T.fused_loss_bytes(shape, labelled, b, rows, one_kernel=one_kernel),
+                   "tunelab.model.kernels, labelled rows only" + ("; loss kernel" if one_kernel else ""))
     casts = Row("temporaries", "final norm, hidden states, autocast weight copies", final + T.autocast_copies(trainable, b))
     moments = {"loss": common + [loss, casts]}
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
@@ -253,6 +257,9 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
                                                    " (Liger's saved set: inductor fuses the same)" if compiled else "")),
         Row("temporaries", "gradient temporaries", temp), dequant,
         Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
+    if offload and _groups(shape):  # measured (run 14): +0.15 GiB at 7B 4 x 1024, one [tokens, I] more
+        moments["backward"].append(Row("temporaries", "gate and up as one function: their joined gradient",
+                                       T.r512(b * n * shape.intermediate), "model.fast.group"))
     if u.method in ("full", "freeze"):
         last = [Row("activations", "activations: one checkpoint left", T.r512(b * n * shape.hidden)),
                 Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp), dequant,
@@ -261,6 +268,13 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     moments["step"] = [Row("grads", "gradients (fp32)", 4 * trainable),
                        Row("temporaries", "optimizer step temporaries", T.optimizer_step_temp(u.optim, trainable))]
     return moments
+
+
+def _groups(shape: ModelShape) -> bool:
+    """Whether gate and up run as one function (model.fast.group: its switch, the covered families)."""
+    from tunelab.model.fast import ARCHITECTURES, group
+
+    return group.enabled() and shape.family in ARCHITECTURES
 
 
 def _splits(shape: ModelShape, tokens: int) -> bool:

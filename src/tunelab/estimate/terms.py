@@ -247,15 +247,20 @@ def plain_loss_bytes(s: ModelShape, tokens: int, b: int) -> int:
     return 3 * r512(4 * tokens * s.vocab)
 
 
-def fused_loss_bytes(s: ModelShape, labelled: int, b: int, chunk_rows: int) -> int:
+def fused_loss_bytes(s: ModelShape, labelled: int, b: int, chunk_rows: int, one_kernel: bool = False) -> int:
     """tunelab's fused linear + cross-entropy (tunelab.model.kernels) over the labelled rows only, a chunk of
     `chunk_rows` at a time: the chunk's fp32 logits (4 V per row) and logsumexp's fp32 temporary (4 V); from the
     second chunk on, the previous chunk's b-byte probabilities are still referenced while the next chunk's
-    logits are computed (b V more). Plus the labelled rows of the hidden states gathered (b H per row), their
-    gradient (b H per row, kept until backward) and the shifted, flattened hidden states (b H per row: reshape
-    copies them when batch > 1)."""
+    logits are computed (b V more). With `one_kernel` (model/fast/ce_triton.py, on a GPU) the chunk is its b-byte
+    logits alone, overwritten by their gradient (b V per row), and from the second chunk on the previous chunk's
+    (b V more). Plus the labelled rows of the hidden states gathered (b H per row), their gradient (b H per row,
+    kept until backward) and the shifted, flattened hidden states (b H per row: reshape copies them when
+    batch > 1)."""
     rows = min(labelled, chunk_rows)
-    per_row = (8 if labelled <= chunk_rows else 8 + b) * s.vocab
+    if one_kernel:
+        per_row = (b if labelled <= chunk_rows else 2 * b) * s.vocab
+    else:
+        per_row = (8 if labelled <= chunk_rows else 8 + b) * s.vocab
     return r512(per_row * rows) + 3 * r512(b * labelled * s.hidden)
 
 

@@ -91,10 +91,11 @@ def select_loss(model) -> str:
 CHUNK_BUDGET_BYTES = 256 << 20
 
 
-def _chunk_rows(vocab: int, budget_bytes: int | None = None) -> int:
-    """Rows per chunk so one fp32 [rows x vocab] block stays within the budget."""
+def _chunk_rows(vocab: int, budget_bytes: int | None = None, element_bytes: int = 4) -> int:
+    """Rows per chunk so one [rows x vocab] block of `element_bytes` entries (fp32 by default) stays within the
+    budget."""
     budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    return max(64, min(8192, budget // (4 * vocab)))
+    return max(64, min(8192, budget // (element_bytes * vocab)))
 
 
 class _FusedLinearCE:  # namespace for the autograd function (built lazily: torch is imported on use)
@@ -116,11 +117,22 @@ def _build_fn():
                 if weight_needs_grad and need_grad else None
             )
             total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-            step = _chunk_rows(weight.shape[0])
+            from tunelab.model.fast import ce_triton
+
+            # the one-kernel loss and gradient (fast/ce_triton.py) needs no fp32 copy of a chunk: twice the rows
+            one_kernel = ce_triton.enabled_for(hidden) and hidden.dtype == weight.dtype
+            step = _chunk_rows(weight.shape[0], element_bytes=hidden.element_size() if one_kernel else 4)
             for start in range(0, n, step):
                 h = hidden[start : start + step]
                 t = targets[start : start + step]
                 logits = h @ weight.t()
+                if one_kernel:
+                    total += ce_triton.cross_entropy_rows(logits, t, write_grad=need_grad).sum()
+                    if need_grad:  # logits now hold softmax - onehot, in h's dtype
+                        grad_hidden[start : start + step] = logits @ weight
+                        if grad_weight is not None:
+                            grad_weight += (logits.t() @ h).to(grad_weight.dtype)
+                    continue
                 logits = logits if logits.dtype == torch.float64 else logits.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()

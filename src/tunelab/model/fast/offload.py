@@ -195,9 +195,19 @@ class _Compiled:
             def give_up():
                 cls.fns[name] = fn
 
-            compiled = torch.compile(fn) if cls.backend is None else torch.compile(fn, backend=cls.backend)
+            compiled = (torch.compile(fn, options=inductor_options()) if cls.backend is None
+                        else torch.compile(fn, backend=cls.backend))
             cls.fns[name] = eager_on_failure(compiled, fn, give_up, f"the offloaded layers' {name.strip('_')}")
         return cls.fns[name]
+
+
+def inductor_options() -> dict:
+    """Inductor's options for the offloaded layers' graphs. TUNELAB_CPP_WRAPPER=1: the graphs' wrapper code (which
+    launches their kernels and calls the opaque ops) generated as C++ instead of Python, a host-time lever under
+    measurement (opt-in until a GPU A/B says it pays)."""
+    import os
+
+    return {"cpp_wrapper": True} if os.environ.get("TUNELAB_CPP_WRAPPER") == "1" else {}
 
 
 def _compiled(fn):
@@ -272,7 +282,8 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
     split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
     TUNELAB_SPLIT_MIN_TOKENS: split.py says why); fused_first: the first pass through the fused projections
-    (default: off; TUNELAB_FUSED_FIRST_PASS=1: measured slower, docs/fastpath.md run 12). Returns how many layers
+    (default: on; TUNELAB_FUSED_FIRST_PASS=0: PEFT's no-grad path; run 12 measured the fused pass slower with the
+    custom_op form of the opaque ops, run 14 faster with the Library form: docs/fastpath.md). Returns how many layers
     were routed; `split_layers(model)` says how many can split."""
     import os
 
@@ -285,7 +296,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     if split_min_tokens is None:
         split_min_tokens = split_mod.min_tokens()
     if fused_first is None:
-        fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "0") == "1"
+        fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "1") != "0"
     stash = HostStash()
     count = 0
     for module in model.modules():
