@@ -70,7 +70,7 @@ def test_pair_matches_the_two_projections_on_gpu(quantized, dtype):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_a_grouped_step_trains_like_the_ungrouped_one(split):
-    plain, grouped = _peft("qwen2"), _peft("qwen2")
+    plain, grouped = _peft("qwen2", quantized=True), _peft("qwen2", quantized=True)
     assert group_gate_up(grouped) == 2 and group_gate_up(grouped) == 0  # once per MLP
     for model in (plain, grouped):
         offload_checkpoints(model, split=split, split_min_tokens=0)
@@ -81,8 +81,12 @@ def test_a_grouped_step_trains_like_the_ungrouped_one(split):
         assert (g - gp).norm() < 2e-2 * gp.norm()
 
 
+def test_a_16_bit_pair_stays_two_projections():
+    assert group_gate_up(_peft("qwen2")) == 0  # stacking two dense weights would copy both at each use
+
+
 def test_outside_the_fused_case_the_mlp_runs_its_own_forward_and_ungroup_restores_it():
-    model = _peft("qwen2")
+    model = _peft("qwen2", quantized=True)
     mlp = model.base_model.model.model.layers[0].mlp
     own = mlp.forward
     assert group_gate_up(model) == 2 and mlp.forward != own
@@ -103,9 +107,9 @@ def test_outside_the_fused_case_the_mlp_runs_its_own_forward_and_ungroup_restore
 
 def test_the_grouped_mlp_compiles_without_breaks_cpu():
     """Under the offload's compiled forwards (AOTAutograd's graphs run eagerly, a counting backend) the grouped MLP
-    traces without a graph break; the products: the first pass through the fused projections (the default: q, k,
-    v, o, the pair, down), the attention half q/k/v and the MLP half one pair, the same in backward (o's and down's
-    backward run eager in the split)."""
+    traces without a graph break; the two-product op: the first pass through the fused projections (the default:
+    q, k, v, o, down; the pair's forward is one augmented GEMM, no such op), the attention half q/k/v, in backward
+    q/k/v and the pair's grad x (o's and down's backward run eager in the split)."""
     import collections
 
     from functorch.compile import make_boxed_func
@@ -120,9 +124,9 @@ def test_the_grouped_mlp_compiles_without_breaks_cpu():
         ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return make_boxed_func(gm.forward)
 
-    eager, compiled = _peft("qwen2"), _peft("qwen2")
+    eager, compiled = _peft("qwen2", quantized=True), _peft("qwen2", quantized=True)
     for model in (eager, compiled):
-        group_gate_up(model)
+        assert group_gate_up(model) == 2
     offload_checkpoints(eager, split_min_tokens=0)
     torch._dynamo.reset()
     saved = offload._Compiled.fns, offload._Compiled.backend
@@ -137,7 +141,8 @@ def test_the_grouped_mlp_compiles_without_breaks_cpu():
         offload._Compiled.fns, offload._Compiled.backend = saved
         torch._dynamo.reset()
     assert after["graph_breaks"] == before["graph_breaks"] and after["unique_graphs"] - before["unique_graphs"] == 3
-    assert ops["tunelab.two_products.default"] == 6 + 3 + 1 + 3 + 1
+    assert ops["tunelab.two_products.default"] == 5 + 3 + 3 + 1
+    assert ops["aten.cat.default"] >= 2  # the pair's augmented input, in the first pass and the MLP half
     assert abs(loss - loss_eager) < 1e-3 * loss_eager
     for g, ge in zip(grads, grads_eager):
         assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()

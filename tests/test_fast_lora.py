@@ -266,9 +266,9 @@ def test_loader_installs_the_fast_path_where_it_applies(tiny_model, device):  # 
     patched = [m for m in model.modules() if hasattr(m, "_tunelab_plain_forward")]
     if device == "cpu":
         assert model.tunelab_fast_path == [] and patched == []
-    else:  # the defaults on one GPU: fused projections, the host embedding with the offload, compiled layers
-        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "host-embedding", "offload(2 layers)",
-                                           "split-recompute(2 layers)", "compile(2 layers)"]
+    else:  # the defaults on one GPU: fused projections, 4-bit gate/up as one, the host embedding with the offload, compiled layers
+        assert model.tunelab_fast_path == ["fast-lora(14 projections)", "group-gate-up(2 layers)", "host-embedding",
+                                           "offload(2 layers)", "split-recompute(2 layers)", "compile(2 layers)"]
         assert len(patched) == 14
         assert model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
         assert resolved.fast_path.startswith("on (qwen2 LoRA on ") and "2 decoder layers compiled" in resolved.fast_path
@@ -286,7 +286,7 @@ def test_loader_without_the_memory_levers_keeps_the_embedding_on_the_gpu(tiny_mo
     monkeypatch.setenv("TUNELAB_OFFLOAD_CHECKPOINTS", "0")
     cfg = load_config({"model_name_or_path": tiny_model, "do_train": True, "lora_target": "all", "quantization_bit": 4, "bf16": True})
     model = load_model(cfg, resolve(cfg), for_training=True)
-    assert model.tunelab_fast_path == ["fast-lora(14 projections)", "compile(2 layers)"]
+    assert model.tunelab_fast_path == ["fast-lora(14 projections)", "group-gate-up(2 layers)", "compile(2 layers)"]
     assert model.get_base_model().get_input_embeddings().weight.device.type == "cuda"
 
 

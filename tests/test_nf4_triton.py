@@ -70,7 +70,10 @@ compiled = torch.compile(lambda w: K.dense(w, qs), backend="aot_eager", fullgrap
 (p1, qs1), (p2, qs2) = items[0][:2], items[3][:2]  # NF4 40x64 and FP4 40x64, bf16: stacked by dense_cat
 cat = K.dense_cat(p1, qs1, p2, qs2)
 cat_compiled = torch.compile(lambda a, b: K.dense_cat(a, qs1, b, qs2), backend="aot_eager", fullgraph=True)(p1, p2)
-torch.save((outs, compiled, cat, cat_compiled), sys.argv[2])
+tail = torch.arange(80 * 16, dtype=torch.float32).reshape(80, 16).to(torch.bfloat16)  # LoraPair's scale-B columns
+aug = K.dense_cat(p1, qs1, p2, qs2, tail)  # the strided form of the kernel: rows of 64 values, 80 apart
+aug_compiled = torch.compile(lambda a, b, t: K.dense_cat(a, qs1, b, qs2, t), backend="aot_eager", fullgraph=True)(p1, p2, tail)
+torch.save((outs, compiled, cat, cat_compiled, tail, aug, aug_compiled), sys.argv[2])
 """
 
 
@@ -191,11 +194,21 @@ def test_compiled_custom_op_equals_eager(interpreted):
 def test_dense_cat_stacks_two_weights_bit_for_bit_eager_and_compiled(interpreted):
     """lora.dense_pair's kernel path: two 4-bit weights (here NF4 over FP4) dequantized into one tensor's rows,
     equal to each one's own dequantize; the compiled form is one op (tunelab::dequantize_4bit_cat), no break."""
-    items, (outs, _, cat, cat_compiled) = interpreted
+    items, (outs, _, cat, cat_compiled, *_) = interpreted
     assert CASES[0][2] == "nf4" and CASES[3][2] == "fp4" and CASES[0][0] == CASES[3][0]
     want = torch.cat([outs[0], outs[3]])
     assert cat.shape == (80, 64) and torch.equal(cat.view(torch.int16), want.view(torch.int16))
     assert torch.equal(cat_compiled.view(torch.int16), want.view(torch.int16))
+
+
+def test_dense_cat_with_a_tail_writes_the_rows_strided_bit_for_bit(interpreted):
+    """LoraPair's augmented weight: the two dequantized weights in the left columns of a wider buffer (the kernel's
+    strided store), the tail to their right, eager and as the compiled op."""
+    items, (outs, _, _, _, tail, aug, aug_compiled) = interpreted
+    want = torch.cat([torch.cat([outs[0], outs[3]]), tail], dim=1)
+    assert aug.shape == (80, 80) and aug.is_contiguous()
+    assert torch.equal(aug.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(aug_compiled.view(torch.int16), want.view(torch.int16))
 
 
 def test_tables_are_bitsandbytes_code_tables():

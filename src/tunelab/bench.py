@@ -34,8 +34,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  TUNELAB_GROUP_GATE_UP=1 / 0; default on since run 14)
   +celoss / +noceloss        appended: the loss and its gradient as one Triton kernel per chunk, or torch's ops
                  (model/fast/ce_triton.py; TUNELAB_CE_TRITON=1 / 0; default on with CUDA and Triton)
-  +cppwrap / +nocppwrap      appended: inductor's wrapper code of the offloaded layers' graphs in C++ instead of
-                 Python (TUNELAB_CPP_WRAPPER=1 / 0; default off)
+  +augment / +noaugment      appended: gate/up's forward as one GEMM with the LoRA columns appended, or the
+                 rank-r product added by a second GEMM (lora._augment; TUNELAB_PAIR_AUGMENT=1 / 0; default on)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
                  (TUNELAB_LORA_FIRST=1; opt-in)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
@@ -289,11 +289,15 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING"),
                       ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS"),
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
-                      ("cppwrap", "TUNELAB_CPP_WRAPPER")):
+                      ("augment", "TUNELAB_PAIR_AUGMENT")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
             os.environ[env] = "1"
+    if "+noaugment" in variant or "+augment" in variant:  # read when lora.py is imported: set it if it already was
+        from tunelab.model.fast import lora
+
+        lora.AUGMENT = "+augment" in variant
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
@@ -329,6 +333,14 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                     out["profile_gpu"] = gpu_timeline(self.prof.profiler.kineto_results.events())
                 except Exception as exc:  # a profiler without kineto results: the tables below still come
                     out["profile_gpu"] = {"error": repr(exc)[:200]}
+                if os.environ.get("TUNELAB_BENCH_TRACE") == "1":  # the step's timeline too, gzipped (chrome trace)
+                    import gzip
+                    import shutil
+
+                    self.prof.export_chrome_trace(name[:-4] + ".json")
+                    with open(name[:-4] + ".json", "rb") as src, gzip.open(name[:-4] + ".json.gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.remove(name[:-4] + ".json")
                 with open(name, "w") as fh:
                     fh.write(f"GPU timeline of the step: {json.dumps(out['profile_gpu'])}\n\n")
                     fh.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=45))

@@ -1,6 +1,7 @@
 """gate and up as one fused function (lora.LoraPair): on by default where the fast path is (TUNELAB_GROUP_GATE_UP=0
 turns it off). Run 14 on the H200 (docs/fastpath.md): +3.1% at 7B 4 x 1024 (11,961 against 11,599 tok/s) and
 +17.7% at 1 x 1024 (4,219 against 3,584), +0.15 GiB at 4 x 1024 (their gradient joined into one [tokens, 2 I]).
+4-bit bases only (group_gate_up says why).
 
     n = group_gate_up(model)   # every covered MLP (Qwen2 / Qwen3 / Llama) whose gate, up and down are patched
 
@@ -40,13 +41,18 @@ def _grouped_forward(self, x):
 
 
 def group_gate_up(model) -> int:
-    """Route every covered MLP whose three projections are patched (fast.patch_lora_layers) through the pair."""
+    """Route every covered MLP whose three projections are patched (fast.patch_lora_layers) and whose gate and up
+    are 4-bit through the pair. A 16-bit pair stays two projections: stacking two dense weights is a copy of both
+    at each use (run 15: +0.40 GiB at 7B 4 x 1024, past Unsloth's peak), where 4-bit ones are dequantized straight
+    into the stacked rows (lora.dense_pair)."""
     count = 0
     for module in model.modules():
         if type(module).__name__ not in MLPS or hasattr(module, "_tunelab_mlp_forward"):
             continue
         projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if not all(hasattr(p, "_tunelab_plain_forward") for p in projections):
+            continue
+        if not (projections[0]._tunelab_quantized and projections[1]._tunelab_quantized):
             continue
         module._tunelab_mlp_forward = module.forward
         module.forward = types.MethodType(_grouped_forward, module)

@@ -177,23 +177,46 @@ def lora_linear(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtyp
     return LoraLinear.apply(x, lora_a, lora_b, weight, quant_state, bias, float(scale), dtype)
 
 
-def dense_pair(w1, qs1, w2, qs2, dtype):
+def dense_pair(w1, qs1, w2, qs2, dtype, tail=None):
     """Two frozen base weights stacked, [out1 + out2, in] of `dtype` (gate over up): each 4-bit weight dequantized
-    straight into its rows where the NF4 Triton kernel applies (no copy), else the two dense weights concatenated."""
+    straight into its rows where the NF4 Triton kernel applies (no copy), else the two dense weights concatenated.
+    tail [out1 + out2, t]: columns to their right, a [out1 + out2, in + t] result (LoraPair's augmented weight)."""
     if (qs1 is not None and qs2 is not None and w1.is_cuda and getattr(qs1, "tunelab_triton", False)
             and getattr(qs2, "tunelab_triton", False) and qs1.dtype == qs2.dtype):
         from . import nf4_triton
 
-        w = nf4_triton.dense_cat(w1, qs1, w2, qs2)
+        w = nf4_triton.dense_cat(w1, qs1, w2, qs2, None if tail is None else tail.to(qs1.dtype))
         return w if w.dtype == dtype else w.to(dtype)
-    return torch.cat([dense_weight(w1, qs1, dtype), dense_weight(w2, qs2, dtype)])
+    w = torch.cat([dense_weight(w1, qs1, dtype), dense_weight(w2, qs2, dtype)])
+    return w if tail is None else torch.cat([w, tail.to(dtype)], dim=1)
+
+
+# LoraPair's forward as one augmented GEMM (_augment); TUNELAB_PAIR_AUGMENT=0 (read at import) keeps the rank-r
+# product as a second GEMM over the output, for an A/B on the GPU (bench +noaugment)
+AUGMENT = __import__("os").environ.get("TUNELAB_PAIR_AUGMENT", "1") != "0"
+
+
+def _augment(x2, xa, bd, scale):
+    """The rank-r product as part of the base GEMM (K augmentation): [x, x A^T] @ [W, scale B]^T = x W^T + scale
+    (x A^T) B^T, one GEMM with r more columns, where adding it afterwards (two_products' addmm_) reads and writes
+    the whole [tokens, out] output once more (gate and up at 7B 4 x 1024: 249 us a call, 14 ms of the step; run
+    15's profile). The r columns are padded with zeros to a multiple of 8, which keeps each row 16-byte aligned for
+    the GEMM. Returns (the augmented input, the tail of the weight: scale B and the zero columns)."""
+    pad = (-xa.shape[1]) % 8
+    tail = bd * scale
+    if pad:
+        tail = torch.cat([tail, tail.new_zeros((tail.shape[0], pad))], dim=1)
+        xa = torch.cat([xa, xa.new_zeros((xa.shape[0], pad))], dim=1)
+    return torch.cat([x2, xa], dim=1), tail
 
 
 class LoraPair(torch.autograd.Function):
-    """Two LoRA projections of the same input (gate and up) as one function: one GEMM for both base products over
-    the stacked weights, one for both x @ A^T (A stacked), one for both rank-r products (B as a block diagonal, its
-    zero blocks adding exact zeros), and in backward one GEMM for grad x over both (the two branches summed in the
-    GEMM's fp32 accumulation, where separate projections round each to the compute dtype and add them)."""
+    """Two LoRA projections of the same input (gate and up) as one function: one GEMM for both x @ A^T (A stacked),
+    then one GEMM for both base products and both rank-r products (the stacked weights with scale B beside them as
+    a block diagonal, its zero blocks adding exact zeros: _augment), and in backward one GEMM for grad x over both
+    (the two branches summed in the GEMM's fp32 accumulation, where separate projections round each to the
+    compute dtype and add them). The forward rounds once (base and rank-r products summed in fp32) where the
+    separate projections round the base product before adding the rank-r one."""
 
     @staticmethod
     def forward(ctx, x, a1, b1, a2, b2, w1, qs1, w2, qs2, scale, dtype):
@@ -203,9 +226,12 @@ class LoraPair(torch.autograd.Function):
             x2 = x2.to(dtype)
         a = torch.cat([a1.to(dtype), a2.to(dtype)])  # [r1 + r2, in]
         bd = torch.block_diag(b1.to(dtype), b2.to(dtype))  # [out1 + out2, r1 + r2]
-        w = dense_pair(w1, qs1, w2, qs2, dtype)
         xa = torch.mm(x2, a.t())
-        y = two_products(x2, w.t(), None, xa, bd.t(), scale)
+        if AUGMENT:
+            x_aug, tail = _augment(x2, xa, bd, scale)
+            y = torch.mm(x_aug, dense_pair(w1, qs1, w2, qs2, dtype, tail).t())  # base + rank-r products, one GEMM
+        else:  # the rank-r product added by a second GEMM over the output, as the single projections do
+            y = two_products(x2, dense_pair(w1, qs1, w2, qs2, dtype).t(), None, xa, bd.t(), scale)
         ctx.save_for_backward(x2, xa, a, bd)
         ctx.weights = (w1, qs1, w2, qs2)
         ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape

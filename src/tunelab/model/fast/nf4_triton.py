@@ -132,8 +132,10 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
     absmax, absmax2, code2, offset, bs2 = _state_tensors(weight, qs)
     if out is None:
         out = torch.empty(tuple(qs.shape), dtype=qs.dtype, device=weight.device)
-    elif out.dtype != qs.dtype or tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)}")
+    elif (out.dtype != qs.dtype or tuple(out.shape) != tuple(qs.shape)
+          or not (out.is_contiguous() or (out.dim() == 2 and out.stride(1) == 1))):
+        raise ValueError(f"out must be a {qs.dtype} tensor of shape {tuple(qs.shape)}, contiguous or rows of a "
+                         "wider one")
     _launch(weight, absmax, absmax2, code2, offset, int(qs.blocksize), bs2, bool(qs.nested), qs.quant_type, out,
             hw_bf16, ftz, bytes_per_program, num_warps, element_tile)
     return out
@@ -153,8 +155,10 @@ def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type,
     out_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[out.dtype]
     if out_kind == 2 and hw_bf16:
         out_kind = 3
-    args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out.view(-1), n, n_blocks)
-    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind,
+    strided = not out.is_contiguous()  # a 2-D view with unit column stride (dequantize_4bit checks it)
+    args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out if strided else out.view(-1),
+            n, n_blocks, out.shape[-1], out.stride(0) if strided else out.shape[-1])
+    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind, STRIDED=strided,
               FTZ=bool(weight.is_cuda if ftz is None else ftz),
               ELEM=bool(ELEMENT_TILE if element_tile is None else element_tile), num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():
@@ -180,40 +184,53 @@ _dequantize_op = ops.define(
     _dequantize_impl, _dequantize_fake)
 
 
-def _dequantize_cat_impl(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2,
-                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
-    out = torch.empty((rows1 + rows2, cols), dtype=dtype, device=w1.device)
-    _launch(w1, absmax1, absmax2_1, code2_1, offset1, blocksize[0], blocksize2[0], nested[0], quant_type[0], out[:rows1])
-    _launch(w2, absmax2, absmax2_2, code2_2, offset2, blocksize[1], blocksize2[1], nested[1], quant_type[1], out[rows1:])
+def _cat_into(w1, s1, w2, s2, tail, rows1, rows2, cols, dtype):
+    """[rows1 + rows2, cols (+ tail's columns)]: the two dequantized weights stacked, `tail` to their right."""
+    extra = 0 if tail is None else tail.shape[1]
+    out = torch.empty((rows1 + rows2, cols + extra), dtype=dtype, device=w1.device)
+    _launch(w1, *s1, out[:rows1, :cols])
+    _launch(w2, *s2, out[rows1:, :cols])
+    if tail is not None:
+        out[:, cols:].copy_(tail)
     return out
 
 
-def _dequantize_cat_fake(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2,
+def _dequantize_cat_impl(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2, tail,
                          blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
-    return w1.new_empty((rows1 + rows2, cols), dtype=dtype)
+    return _cat_into(w1, (absmax1, absmax2_1, code2_1, offset1, blocksize[0], blocksize2[0], nested[0], quant_type[0]),
+                     w2, (absmax2, absmax2_2, code2_2, offset2, blocksize[1], blocksize2[1], nested[1], quant_type[1]),
+                     tail, rows1, rows2, cols, dtype)
+
+
+def _dequantize_cat_fake(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2, tail,
+                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
+    return w1.new_empty((rows1 + rows2, cols + (0 if tail is None else tail.shape[1])), dtype=dtype)
 
 
 _dequantize_cat_op = ops.define(
     "dequantize_4bit_cat", "(Tensor w1, Tensor absmax1, Tensor absmax2_1, Tensor code2_1, Tensor offset1, Tensor w2, "
-    "Tensor absmax2, Tensor absmax2_2, Tensor code2_2, Tensor offset2, int[] blocksize, int[] blocksize2, "
+    "Tensor absmax2, Tensor absmax2_2, Tensor code2_2, Tensor offset2, Tensor? tail, int[] blocksize, int[] blocksize2, "
     "bool[] nested, str[] quant_type, int rows1, int rows2, int cols, ScalarType dtype) -> Tensor",
     _dequantize_cat_impl, _dequantize_cat_fake)
 
 
-def dense_cat(w1: torch.Tensor, qs1, w2: torch.Tensor, qs2) -> torch.Tensor:
+def dense_cat(w1: torch.Tensor, qs1, w2: torch.Tensor, qs2, tail: torch.Tensor | None = None) -> torch.Tensor:
     """Two 4-bit weights of one input width dequantized into one [rows1 + rows2, cols] tensor (each straight into
-    its rows: no copy), of their common dtype (lora.dense_pair: gate and up as one GEMM)."""
+    its rows: no copy), of their common dtype (lora.dense_pair: gate and up as one GEMM). tail [rows1 + rows2, t]:
+    written to their right, a [rows1 + rows2, cols + t] result (lora.LoraPair's augmented weight: the LoRA B
+    columns beside the base weight, so one GEMM adds the rank-r product)."""
     (r1, cols), (r2, cols2) = (int(d) for d in qs1.shape), (int(d) for d in qs2.shape)
     if cols != cols2 or qs1.dtype != qs2.dtype:
         raise ValueError(f"dense_cat needs one input width and dtype: {tuple(qs1.shape)} {qs1.dtype}, "
                          f"{tuple(qs2.shape)} {qs2.dtype}")
-    if not torch.compiler.is_compiling():
-        out = torch.empty((r1 + r2, cols), dtype=qs1.dtype, device=w1.device)
-        dequantize_4bit(w1, qs1, out=out[:r1])
-        dequantize_4bit(w2, qs2, out=out[r1:])
-        return out
+    if tail is not None and (tail.shape[0] != r1 + r2 or tail.dtype != qs1.dtype):
+        raise ValueError(f"dense_cat's tail must be [{r1 + r2}, t] of {qs1.dtype}, not {tuple(tail.shape)} {tail.dtype}")
     s1, s2 = _state_tensors(w1, qs1), _state_tensors(w2, qs2)
-    return _dequantize_cat_op(w1, *s1[:4], w2, *s2[:4], [int(qs1.blocksize), int(qs2.blocksize)], [s1[4], s2[4]],
+    if not torch.compiler.is_compiling():
+        return _cat_into(w1, (*s1[:4], int(qs1.blocksize), s1[4], bool(qs1.nested), qs1.quant_type),
+                         w2, (*s2[:4], int(qs2.blocksize), s2[4], bool(qs2.nested), qs2.quant_type),
+                         tail, r1, r2, cols, qs1.dtype)
+    return _dequantize_cat_op(w1, *s1[:4], w2, *s2[:4], tail, [int(qs1.blocksize), int(qs2.blocksize)], [s1[4], s2[4]],
                               [bool(qs1.nested), bool(qs2.nested)], [qs1.quant_type, qs2.quant_type], r1, r2, cols,
                               qs1.dtype)
 
@@ -248,10 +265,10 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
 
     @triton.jit
     def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
-                           n_elems, n_blocks,
+                           n_elems, n_blocks, out_cols, out_stride,
                            BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
                            NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr,
-                           ELEM: tl.constexpr):
+                           ELEM: tl.constexpr, STRIDED: tl.constexpr):
         # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
         HALF: tl.constexpr = BS // 2
         pid = tl.program_id(0).to(tl.int64)
@@ -296,4 +313,8 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
             res = rne_to_bf16(vals)
         else:
             res = vals.to(tl.bfloat16)  # hardware cvt.rn: RTNE
-        tl.store(out_ptr + e0 + local_e, res, mask=e_mask)
+        if STRIDED:  # rows of out_cols values, out_stride apart (a wider buffer's left columns)
+            flat = e0 + local_e
+            tl.store(out_ptr + (flat // out_cols) * out_stride + flat % out_cols, res, mask=e_mask)
+        else:
+            tl.store(out_ptr + e0 + local_e, res, mask=e_mask)

@@ -195,19 +195,9 @@ class _Compiled:
             def give_up():
                 cls.fns[name] = fn
 
-            compiled = (torch.compile(fn, options=inductor_options()) if cls.backend is None
-                        else torch.compile(fn, backend=cls.backend))
+            compiled = torch.compile(fn) if cls.backend is None else torch.compile(fn, backend=cls.backend)
             cls.fns[name] = eager_on_failure(compiled, fn, give_up, f"the offloaded layers' {name.strip('_')}")
         return cls.fns[name]
-
-
-def inductor_options() -> dict:
-    """Inductor's options for the offloaded layers' graphs. TUNELAB_CPP_WRAPPER=1: the graphs' wrapper code (which
-    launches their kernels and calls the opaque ops) generated as C++ instead of Python, a host-time lever under
-    measurement (opt-in until a GPU A/B says it pays)."""
-    import os
-
-    return {"cpp_wrapper": True} if os.environ.get("TUNELAB_CPP_WRAPPER") == "1" else {}
 
 
 def _compiled(fn):
