@@ -257,9 +257,6 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
                                                    " (Liger's saved set: inductor fuses the same)" if compiled else "")),
         Row("temporaries", "gradient temporaries", temp), dequant,
         Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
-    if offload and qbits == 4 and _groups(shape):  # measured (run 14): +0.15 GiB at 7B 4 x 1024, one [tokens, I] more
-        moments["backward"].append(Row("temporaries", "gate and up as one function: their joined gradient",
-                                       T.r512(b * n * shape.intermediate), "model.fast.group"))
     if u.method in ("full", "freeze"):
         last = [Row("activations", "activations: one checkpoint left", T.r512(b * n * shape.hidden)),
                 Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp), dequant,
@@ -268,14 +265,6 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     moments["step"] = [Row("grads", "gradients (fp32)", 4 * trainable),
                        Row("temporaries", "optimizer step temporaries", T.optimizer_step_temp(u.optim, trainable))]
     return moments
-
-
-def _groups(shape: ModelShape) -> bool:
-    """Whether gate and up run as one function (model.fast.group: its switch, the covered families; 4-bit bases
-    only, which the caller checks)."""
-    from tunelab.model.fast import ARCHITECTURES, group
-
-    return group.enabled() and shape.family in ARCHITECTURES
 
 
 def _splits(shape: ModelShape, tokens: int) -> bool:

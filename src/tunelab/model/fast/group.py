@@ -1,6 +1,7 @@
 """gate and up as one fused function (lora.LoraPair): on by default where the fast path is (TUNELAB_GROUP_GATE_UP=0
 turns it off). Run 14 on the H200 (docs/fastpath.md): +3.1% at 7B 4 x 1024 (11,961 against 11,599 tok/s) and
-+17.7% at 1 x 1024 (4,219 against 3,584), +0.15 GiB at 4 x 1024 (their gradient joined into one [tokens, 2 I]).
++17.7% at 1 x 1024 (4,219 against 3,584). Its forward is one augmented GEMM (lora._augment; run 16: 12,769 against
+12,692 tok/s and 5.56 against 5.79 GiB at 4 x 1024).
 4-bit bases only (group_gate_up says why).
 
     n = group_gate_up(model)   # every covered MLP (Qwen2 / Qwen3 / Llama) whose gate, up and down are patched
