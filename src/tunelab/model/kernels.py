@@ -126,22 +126,19 @@ def _build_fn():
                 h = hidden[start : start + step]
                 t = targets[start : start + step]
                 logits = h @ weight.t()
-                if one_kernel:
+                if one_kernel:  # with need_grad the logits now hold softmax - onehot, in h's dtype
                     total += ce_triton.cross_entropy_rows(logits, t, write_grad=need_grad).sum()
-                    if need_grad:  # logits now hold softmax - onehot, in h's dtype
-                        grad_hidden[start : start + step] = logits @ weight
-                        if grad_weight is not None:
-                            grad_weight += (logits.t() @ h).to(grad_weight.dtype)
-                    continue
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    probs = logits
+                else:
+                    logits = logits if logits.dtype == torch.float64 else logits.float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    if need_grad:  # d(loss)/d(logits) = softmax - onehot, computed in place over the chunk
+                        probs = logits.sub_(lse[:, None]).exp_()
+                        probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                        probs = probs.to(h.dtype)
                 if not need_grad:
                     continue
-                # d(loss)/d(logits) = softmax - onehot, computed in place over the chunk
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                probs = probs.to(h.dtype)
                 grad_hidden[start : start + step] = probs @ weight
                 if grad_weight is not None:
                     grad_weight += (probs.t() @ h).to(grad_weight.dtype)
