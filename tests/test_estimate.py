@@ -300,16 +300,13 @@ def test_compiled_estimate_rows_by_hand():
     assert comp.phases["loss"] - eager.phases["loss"] == T.r512((4 * 64 + 4 + 256) * n) - T.r512((4 + 256) * n)
 
 
-def test_offload_estimate_rows_by_hand(monkeypatch):
+def test_offload_estimate_rows_by_hand():
     s, n = _tiny_shape(), 32
-    monkeypatch.setenv("TUNELAB_GROUP_GATE_UP", "0")
     plain = estimate(s, Setup(batch=2, seq=16, liger=True))
     off = estimate(s, Setup(batch=2, seq=16, liger=True, offload=True))
     ckpt = T.checkpoint_bytes(s, n, 2)
     assert ckpt == 2 * 4096
     assert off.phases["backward"] - plain.phases["backward"] == 3 * 4096 - ckpt
-    monkeypatch.delenv("TUNELAB_GROUP_GATE_UP")  # the default (gate and up as one function) adds no row: run 16
-    assert estimate(s, Setup(batch=2, seq=16, liger=True, offload=True)).phases == off.phases
     assert off.phases["loss"] - plain.phases["loss"] == -ckpt  # no checkpoint on the GPU at the loss
     # without checkpointing there is nothing to offload: the same estimate as without the switch
     assert estimate(s, Setup(batch=2, seq=16, grad_ckpt=False, offload=True)).phases == estimate(s, Setup(batch=2, seq=16, grad_ckpt=False)).phases
@@ -346,9 +343,8 @@ def test_fast_path_estimates_within_tolerance_of_the_h200_measurements(monkeypat
     """docs/data/estimate_fastpath_h200.json: the 7B peaks measured on the H200 (runs 2, 5, 6 of docs/fastpath.md and
     run 8's records): eager, compiled, host embedding, checkpoint offload (eager and compiled) and today's default of
     all three. Peak allocated: eager and compiled within 1.5%, the offload within 3% (1.4-2.3% low: docs/estimate.md);
-    peak reserved within 5%. Measured before the loss kernel and the grouped gate/up: estimated for what they ran."""
+    peak reserved within 5%. Measured before the loss kernel: estimated for the torch chunk they ran."""
     monkeypatch.setenv("TUNELAB_CE_TRITON", "0")
-    monkeypatch.setenv("TUNELAB_GROUP_GATE_UP", "0")
     records = _fastpath_records()
     assert len(records) == 18
     s = model_shape("Qwen/Qwen2.5-7B")
@@ -363,7 +359,7 @@ def test_fast_path_estimates_within_tolerance_of_the_h200_measurements(monkeypat
         assert abs(est.peak_reserved / T.GiB / r["reserved_gib"] - 1) < FAST_RESERVED_TOLERANCE, (r["case"], r["batch"], r["seq"])
 
 
-def test_the_7b_headline_figures(monkeypatch):
+def test_the_7b_headline_figures():
     """The measured 7B QLoRA figures: the default of run 8 (compiled + offload + host embedding) 5.82 at 4 x 1024 and
     6.68 at 2 x 4096 (run 8); compiled alone 7.44 / 7.42 (runs 5, 8) and 8.94 at 2 x 4096 (run 6); eager 7.11; eager
     offload 6.53 (run 5): all before gate and up became one function; with it (its forward one augmented GEMM, the
@@ -374,7 +370,6 @@ def test_the_7b_headline_figures(monkeypatch):
         est = estimate(s, Setup(batch=b, seq=t, optim="adamw_torch_fused", compiled=True, offload=True,
                                 host_embedding=True)).peak_allocated / T.GiB
         assert abs(est / measured - 1) < FAST_TOLERANCE["offload"], (b, t, est)
-    monkeypatch.setenv("TUNELAB_GROUP_GATE_UP", "0")
     got = {name: estimate(s, Setup(batch=b, seq=t, optim="adamw_torch_fused", **kw)).peak_allocated / T.GiB
            for name, b, t, kw in [("default", 4, 1024, {"compiled": True, "offload": True, "host_embedding": True}),
                                   ("default-2x4096", 2, 4096, {"compiled": True, "offload": True, "host_embedding": True}),

@@ -22,7 +22,7 @@ MLPS = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP")
 
 
 def enabled() -> bool:
-    """Whether the fast path groups gate and up (torch-free: the memory planner asks it too)."""
+    """Whether the fast path groups gate and up (TUNELAB_GROUP_GATE_UP not "0")."""
     return os.environ.get("TUNELAB_GROUP_GATE_UP", "1") != "0"
 
 
