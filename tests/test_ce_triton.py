@@ -11,14 +11,10 @@ GPU (marked gpu): the same at Qwen2.5's vocabulary in bf16 against the torch pat
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from test_nf4_triton import run_interpreted
 
 from tunelab.model import kernels
 
@@ -63,15 +59,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     tmp = tmp_path_factory.mktemp("ce")
     cases = [_case(d, v, i) for i, (d, v) in enumerate(CASES)]
-    torch.save(cases, tmp / "in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TUNELAB_CE_TRITON", None)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp / "in.pt"), str(tmp / "out.pt")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cases, torch.load(tmp / "out.pt")
+    return cases, run_interpreted(_RUNNER, cases, tmp, unset=("TUNELAB_CE_TRITON",))
 
 
 def _ulp_bound(ref):  # one rounding of ref's dtype (bf16: 8 bits of mantissa), plus the smallest normal

@@ -159,14 +159,24 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     tmp = tmp_path_factory.mktemp("nf4")
     items = [(*_quantize(c, seed=i), c[6], c[7] == "tiny-ftz") for i, c in enumerate(CASES)]  # all: indices
-    torch.save(items, tmp / "in.pt")
+    return items, run_interpreted(_RUNNER, items, tmp)
+
+
+def run_interpreted(runner: str, inputs, tmp, unset=()):
+    """Run `runner` (Python source reading argv[1], writing argv[2] with torch.save) in a subprocess under Triton's
+    interpreter (TRITON_INTERPRET must be set before Triton is imported: a subprocess keeps it from the other tests),
+    on the CPU, with `inputs` saved for it and the environment variables in `unset` removed; returns what it saved.
+    Shared by tests/test_ce_triton.py."""
+    torch.save(inputs, tmp / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name in unset:
+        env.pop(name, None)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp / "in.pt"), str(tmp / "out.pt")], env=env,
+    r = subprocess.run([sys.executable, "-c", runner, str(tmp / "in.pt"), str(tmp / "out.pt")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return items, torch.load(tmp / "out.pt")
+    return torch.load(tmp / "out.pt")
 
 
 # "tiny" (subnormal products, no flush) is GPU-only: bitsandbytes' CPU library rounds subnormals differently by
