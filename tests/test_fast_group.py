@@ -11,8 +11,8 @@ import torch
 from test_fast_lora import _lora, _nf4_layer, _rel
 from test_fast_split import _peft, _stepper
 from tunelab.model.fast import patch_lora_layers, unpatch_lora_layers
-from tunelab.model.fast.group import group_gate_up
-from tunelab.model.fast.lora import lora_linear_reference, lora_pair
+from tunelab.model.fast.group import group_gate_up, group_qkv
+from tunelab.model.fast.lora import lora_group, lora_linear_reference, lora_pair
 from tunelab.model.fast.offload import offload_checkpoints
 
 
@@ -105,11 +105,12 @@ def test_outside_the_fused_case_the_mlp_runs_its_own_forward_and_ungroup_restore
     assert patch_lora_layers(model) == 14  # and the model can be patched again
 
 
-def test_the_grouped_mlp_compiles_without_breaks_cpu():
+@pytest.mark.parametrize("qkv", [False, True])
+def test_the_grouped_mlp_compiles_without_breaks_cpu(qkv):
     """Under the offload's compiled forwards (AOTAutograd's graphs run eagerly, a counting backend) the grouped MLP
-    traces without a graph break; the two-product op: the first pass through the fused projections (the default:
-    q, k, v, o, down; the pair's forward is one augmented GEMM, no such op), the attention half q/k/v, in backward
-    q/k/v and the pair's grad x (o's and down's backward run eager in the split)."""
+    (and attention: group_qkv) traces without a graph break; the two-product op: the first pass through the fused
+    projections (the default: q, k, v, o, down; a group's forward is one augmented GEMM, no such op), the attention
+    half q/k/v, in backward q/k/v and the pair's grad x (o's and down's backward run eager in the split)."""
     import collections
 
     from functorch.compile import make_boxed_func
@@ -127,6 +128,7 @@ def test_the_grouped_mlp_compiles_without_breaks_cpu():
     eager, compiled = _peft("qwen2", quantized=True), _peft("qwen2", quantized=True)
     for model in (eager, compiled):
         assert group_gate_up(model) == 2
+        assert not qkv or group_qkv(model) == 2
     offload_checkpoints(eager, split_min_tokens=0)
     torch._dynamo.reset()
     saved = offload._Compiled.fns, offload._Compiled.backend
@@ -141,8 +143,93 @@ def test_the_grouped_mlp_compiles_without_breaks_cpu():
         offload._Compiled.fns, offload._Compiled.backend = saved
         torch._dynamo.reset()
     assert after["graph_breaks"] == before["graph_breaks"] and after["unique_graphs"] - before["unique_graphs"] == 3
-    assert ops["tunelab.two_products.default"] == 5 + 3 + 3 + 1
+    # grouped q/k/v: the first pass o and down, the attention half none, the backward the group's grad x and the pair's
+    assert ops["tunelab.two_products.default"] == (2 + 0 + 1 + 1 if qkv else 5 + 3 + 3 + 1)
     assert ops["aten.cat.default"] >= 2  # the pair's augmented input, in the first pass and the MLP half
     assert abs(loss - loss_eager) < 1e-3 * loss_eager
     for g, ge in zip(grads, grads_eager):
         assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
+
+
+def _qkv_check(quantized: bool, dtype, tol, device="cpu", bias=True):
+    """lora_group over q, k and v (Qwen2's: biased; widths 64, 32, 32 over a 64-wide input) against the three
+    projections' reference, forward and backward (x, the A's and B's)."""
+    widths = (64, 32, 32)
+    if quantized:
+        layers = [_nf4_layer(64, n, device, dtype=dtype, seed=10 + i) for i, n in enumerate(widths)]
+        weights = [(lay.weight, lay.weight.quant_state, lay.bias if bias else None) for lay in layers]
+        if device == "cuda":
+            from tunelab.model.fast import nf4_triton
+
+            for w, qs, _ in weights:
+                qs.tunelab_triton = nf4_triton.enabled_for(w, qs)
+                assert qs.tunelab_triton
+    else:
+        g = torch.Generator().manual_seed(7)
+        weights = [((torch.randn(n, 64, generator=g) * 0.05).to(device, dtype), None,
+                    (torch.randn(n, generator=g) * 0.05).to(device, dtype) if bias else None) for n in widths]
+    loras = [_lora(64, n, 8, device, seed=20 + i) for i, n in enumerate(widths)]
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    grad = torch.randn(2, 9, sum(widths), generator=torch.Generator().manual_seed(9)).to(device, dtype)
+
+    def run(fused: bool):
+        xs = x.clone().requires_grad_(True)
+        params = [t.detach().clone().requires_grad_(True) for ab in loras for t in ab]
+        args = [(w, qs, bs, params[2 * i], params[2 * i + 1], 2.0, dtype) for i, (w, qs, bs) in enumerate(weights)]
+        if fused:
+            y = lora_group(xs, *args)
+        else:
+            y = torch.cat([lora_linear_reference(xs, *arg) for arg in args], dim=-1)
+        y.backward(grad)
+        return [y.detach(), xs.grad] + [p.grad for p in params]
+
+    for got, want in zip(run(True), run(False)):
+        assert got.shape == want.shape and _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_qkv_group_matches_the_three_projections(quantized, dtype, tol):
+    _qkv_check(quantized, dtype, tol)
+
+
+def test_qkv_group_without_biases_and_its_arguments():
+    _qkv_check(False, torch.float32, 1e-5, bias=False)
+    with pytest.raises(ValueError, match="two or three projections"):
+        lora_group(torch.zeros(1, 4), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_qkv_group_matches_the_three_projections_on_gpu(quantized, dtype):
+    _qkv_check(quantized, dtype, 1e-2, "cuda")
+
+
+@pytest.mark.parametrize("model_type, quantized, split", [("qwen2", True, False), ("qwen2", True, True),
+                                                          ("qwen2", False, True), ("llama", False, False),
+                                                          ("qwen3", True, True)])
+def test_a_qkv_grouped_step_trains_like_the_ungrouped_one(model_type, quantized, split, monkeypatch):
+    """group_qkv on Qwen2 (biased q/k/v), Llama, Qwen3 (q/k norms after the projections, q wider than the hidden
+    size): a training step under the offload (with and without the split) gives the ungrouped step's loss and
+    LoRA gradients; k's and v's calls took q's outputs (their own fused function never ran)."""
+    from tunelab.model.fast import lora as lora_mod
+
+    plain, grouped = _peft(model_type, quantized=quantized), _peft(model_type, quantized=quantized)
+    assert group_qkv(grouped) == 2 and group_qkv(grouped) == 0  # once per attention
+    for model in (plain, grouped):
+        offload_checkpoints(model, split=split, split_min_tokens=0)
+    loss_plain, grads_plain = _stepper(plain, "cpu")()
+    singles = []
+    linear = lora_mod.lora_linear
+    monkeypatch.setattr(lora_mod, "lora_linear", lambda x, w, *rest: singles.append(tuple(x.shape)) or linear(x, w, *rest))
+    loss, grads = _stepper(grouped, "cpu")()
+    # single projections left a layer: o, gate, up, down in the first pass, and in the recompute the same, or gate and
+    # up (the split skips o's and down's products)
+    assert len(singles) == 2 * (4 + (2 if split else 4))
+    attn = grouped.base_model.model.model.layers[0].self_attn
+    assert attn.k_proj._tunelab_pending is None and attn.v_proj._tunelab_pending is None  # nothing left behind
+    assert abs(loss - loss_plain) < 1e-3 * loss_plain
+    for g, gp in zip(grads, grads_plain):
+        assert (g - gp).norm() < 2e-2 * gp.norm()

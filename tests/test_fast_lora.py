@@ -542,3 +542,117 @@ def test_fifty_steps_fast_train_like_plain_cpu():
         assert abs(a - b) <= 0.01 * b
     for a, b in zip(fast_norms, plain_norms):
         assert abs(a - b) <= 0.02 * b
+
+
+def test_the_recompute_keeps_its_dense_weight_for_the_backward_and_nothing_else_does(monkeypatch):
+    """lora.keep_dense: inside the offload's recompute (split.recomputing) the backward reuses the weight the forward
+    dequantized (one dequantize per forward + backward, not two) with the same gradients; outside it, and with
+    TUNELAB_KEEP_DENSE's switch off, the backward dequantizes again (nothing held across layers)."""
+    from tunelab.model.fast import lora
+    from tunelab.model.fast.split import recomputing
+
+    layer = _nf4_layer(64, 96, "cpu")
+    w, qs = layer.weight, layer.weight.quant_state
+    a, b = _lora(64, 96, 8, "cpu", seed=31)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(32))
+    gy = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(33))
+    calls = []
+    dense = lora.dense_weight
+    monkeypatch.setattr(lora, "dense_weight", lambda *args: calls.append(1) or dense(*args))
+
+    def run(inside: bool):
+        calls.clear()
+        xs = x.clone().requires_grad_(True)
+        if inside:
+            with recomputing():
+                y = lora_linear(xs, w, qs, None, a, b, 2.0, torch.float32)
+        else:
+            y = lora_linear(xs, w, qs, None, a, b, 2.0, torch.float32)
+        grads = torch.autograd.grad(y, (xs, a, b), gy)
+        return len(calls), grads
+
+    n_out, grads_out = run(False)
+    n_in, grads_in = run(True)
+    assert (n_out, n_in) == (2, 1)
+    for g_in, g_out in zip(grads_in, grads_out):
+        assert torch.equal(g_in, g_out)
+    monkeypatch.setattr(lora, "KEEP_DENSE", False)
+    assert run(True)[0] == 2
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_augmented_backward_gives_the_same_grad_x(dtype, tol):
+    """lora_backward with `below` (down's backward: [g, s g B] @ [W; A], rank 5 padded to 8) against the
+    two-product form, and both against autograd through the reference."""
+    from tunelab.model.fast.lora import lora_backward
+
+    g = torch.Generator().manual_seed(41)
+    w = (torch.randn(24, 72, generator=g) * 0.05).to(dtype)  # out 24 < in 72, as down's
+    a, b = (torch.randn(5, 72, generator=g) * 0.1).to(dtype), (torch.randn(24, 5, generator=g) * 0.1).to(dtype)
+    x2 = torch.randn(9, 72, generator=g).to(dtype)
+    gy = torch.randn(9, 24, generator=g).to(dtype)
+    xa = x2 @ a.t()
+    seen = []
+
+    def below(rows):
+        seen.append(tuple(rows.shape))
+        return torch.cat([w, rows])
+
+    aug = lora_backward(gy, x2, xa, a, b, lambda: w, 2.0, dtype, below=below)
+    two = lora_backward(gy, x2, xa, a, b, lambda: w, 2.0, dtype)
+    assert seen == [(8, 72)]
+    xs = x2.float().clone().requires_grad_(True)
+    y = xs @ w.float().t() + 2.0 * (xs @ a.float().t()) @ b.float().t()
+    (ref,) = torch.autograd.grad(y, xs, gy.float())
+    assert aug[0].shape == (9, 72) and _rel(aug[0], ref) < tol and _rel(two[0], ref) < tol
+    assert torch.equal(aug[1], two[1]) and torch.equal(aug[2], two[2])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_augmented_backward_through_the_nf4_kernel_on_gpu(dtype):
+    """dense_below's [W; A] from the NF4 kernel (W dequantized into the top rows): grad x of a down-shaped projection
+    (out < in) against the reference's, and the two-product form's."""
+    from tunelab.model.fast import nf4_triton
+    from tunelab.model.fast.lora import dense_below, dense_weight, lora_backward
+
+    layer = _nf4_layer(512, 128, "cuda", dtype=dtype, seed=42)
+    w, qs = layer.weight, layer.weight.quant_state
+    qs.tunelab_triton = nf4_triton.enabled_for(w, qs)
+    assert qs.tunelab_triton
+    below = dense_below(w, qs, dtype, 128, 512)
+    assert below is not None and dense_below(w, qs, dtype, 512, 128) is None
+    a, b = _lora(512, 128, 8, "cuda", seed=43)
+    a, b = a.detach().to(dtype), b.detach().to(dtype)
+    x2 = torch.randn(300, 512, device="cuda", dtype=dtype)
+    gy = torch.randn(300, 128, device="cuda", dtype=dtype)
+    xa = x2 @ a.t()
+    aug = lora_backward(gy, x2, xa, a, b, lambda: dense_weight(w, qs, dtype), 2.0, dtype, below=below)
+    two = lora_backward(gy, x2, xa, a, b, lambda: dense_weight(w, qs, dtype), 2.0, dtype)
+    wd = dense_weight(w, qs, dtype).float()
+    ref = gy.float() @ wd + 2.0 * (gy.float() @ b.float()) @ a.float()
+    assert _rel(aug[0], ref) < 1e-2 and _rel(two[0], ref) < 1e-2
+
+
+def test_sdpa_backend_first_sets_torchs_priority_order(monkeypatch):
+    """model/fast/attention.py: TUNELAB_SDPA_FIRST puts that backend first and keeps the others after it in their
+    order; unset leaves the order; an unknown name is a ConfigError naming the variable."""
+    from torch.nn.attention import SDPBackend
+
+    from tunelab.errors import ConfigError
+    from tunelab.model.fast.attention import prefer_sdpa_backend
+
+    before = torch._C._get_sdp_priority_order()
+    try:
+        monkeypatch.delenv("TUNELAB_SDPA_FIRST", raising=False)
+        assert prefer_sdpa_backend() is None and torch._C._get_sdp_priority_order() == before
+        monkeypatch.setenv("TUNELAB_SDPA_FIRST", "cudnn")
+        assert prefer_sdpa_backend() == "cudnn"
+        cudnn = int(SDPBackend.CUDNN_ATTENTION)
+        assert torch._C._get_sdp_priority_order() == [cudnn] + [b for b in before if b != cudnn]
+        monkeypatch.setenv("TUNELAB_SDPA_FIRST", "fastest")
+        with pytest.raises(ConfigError, match="TUNELAB_SDPA_FIRST='fastest'"):
+            prefer_sdpa_backend()
+    finally:
+        torch._C._set_sdp_priority_order(before)

@@ -36,6 +36,14 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  (model/fast/ce_triton.py; TUNELAB_CE_TRITON=1 / 0; default on with CUDA and Triton)
   +augment / +noaugment      appended: gate/up's forward as one GEMM with the LoRA columns appended, or the
                  rank-r product added by a second GEMM (lora._augment; TUNELAB_PAIR_AUGMENT=1 / 0; default on)
+  +groupqkv / +nogroupqkv    appended: q, k and v as one fused function (group.group_qkv; TUNELAB_GROUP_QKV=1 / 0;
+                 default on)
+  +keepdense / +nokeepdense  appended: the offload's recompute keeps its dense base weights for the backward, or
+                 the backward dequantizes again (lora.keep_dense; TUNELAB_KEEP_DENSE=1 / 0; default on)
+  +below / +nobelow          appended: down's backward as one augmented GEMM [g, s g B] @ [W; A], or the rank-r
+                 term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default on)
+  +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
+                 (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
                  (TUNELAB_LORA_FIRST=1; opt-in)
   +ce<MiB>       appended: the fused loss's logits chunk budget (default 256)
@@ -289,7 +297,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     for flag, env in (("offload", "TUNELAB_OFFLOAD_CHECKPOINTS"), ("hostembed", "TUNELAB_HOST_EMBEDDING"),
                       ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS"),
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
-                      ("augment", "TUNELAB_PAIR_AUGMENT")):
+                      ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
+                      ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
@@ -298,6 +307,14 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast import lora
 
         lora.AUGMENT = "+augment" in variant
+    for flag, attr in (("keepdense", "KEEP_DENSE"), ("below", "BELOW")):  # also read at lora.py's import
+        if f"+no{flag}" in variant or f"+{flag}" in variant:
+            from tunelab.model.fast import lora
+
+            setattr(lora, attr, f"+{flag}" in variant)
+    sdpa = re.search(r"\+sdpa(cudnn|flash|efficient|default)\b", variant)
+    if sdpa:  # read when the fast path is installed (model/fast/attention.py)
+        os.environ["TUNELAB_SDPA_FIRST"] = sdpa.group(1)
     set_seed(cfg.seed)  # as `tunelab train` does before loading: the adapter's initialisation is seeded too
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)

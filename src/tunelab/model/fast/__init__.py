@@ -16,10 +16,12 @@ default: on where it applies). What it installs (one file per fused op, each bes
   TUNELAB_OFFLOAD_CHECKPOINTS=0 turns it off); each layer's forward is then compiled under the eager offloading
   checkpoint instead of the whole checkpointed call. Its no-grad first pass goes through the fused projections
   instead of PEFT's (TUNELAB_FUSED_FIRST_PASS=0: PEFT's; run 14 measured the fused one faster).
-* group.py: gate and up as one function (lora.LoraPair), on by default (TUNELAB_GROUP_GATE_UP=0 turns it off).
+* group.py: gate and up as one function (lora.LoraGroup), on by default (TUNELAB_GROUP_GATE_UP=0 turns it off);
+  q, k and v likewise (TUNELAB_GROUP_QKV=0 turns it off).
 * split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
   (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
   for batches of at least 2,048 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
+* attention.py: which SDPA backend is tried first (TUNELAB_SDPA_FIRST; default: torch's order).
 * embed.py: the frozen input embedding in pinned host memory (on by default with the offload: 4-bit base, one
   process, untied head; TUNELAB_HOST_EMBEDDING=0/1 forces it).
 
@@ -124,8 +126,11 @@ class Passes:
     a compiled caller is guarded on them (each of those functions always sees the same values).
     first_pass: the offload's no-grad first pass takes the fused function too (as plain arithmetic, no autograd
     state), not PEFT's inference path (bitsandbytes' three-launch dequantize and a separate LoRA pass); other
-    no-grad calls (evaluation, generation) keep PEFT's."""
+    no-grad calls (evaluation, generation) keep PEFT's.
+    recompute: inside the offload's recompute of a layer (its full recompute, or split.py's halves), right before
+    that layer's backward: the fused functions keep the dense base weights they made for it (lora.keep_dense)."""
     first_pass = False
+    recompute = False
 
     @staticmethod
     def fused_now() -> bool:
@@ -160,11 +165,22 @@ def _fast_forward(self, x, *args, **kwargs):
     """Replaces a PEFT LoRA layer's forward: the fused function when the call is the plain training case."""
     if self._tunelab_skip:  # split.py's recompute: this product's output is not needed, only its input
         return x
+    pending = self._tunelab_pending  # group.py: q's call made this projection's output from the same input
+    if pending is not None:
+        self._tunelab_pending = None
+        if pending[0] is x and not (args or kwargs):
+            return pending[1]
     if args or kwargs or not Passes.fused_now():
         return self._tunelab_plain_forward(x, *args, **kwargs)
     fused = fused_args(self)
     if fused is None:
         return self._tunelab_plain_forward(x, *args, **kwargs)
+    if self._tunelab_group is not None:  # q of a grouped attention: q, k and v as one function (group.py)
+        from tunelab.model.fast.group import qkv_forward
+
+        out = qkv_forward(self, x, fused)
+        if out is not None:
+            return out
     from tunelab.model.fast.lora import lora_linear
 
     return lora_linear(x, *fused)
@@ -212,6 +228,8 @@ def patch_lora_layers(model) -> int:
         module._tunelab_dtype = qs.dtype if qs is not None else weight.dtype
         module._tunelab_quantized = qs is not None
         module._tunelab_skip = False  # set by split.py around its recompute only
+        module._tunelab_group = None  # q of a grouped attention: (k, v) (group.group_qkv)
+        module._tunelab_pending = None  # k or v of one: (input, output) q's call made (group.qkv_forward)
         if qs is not None and weight.is_cuda:  # the dequantize kernel, decided once per layer (nf4_triton.py)
             from tunelab.model.fast import nf4_triton
 
@@ -231,6 +249,7 @@ def unpatch_lora_layers(model) -> None:
         if hasattr(module, "_tunelab_plain_forward"):
             module.forward = module._tunelab_plain_forward
             del module._tunelab_plain_forward, module._tunelab_base, module._tunelab_skip
+            del module._tunelab_group, module._tunelab_pending
 
 
 def apply_fast_path(model, cfg, resolved) -> list[str]:
@@ -254,6 +273,17 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         if grouped:
             applied.append(f"group-gate-up({grouped} layers)")
             what.append(f"gate and up as one function in {grouped} layers")
+    if group.qkv_enabled():  # on by default (TUNELAB_GROUP_QKV=0: off)
+        grouped = group.group_qkv(model)
+        if grouped:
+            applied.append(f"group-qkv({grouped} layers)")
+            what.append(f"q, k and v as one function in {grouped} layers")
+    from tunelab.model.fast.attention import prefer_sdpa_backend
+
+    first = prefer_sdpa_backend()  # TUNELAB_SDPA_FIRST (attention.py): before any layer compiles
+    if first:
+        applied.append(f"sdpa-{first}-first")
+        what.append(f"SDPA tries {first} attention first")
     from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
 
     compiled = compile_decision(model, cfg, resolved)[0]

@@ -1,4 +1,4 @@
-"""gate and up as one fused function (lora.LoraPair): on by default where the fast path is (TUNELAB_GROUP_GATE_UP=0
+"""gate and up as one fused function (lora.LoraGroup): on by default where the fast path is (TUNELAB_GROUP_GATE_UP=0
 turns it off). Run 14 on the H200 (docs/fastpath.md): +3.1% at 7B 4 x 1024 (11,961 against 11,599 tok/s) and
 +17.7% at 1 x 1024 (4,219 against 3,584). Its forward is one augmented GEMM (lora._augment; run 16: 12,769 against
 12,692 tok/s and 5.56 against 5.79 GiB at 4 x 1024).
@@ -12,6 +12,17 @@ the backward's grad x is one GEMM over both. Per layer and pass that is about ha
 separate projections (docs/fastpath.md: the host's launches bind the small steps). The MLP's forward becomes
 `down(act(gate_up(x)[:, :I]) * gate_up(x)[:, I:])`, its own arithmetic; any call outside the fused case (no
 gradient, adapters off, a bias, two scales or dtypes) runs the MLP's own forward with the patched projections.
+
+q, k and v likewise (group_qkv; on by default, TUNELAB_GROUP_QKV=0 turns it off; 4-bit and 16-bit bases):
+
+    n = group_qkv(model)   # every covered attention (Qwen2 / Qwen3 / Llama) whose q, k and v are patched
+
+The attention's own forward stays (RoPE, q/k norms, the attention call are the model's): q's call computes all
+three outputs as one function (lora.lora_group: one GEMM for the three x A^T, one augmented GEMM for the three base
+and rank-r products with the stacked biases, one GEMM for grad x) and hands k's and v's outputs to their calls, which
+return them when they get the same input tensor (`_tunelab_pending`; any other input, they compute their own).
+The covered attentions call q, k, v in that order on one tensor. A 16-bit stack copies the three weights at each use
+(33 MB at 7B, where gate/up's would be 272 MB: why that pair stays 4-bit only).
 """
 from __future__ import annotations
 
@@ -66,3 +77,53 @@ def ungroup(model) -> None:
         if hasattr(module, "_tunelab_mlp_forward"):
             module.forward = module._tunelab_mlp_forward
             del module._tunelab_mlp_forward
+        if getattr(module, "_tunelab_group", None) is not None:
+            module._tunelab_group = None
+
+
+ATTENTIONS = ("Qwen2Attention", "Qwen3Attention", "LlamaAttention")
+
+
+def qkv_enabled() -> bool:
+    """Whether the fast path groups q, k and v (TUNELAB_GROUP_QKV not "0")."""
+    return os.environ.get("TUNELAB_GROUP_QKV", "1") != "0"
+
+
+def qkv_forward(q_proj, x, q_args):
+    """q's output, with k's and v's left for their calls (their `_tunelab_pending`), or None when the three are
+    not one fused case now (the caller then runs q alone, and k and v run their own)."""
+    from tunelab.model.fast import fused_args
+    from tunelab.model.fast.lora import lora_group
+
+    k_proj, v_proj = q_proj._tunelab_group
+    if k_proj._tunelab_skip or v_proj._tunelab_skip:
+        return None
+    k_args, v_args = fused_args(k_proj), fused_args(v_proj)
+    if k_args is None or v_args is None:
+        return None
+    three = (q_args, k_args, v_args)
+    if any(p[5] != q_args[5] or p[6] != q_args[6] or (p[2] is None) != (q_args[2] is None) for p in three):
+        return None
+    qkv = lora_group(x, *three)
+    q, k, v = qkv.split([p[4].shape[0] for p in three], dim=-1)
+    k_proj._tunelab_pending, v_proj._tunelab_pending = (x, k), (x, v)
+    return q
+
+
+def group_qkv(model) -> int:
+    """Mark every covered attention whose q, k and v are patched (fast.patch_lora_layers), all 4-bit or all
+    16-bit, biases on all or none: q's call then makes the three outputs (qkv_forward)."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in ATTENTIONS:
+            continue
+        projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        if not all(hasattr(p, "_tunelab_plain_forward") for p in projections) or projections[0]._tunelab_group:
+            continue
+        if len({p._tunelab_quantized for p in projections}) != 1:
+            continue
+        if len({p._tunelab_base.bias is None for p in projections}) != 1:
+            continue
+        projections[0]._tunelab_group = (projections[1], projections[2])
+        count += 1
+    return count

@@ -124,7 +124,8 @@ class LoraLinear(torch.autograd.Function):
         xa = torch.mm(x2, a.t())  # [tokens, r]
         y = two_products(x2, w.t(), None if bias is None else bias.to(dtype), xa, b.t(), scale)
         # the compute-dtype copies of A and B are saved (r x in and out x r: small), not cast again in backward
-        ctx.save_for_backward(x2, xa, a, b)
+        ctx.kept = keep_dense()
+        ctx.save_for_backward(x2, xa, a, b, *((w,) if ctx.kept else ()))  # w: the recompute's, for the backward
         ctx.weight, ctx.quant_state = weight, quant_state
         ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
@@ -132,11 +133,15 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, a, b = ctx.saved_tensors
+        x2, xa, a, b, *kept = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = lora_backward(
-            grad_y, x2, xa, a, b, lambda: dense_weight(ctx.weight, ctx.quant_state, ctx.dtype), ctx.scale, ctx.dtype,
-            need[0], need[1], need[2])
+        if kept:
+            dense, below = (lambda: kept[0]), None
+        else:
+            dense = lambda: dense_weight(ctx.weight, ctx.quant_state, ctx.dtype)  # noqa: E731
+            below = dense_below(ctx.weight, ctx.quant_state, ctx.dtype, grad_y.shape[-1], x2.shape[1])
+        grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, dense, ctx.scale, ctx.dtype, need[0], need[1],
+                                               need[2], below)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
             if grad_x.dtype != ctx.in_dtype:
@@ -148,19 +153,23 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def lora_backward(grad_y, x2, xa, a, b, dense, scale: float, dtype, need_x=True, need_a=True, need_b=True):
+def lora_backward(grad_y, x2, xa, a, b, dense, scale: float, dtype, need_x=True, need_a=True, need_b=True,
+                  below=None):
     """The projection's backward from its input rows x2 [tokens, in] and xa = x2 @ a.T [tokens, r] (a, b: the
     compute-dtype copies of A and B; dense(): the base weight, dense [out, in] in `dtype`, made only for grad x):
     (grad x [tokens, in], grad A, grad B), each None where not needed; the LoRA gradients in `dtype` before the
     caller's cast. Also called without the forward having run (split.py: the recompute skips the o and down
-    products, whose outputs no gradient needs) and for two projections at once (LoraPair: A stacked, B a block
-    diagonal)."""
+    products, whose outputs no gradient needs) and for several projections at once (LoraGroup: A stacked, B a
+    block diagonal). below (dense_below's): grad x as one augmented GEMM, [g, scale g B] @ [W; A]."""
     g = grad_y.reshape(-1, grad_y.shape[-1])
     if g.dtype != dtype:
         g = g.to(dtype)
     gb_r = torch.mm(g, b)  # [tokens, r] = grad of (x @ A.T), before the scale
     grad_x = grad_a = grad_b = None
-    if need_x:
+    if need_x and below is not None:
+        g_aug, a_rows = _augment(g, gb_r, a.t(), scale)  # [g, scale g B, 0], [A; 0] (as the forward's K columns)
+        grad_x = torch.mm(g_aug, below(a_rows.t()))
+    elif need_x:
         w = dense()
         grad_x = two_products(g, w, None, gb_r, a, scale)
         del w
@@ -177,18 +186,62 @@ def lora_linear(x, weight, quant_state, bias, lora_a, lora_b, scale: float, dtyp
     return LoraLinear.apply(x, lora_a, lora_b, weight, quant_state, bias, float(scale), dtype)
 
 
-def dense_pair(w1, qs1, w2, qs2, dtype, tail=None):
-    """Two frozen base weights stacked, [out1 + out2, in] of `dtype` (gate over up): each 4-bit weight dequantized
-    straight into its rows where the NF4 Triton kernel applies (no copy), else the two dense weights concatenated.
-    tail [out1 + out2, t]: columns to their right, a [out1 + out2, in + t] result (LoraPair's augmented weight)."""
-    if (qs1 is not None and qs2 is not None and w1.is_cuda and getattr(qs1, "tunelab_triton", False)
-            and getattr(qs2, "tunelab_triton", False) and qs1.dtype == qs2.dtype):
+def dense_group(parts, dtype, tail=None):
+    """Frozen base weights stacked, [sum of outs, in] of `dtype` (q over k over v; gate over up): each 4-bit weight
+    dequantized straight into its rows where the NF4 Triton kernel applies (no copy), else the dense weights
+    concatenated. parts: (weight, quant_state) pairs; tail [sum of outs, t]: columns to their right, a
+    [sum of outs, in + t] result (LoraGroup's augmented weight)."""
+    if all(qs is not None and w.is_cuda and getattr(qs, "tunelab_triton", False) and qs.dtype == parts[0][1].dtype
+           for w, qs in parts):
         from . import nf4_triton
 
-        w = nf4_triton.dense_cat(w1, qs1, w2, qs2, None if tail is None else tail.to(qs1.dtype))
+        w = nf4_triton.dense_stack(parts, None if tail is None else tail.to(parts[0][1].dtype))
         return w if w.dtype == dtype else w.to(dtype)
-    w = torch.cat([dense_weight(w1, qs1, dtype), dense_weight(w2, qs2, dtype)])
+    w = torch.cat([dense_weight(w, qs, dtype) for w, qs in parts])
     return w if tail is None else torch.cat([w, tail.to(dtype)], dim=1)
+
+
+def dense_pair(w1, qs1, w2, qs2, dtype, tail=None):
+    """dense_group of two weights (gate over up)."""
+    return dense_group(((w1, qs1), (w2, qs2)), dtype, tail)
+
+
+# Whether the recompute's dense base weights are kept for the backward (keep_dense; TUNELAB_KEEP_DENSE=0 dequantizes
+# again in the backward, read at import): the checkpoint offload recomputes a layer right before its backward, so the
+# weight its forward dequantized is the one the backward needs, one layer's worth held between them (docs/fastpath.md)
+KEEP_DENSE = __import__("os").environ.get("TUNELAB_KEEP_DENSE", "1") != "0"
+# Whether the backward of a 4-bit projection with a wider input than output (down: grad x [tokens, I] from grad y
+# [tokens, H]) adds its rank-r term inside one augmented GEMM, [g, s g B] @ [W; A] (TUNELAB_BELOW=0: the addmm_ over
+# grad x; read at import)
+BELOW = __import__("os").environ.get("TUNELAB_BELOW", "1") != "0"
+
+
+def keep_dense() -> bool:
+    """Whether a fused function called now keeps its dense base weight for its backward: inside the offload's
+    recompute (fast.Passes.recompute, set by offload.py and split.py around it; read inside the function's forward,
+    where grad mode is always off: a call without gradient keeps no autograd state, so nothing is held). Elsewhere
+    (no checkpointing, or torch's own checkpoint) the weight is dequantized again in the backward: keeping it would
+    hold every layer's weights at once."""
+    from tunelab.model.fast import Passes
+
+    return KEEP_DENSE and Passes.recompute
+
+
+def dense_below(weight, quant_state, dtype, out_features: int, in_features: int):
+    """For a 4-bit weight through the NF4 kernel whose input is wider than its output (down), the function
+    rows -> [W; rows] ([out + r, in], W dequantized straight into the top rows) that lora_backward's augmented
+    grad x takes; else None (the rank-r term then goes through two_products' epilogue). [g, s g B] is a copy of
+    grad y, narrow here, where the add it replaces reads and writes the wide grad x."""
+    if not (BELOW and quant_state is not None and weight.is_cuda and getattr(quant_state, "tunelab_triton", False)
+            and out_features < in_features):
+        return None
+    from . import nf4_triton
+
+    def below(rows):
+        w = nf4_triton.dense_stack(((weight, quant_state), (rows, None)))
+        return w if w.dtype == dtype else w.to(dtype)
+
+    return below
 
 
 # LoraPair's forward as one augmented GEMM (_augment); TUNELAB_PAIR_AUGMENT=0 (read at import) keeps the rank-r
@@ -210,59 +263,71 @@ def _augment(x2, xa, bd, scale):
     return torch.cat([x2, xa], dim=1), tail
 
 
-class LoraPair(torch.autograd.Function):
-    """Two LoRA projections of the same input (gate and up) as one function: one GEMM for both x @ A^T (A stacked),
-    then one GEMM for both base products and both rank-r products (the stacked weights with scale B beside them as
-    a block diagonal, its zero blocks adding exact zeros: _augment), and in backward one GEMM for grad x over both
-    (the two branches summed in the GEMM's fp32 accumulation, where separate projections round each to the
-    compute dtype and add them). The forward rounds once (base and rank-r products summed in fp32) where the
-    separate projections round the base product before adding the rank-r one."""
+class LoraGroup(torch.autograd.Function):
+    """Two or three LoRA projections of the same input (gate and up; q, k and v) as one function: one GEMM for their
+    x @ A^T (A stacked, a [sum of r, in]), then one GEMM for all base products and rank-r products (the stacked
+    weights with scale B beside them as a block diagonal bd [sum of outs, sum of r], its zero blocks adding exact
+    zeros: _augment), the stacked biases in its epilogue, and in backward one GEMM for grad x over all (the branches
+    summed in the GEMM's fp32 accumulation, where separate projections round each to the compute dtype and add
+    them), one for grad A (stacked) and one for grad bd (autograd's block_diag backward keeps its diagonal blocks).
+    a and bd come in as tensors in the compute dtype (lora_group stacks them: autograd takes their gradients back to
+    each parameter). The forward rounds once (base and rank-r products summed in fp32) where the separate
+    projections round the base product before adding the rank-r one."""
 
     @staticmethod
-    def forward(ctx, x, a1, b1, a2, b2, w1, qs1, w2, qs2, scale, dtype):
+    def forward(ctx, x, a, bd, bias, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
         in_dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        a = torch.cat([a1.to(dtype), a2.to(dtype)])  # [r1 + r2, in]
-        bd = torch.block_diag(b1.to(dtype), b2.to(dtype))  # [out1 + out2, r1 + r2]
+        parts = ((w1, qs1), (w2, qs2)) if w3 is None else ((w1, qs1), (w2, qs2), (w3, qs3))
         xa = torch.mm(x2, a.t())
         if AUGMENT:
             x_aug, tail = _augment(x2, xa, bd, scale)
-            y = torch.mm(x_aug, dense_pair(w1, qs1, w2, qs2, dtype, tail).t())  # base + rank-r products, one GEMM
+            w = dense_group(parts, dtype, tail)  # [W; ...] with scale B (and zero columns) to the right
+            y = torch.mm(x_aug, w.t()) if bias is None else torch.addmm(bias, x_aug, w.t())
         else:  # the rank-r product added by a second GEMM over the output, as the single projections do
-            y = two_products(x2, dense_pair(w1, qs1, w2, qs2, dtype).t(), None, xa, bd.t(), scale)
-        ctx.save_for_backward(x2, xa, a, bd)
-        ctx.weights = (w1, qs1, w2, qs2)
+            w = dense_group(parts, dtype)
+            y = two_products(x2, w.t(), bias, xa, bd.t(), scale)
+        ctx.kept = keep_dense()
+        ctx.save_for_backward(x2, xa, a, bd, *((w,) if ctx.kept else ()))
+        ctx.parts = parts
         ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
-        ctx.r1, ctx.o1 = a1.shape[0], b1.shape[0]
-        ctx.dtypes = (a1.dtype, b1.dtype, a2.dtype, b2.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, a, bd = ctx.saved_tensors
-        dtype, scale, r1, o1 = ctx.dtype, ctx.scale, ctx.r1, ctx.o1
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        if g.dtype != dtype:
-            g = g.to(dtype)
-        # grad x over both (one GEMM) and grad A stacked; grad B per block below (the zero blocks need none)
-        grad_x, grad_a, _ = lora_backward(g, x2, xa, a, bd, lambda: dense_pair(*ctx.weights, dtype), scale, dtype,
-                                          ctx.needs_input_grad[0], True, False)
+        x2, xa, a, bd, *kept = ctx.saved_tensors
+        dtype, cols = ctx.dtype, x2.shape[1]
+        if kept:
+            dense = lambda: kept[0][:, :cols]  # noqa: E731 (the augmented weight's base columns)
+        else:
+            dense = lambda: dense_group(ctx.parts, dtype)  # noqa: E731
+        need = ctx.needs_input_grad
+        grad_x, grad_a, grad_bd = lora_backward(grad_y, x2, xa, a, bd, dense, ctx.scale, dtype, need[0], need[1],
+                                                need[2])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
             if grad_x.dtype != ctx.in_dtype:
                 grad_x = grad_x.to(ctx.in_dtype)
-        ga1, ga2 = grad_a[:r1].to(ctx.dtypes[0]), grad_a[r1:].to(ctx.dtypes[2])
-        gb1 = torch.mm(g[:, :o1].t(), xa[:, :r1]).mul_(scale).to(ctx.dtypes[1])
-        gb2 = torch.mm(g[:, o1:].t(), xa[:, r1:]).mul_(scale).to(ctx.dtypes[3])
-        return grad_x, ga1, gb1, ga2, gb2, None, None, None, None, None, None
+        return grad_x, grad_a, grad_bd, None, None, None, None, None, None, None, None, None
+
+
+def lora_group(x, *projections):
+    """x [..., in] -> [..., sum of outs]: two or three projections' outputs side by side; each projection: its
+    (weight, quant_state, bias, lora_a, lora_b, scale, dtype) as fast.fused_args gives them (one scale and one
+    compute dtype among them, biases on all or none: the caller checks)."""
+    if len(projections) not in (2, 3):
+        raise ValueError(f"lora_group takes two or three projections, not {len(projections)}")
+    scale, dtype = projections[0][5], projections[0][6]
+    a = torch.cat([p[3].to(dtype) for p in projections])  # [sum of r, in]
+    bd = torch.block_diag(*[p[4].to(dtype) for p in projections])  # [sum of outs, sum of r]
+    bias = None if projections[0][2] is None else torch.cat([p[2].to(dtype) for p in projections])
+    (w1, qs1), (w2, qs2) = projections[0][:2], projections[1][:2]
+    w3, qs3 = projections[2][:2] if len(projections) == 3 else (None, None)
+    return LoraGroup.apply(x, a, bd, bias, w1, qs1, w2, qs2, w3, qs3, float(scale), dtype)
 
 
 def lora_pair(x, first, second):
-    """x [..., in] -> [..., out1 + out2]: the two projections' outputs side by side; first / second: each one's
-    (weight, quant_state, bias, lora_a, lora_b, scale, dtype) as fast.fused_args gives them (no bias, one scale and
-    one compute dtype between them: the caller checks)."""
-    w1, qs1, _, a1, b1, scale, dtype = first
-    w2, qs2, _, a2, b2, _, _ = second
-    return LoraPair.apply(x, a1, b1, a2, b2, w1, qs1, w2, qs2, float(scale), dtype)
+    """lora_group of gate and up (no bias: the caller checks)."""
+    return lora_group(x, first, second)

@@ -101,7 +101,7 @@ def _build():
 
         @staticmethod
         def backward(ctx, *grads):
-            from tunelab.model.fast.split import forward_mode, split_backward
+            from tunelab.model.fast.split import forward_mode, recomputing, split_backward
 
             split = ctx.split
             if split is not None and grads[0] is not None:
@@ -117,7 +117,7 @@ def _build():
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
             hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
-            with forward_mode(ctx.autocast):
+            with forward_mode(ctx.autocast), recomputing():
                 out = ctx.run(hidden)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o) and o.requires_grad]

@@ -107,7 +107,7 @@ def _projection_backward(args, x_in, grad_y):
     """grad of the projection's input, and its LoRA gradients accumulated into A's and B's .grad."""
     import torch
 
-    from tunelab.model.fast.lora import dense_weight, lora_backward
+    from tunelab.model.fast.lora import dense_below, dense_weight, lora_backward
 
     weight, quant_state, bias, lora_a, lora_b, scale, dtype = args
     x2 = x_in.reshape(-1, x_in.shape[-1])
@@ -116,9 +116,10 @@ def _projection_backward(args, x_in, grad_y):
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     with torch.no_grad():
         xa = torch.mm(x2, a.t())  # as the forward would have made it (the same GEMM on the same rows)
+        below = dense_below(weight, quant_state, dtype, grad_y.shape[-1], x2.shape[1])  # down: one augmented GEMM
         grad_x, grad_a, grad_b = lora_backward(grad_y, x2, xa, a, b, lambda: dense_weight(weight, quant_state, dtype),
                                                float(scale), dtype, True, lora_a.requires_grad,
-                                               lora_b.requires_grad)
+                                               lora_b.requires_grad, below)
         for p, g in ((lora_a, grad_a), (lora_b, grad_b)):
             if g is not None:
                 g = g.to(p.dtype)
@@ -143,6 +144,21 @@ def forward_mode(autocast):
     return stack
 
 
+class recomputing:
+    """fast.Passes.recompute while inside: the fused functions keep their dense weights for the backward that
+    follows (lora.keep_dense)."""
+
+    def __enter__(self):
+        from tunelab.model.fast import Passes
+
+        self.before, Passes.recompute = Passes.recompute, True
+
+    def __exit__(self, *exc):
+        from tunelab.model.fast import Passes
+
+        Passes.recompute = self.before
+
+
 def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
     """grad of the layer input from grad_out, recomputing the two halves without o's and down's products, or None
     (before anything ran) when o or down is not the fused case now: the caller then recomputes the whole layer.
@@ -153,7 +169,7 @@ def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
 
     def recompute(run, inp, module):
         inp = inp.detach().requires_grad_(True)
-        with forward_mode(autocast):
+        with forward_mode(autocast), recomputing():
             module._tunelab_skip = True
             try:
                 return inp, run(inp)
