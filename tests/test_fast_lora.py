@@ -547,9 +547,12 @@ def test_fifty_steps_fast_train_like_plain_cpu():
 def test_the_recompute_keeps_its_dense_weight_for_the_backward_and_nothing_else_does(monkeypatch):
     """lora.keep_dense: inside the offload's recompute (split.recomputing) the backward reuses the weight the forward
     dequantized (one dequantize per forward + backward, not two) with the same gradients; outside it, and with
-    TUNELAB_KEEP_DENSE's switch off, the backward dequantizes again (nothing held across layers)."""
+    TUNELAB_KEEP_DENSE's switch off (the default), the backward dequantizes again (nothing held across layers)."""
     from tunelab.model.fast import lora
     from tunelab.model.fast.split import recomputing
+
+    assert lora.KEEP_DENSE is (__import__("os").environ.get("TUNELAB_KEEP_DENSE") == "1")
+    monkeypatch.setattr(lora, "KEEP_DENSE", True)
 
     layer = _nf4_layer(64, 96, "cpu")
     w, qs = layer.weight, layer.weight.quant_state

@@ -109,9 +109,8 @@ def test_split_recompute_gives_the_full_recomputes_gradients_exactly(model_type,
         assert len(grads) == len(grads_full) == 2 * 7 * 2
         for g, gf in zip(grads, grads_full):  # the same products on the same rows in the same order
             assert torch.equal(g, gf)
-    # weight uses a layer and step: the first pass 7, the recompute 7 (full) or 5 (split: no o, no down), grad x 0
-    # (full: the recompute's kept, lora.keep_dense) or 2 (split: o and down, which the recompute skips)
-    assert per_step_full == 2 * 14 and sum(uses.values()) == 2 * 2 * 14
+    # weight uses a layer and step: the first pass 7, the recompute 7 (full) or 5 (split: no o, no down), grad x 7
+    assert per_step_full == 2 * 21 and sum(uses.values()) == 2 * 2 * 19
 
 
 def test_gradient_accumulation_and_fp16_give_the_full_recomputes_gradients_exactly():
@@ -159,17 +158,20 @@ def test_below_the_token_threshold_the_whole_layer_is_recomputed(monkeypatch):
     from tunelab.model.fast import split
 
     counts = {}
-    for threshold in (49, 48):
-        model = _peft("qwen2")
-        offload_checkpoints(model, split_min_tokens=threshold)
-        uses = []
-        dense = lora_mod.dense_weight
-        monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.append(1) or dense(w, qs, dt))
-        _stepper(model, "cpu")()
-        monkeypatch.setattr(lora_mod, "dense_weight", dense)
-        counts[threshold] = len(uses)
-    # the first pass through the fused projections (the default) 7, recompute 7 or 5, grad x 7, a layer
-    assert counts == {49: 2 * 21, 48: 2 * 19}
+    for keep in (False, True):  # lora.keep_dense (TUNELAB_KEEP_DENSE=1, opt-in)
+        monkeypatch.setattr(lora_mod, "KEEP_DENSE", keep)
+        for threshold in (49, 48):
+            model = _peft("qwen2")
+            offload_checkpoints(model, split_min_tokens=threshold)
+            uses = []
+            dense = lora_mod.dense_weight
+            monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.append(1) or dense(w, qs, dt))
+            _stepper(model, "cpu")()
+            monkeypatch.setattr(lora_mod, "dense_weight", dense)
+            counts[keep, threshold] = len(uses)
+    # the first pass through the fused projections (the default) 7, recompute 7 or 5, grad x 7, a layer; with the
+    # recompute's weights kept, grad x dequantizes only what the recompute skipped: 0 (full) or 2 (split: o, down)
+    assert counts == {(False, 49): 2 * 21, (False, 48): 2 * 19, (True, 49): 2 * 14, (True, 48): 2 * 14}
     monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
     assert split.min_tokens() == split.MIN_TOKENS == 2048
     monkeypatch.setenv("TUNELAB_SPLIT_MIN_TOKENS", "4096")

@@ -203,7 +203,7 @@ def test_compiled_custom_op_equals_eager(interpreted):
 
 def test_dense_cat_stacks_two_weights_bit_for_bit_eager_and_compiled(interpreted):
     """lora.dense_pair's kernel path: two 4-bit weights (here NF4 over FP4) dequantized into one tensor's rows,
-    equal to each one's own dequantize; the compiled form is one op (tunelab::dequantize_4bit_cat), no break."""
+    equal to each one's own dequantize; the compiled form is one op (tunelab::dequantize_4bit_stack), no break."""
     items, (outs, _, cat, cat_compiled, *_) = interpreted
     assert CASES[0][2] == "nf4" and CASES[3][2] == "fp4" and CASES[0][0] == CASES[3][0]
     want = torch.cat([outs[0], outs[3]])
@@ -219,6 +219,206 @@ def test_dense_cat_with_a_tail_writes_the_rows_strided_bit_for_bit(interpreted):
     assert aug.shape == (80, 80) and aug.is_contiguous()
     assert torch.equal(aug.view(torch.int16), want.view(torch.int16))
     assert torch.equal(aug_compiled.view(torch.int16), want.view(torch.int16))
+
+
+# ---------------------------------------------- strided stores (per block / per element), table gather, dense_stack
+
+# (case, bytes_per_program, left, right, kwargs, per-block store expected): the kernel writes into columns
+# [left, left + cols) of a NaN-filled [rows, left + cols + right] buffer
+_Q = lambda shape, nested, qt, bs, dt, mod=None: (shape, nested, qt, bs, dt, torch.uint8, None, mod)  # noqa: E731
+STRIDED = [
+    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=True), True),  # 25 tiles of 8
+    # blocks, the last one 6
+    (_Q((99, 128), True, "nf4", 64, torch.float16), 256, 8, 8, dict(element_tile=True, block_rows=True), True),  # a
+    # column offset
+    (_Q((5, 12288), True, "nf4", 4096, torch.bfloat16), 4096, 0, 32, dict(block_rows=True), True),  # 2-block tiles,
+    # the last one 1 block
+    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=False), False),  # per element
+    (_Q((99, 128), False, "fp4", 128, torch.float32), 512, 4, 12, dict(table_gather=True), False),  # the default:
+    # per element
+    (_Q((33, 96), False, "fp4", 64, torch.float32), None, 0, 16, {}, False),  # 96 % 64: blocks cross rows
+    (_Q((40, 160), True, "nf4", 64, torch.bfloat16), 128, 4, 4, dict(table_gather=True), False),
+    (_Q((40, 160), True, "nf4", 64, torch.float16), 128, 0, 8, dict(element_tile=True, table_gather=True), False),
+]
+
+# dense_stack: (parts as ("q", case) or ("d", shape, dtype), tail columns or 0)
+STACKS = [
+    ([("q", _Q((64, 128), True, "nf4", 64, torch.bfloat16)), ("q", _Q((16, 128), True, "nf4", 64, torch.bfloat16)),
+      ("q", _Q((16, 128), False, "fp4", 128, torch.bfloat16))], 8),  # q, k, v with a tail (strided, per element)
+    ([("q", _Q((24, 192), True, "nf4", 64, torch.bfloat16)), ("d", (8, 192), torch.float32)], 0),  # down over A
+    ([("q", _Q((20, 96), True, "nf4", 64, torch.float16)), ("d", (4, 96), torch.bfloat16)], 16),  # per element
+    ([("d", (5, 16), torch.bfloat16), ("d", (3, 16), torch.float32)], 4),  # all dense: the first part's dtype
+]
+
+_STACK_RUNNER = r"""
+import sys, torch
+from tunelab.model.fast import nf4_triton as K
+assert K.interpreting(), "TRITON_INTERPRET did not reach triton"
+d = torch.load(sys.argv[1], weights_only=False)
+res = {}
+# the table-gather form on every CASE (odd ones with the element tile)
+res["gather"] = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz, element_tile=bool(i % 2), table_gather=True)
+                 for i, (p, qs, bpp, ftz) in enumerate(d["cases"])]
+kernel, flags = K.nf4_dequant_kernel, []
+class Recorder:  # records each launch's BLOCK_ROWS (hw_bf16 given: interpreting() looks at the kernel's type)
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            flags.append(kw["BLOCK_ROWS"])
+            return kernel[grid](*a, **kw)
+        return launch
+K.nf4_dequant_kernel = Recorder()
+bufs = []
+for p, qs, bpp, left, right, kw in d["strided"]:
+    r, c = qs.shape
+    buf = torch.full((r, left + c + right), float("nan"), dtype=qs.dtype)
+    K.dequantize_4bit(p, qs, out=buf[:, left:left + c], bytes_per_program=bpp, hw_bf16=False, **kw)
+    bufs.append(buf)
+res["strided"], res["flags"] = bufs, flags
+p, qs = d["strided"][5][:2]
+try:  # the per-block store asked for where a block crosses a row end
+    K.dequantize_4bit(p, qs, out=torch.empty(qs.shape[0], qs.shape[1] + 16, dtype=qs.dtype)[:, :qs.shape[1]],
+                      block_rows=True)
+    res["forced"] = None
+except ValueError as e:
+    res["forced"] = str(e)
+K.nf4_dequant_kernel = kernel
+
+def compiled(parts, tail):
+    graphs = []
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    qss = [qs for _, qs in parts]
+    def fn(*ts):
+        return K.dense_stack(list(zip(ts[:len(qss)], qss)), ts[len(qss)] if len(ts) > len(qss) else None)
+    args = [w for w, _ in parts] + ([] if tail is None else [tail])
+    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
+res["stacks"] = [(K.dense_stack(parts, tail), *compiled(parts, tail)) for parts, tail in d["stacks"]]
+torch.save(res, sys.argv[2])
+"""
+
+
+def _stack_inputs(spec, seed, device="cpu"):
+    """(parts, tail) of dense_stack for a STACKS entry: 4-bit parts quantized by bitsandbytes, dense ones random."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for k, part in enumerate(spec[0]):
+        if part[0] == "q":
+            parts.append(_quantize(part[1], seed=seed + k, device=device))
+        else:
+            parts.append(((torch.randn(part[1], generator=g) * 0.1).to(device=device, dtype=part[2]), None))
+    rows = sum((qs.shape if qs is not None else w.shape)[0] for w, qs in parts)
+    dtype = next((qs.dtype for _, qs in parts if qs is not None), parts[0][0].dtype)
+    tail = (torch.randn(rows, spec[1], generator=g).to(device=device, dtype=dtype) if spec[1] else None)
+    return parts, tail
+
+
+def _assert_reference_bits(got, packed, qs, ftz=False):
+    """got: bit for bit bitsandbytes' CPU dequantize (for FP4 a zero's sign may differ, as in
+    test_interpreted_kernel_equals_bitsandbytes_bit_for_bit: the CPU references' FP4 zero is +0.0)."""
+    ref, _ = _reference_cpu(packed, qs, ftz=ftz)
+    assert got.shape == ref.shape and got.dtype == ref.dtype and torch.isfinite(got).all() and torch.equal(got, ref)
+    assert _bit_mismatches(got, ref, signed_zero_ok=qs.quant_type == "fp4") == 0
+
+
+@pytest.fixture(scope="module")
+def stacked(interpreted, tmp_path_factory):
+    """The table-gather form on every CASE, the STRIDED stores and the STACKS (eager and compiled), one subprocess."""
+    items, _ = interpreted
+    strided = [(*_quantize(c, seed=200 + i), bpp, left, right, kw) for i, (c, bpp, left, right, kw, _) in
+               enumerate(STRIDED)]
+    stacks = [_stack_inputs(spec, seed=300 + 10 * i) for i, spec in enumerate(STACKS)]
+    inputs = {"cases": items, "strided": strided, "stacks": stacks}
+    return inputs, run_interpreted(_STACK_RUNNER, inputs, tmp_path_factory.mktemp("nf4stack"))
+
+
+@pytest.mark.parametrize("index", CPU_CASES, ids=[_case_id(CASES[i]) for i in CPU_CASES])
+def test_table_gather_form_equals_bitsandbytes_bit_for_bit(stacked, index):
+    """TABLE_GATHER: the 16 products of a block rounded once and picked by nibble: the same bits (the ties and the
+    flushed subnormal blocks included)."""
+    inputs, res = stacked
+    packed, qs, _, ftz = inputs["cases"][index]
+    ref, _ = _reference_cpu(packed, qs, ftz=ftz)
+    got = res["gather"][index]
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    assert _bit_mismatches(got, ref, signed_zero_ok=qs.quant_type == "fp4") == 0
+
+
+@pytest.mark.parametrize("index", range(len(STRIDED)), ids=[
+    f"{_case_id(c)}-L{left}R{right}{''.join('-' + k for k in kw)}" for c, _, left, right, kw, _ in STRIDED])
+def test_strided_store_into_a_wider_buffer_bit_for_bit(stacked, index):
+    """The strided store (out = columns of a wider buffer): per block when asked (block_rows; the row length a
+    multiple of the block size: several tiles, a partial last one, blocks of 64 and 4096), per element otherwise;
+    every value bit for bit bitsandbytes', the buffer's other columns untouched."""
+    inputs, res = stacked
+    packed, qs, _, left, right, _ = inputs["strided"][index]
+    assert res["flags"][index] == STRIDED[index][5]  # the store form the launch chose
+    buf = res["strided"][index]
+    cols = qs.shape[1]
+    _assert_reference_bits(buf[:, left:left + cols].contiguous(), packed, qs)
+    assert torch.isnan(buf[:, :left]).all() and torch.isnan(buf[:, left + cols:]).all()
+
+
+def test_per_block_store_refused_where_blocks_cross_rows(stacked):
+    _, res = stacked
+    assert res["forced"] and "multiple of the block size" in res["forced"]
+
+
+def test_strided_forms_agree():
+    """The per-block and the per-element stores of STRIDED's first case are the same case."""
+    assert STRIDED[0][:4] == STRIDED[3][:4] and (STRIDED[0][4], STRIDED[3][4]) == (dict(block_rows=True), dict(block_rows=False))
+
+
+@pytest.mark.parametrize("index", range(len(STACKS)), ids=["qkv-tail", "below", "below-tail-per-element", "dense"])
+def test_dense_stack_eager_and_compiled_bit_for_bit(stacked, index):
+    """dense_stack: each 4-bit part equal to bitsandbytes' dequantize in its rows, dense parts cast and copied,
+    the tail to the right; compiled (aot_eager, fullgraph) it is one op, tunelab::dequantize_4bit_stack, with the
+    same bits."""
+    inputs, res = stacked
+    parts, tail = inputs["stacks"][index]
+    eager, comp, graphs = res["stacks"][index]
+    dtype = next((qs.dtype for _, qs in parts if qs is not None), parts[0][0].dtype)
+    rows = [(qs.shape if qs is not None else w.shape)[0] for w, qs in parts]
+    cols = (parts[0][1].shape if parts[0][1] is not None else parts[0][0].shape)[1]
+    assert eager.shape == (sum(rows), cols + (0 if tail is None else tail.shape[1])) and eager.dtype == dtype
+    assert eager.is_contiguous()
+    r0 = 0
+    for (w, qs), r in zip(parts, rows):
+        block = eager[r0:r0 + r, :cols].contiguous()
+        if qs is None:
+            assert torch.equal(block, w.to(dtype))
+        else:
+            _assert_reference_bits(block, w, qs)
+        r0 += r
+    if tail is not None:
+        assert torch.equal(eager[:, cols:], tail)
+    assert torch.equal(comp.view(_INT[dtype]), eager.view(_INT[dtype]))
+    assert len(graphs) == 1 and graphs[0].count("tunelab.dequantize_4bit_stack.default") == 1, graphs
+    assert all("tunelab" not in t or t == "tunelab.dequantize_4bit_stack.default" for t in graphs[0]), graphs
+
+
+def test_dense_stack_refuses_mismatched_parts():
+    from tunelab.model.fast import nf4_triton as K
+
+    a = _quantize(_Q((16, 128), True, "nf4", 64, torch.bfloat16), seed=1)
+    b = _quantize(_Q((8, 64), True, "nf4", 64, torch.bfloat16), seed=2)
+    h = _quantize(_Q((8, 128), True, "nf4", 64, torch.float16), seed=3)
+    cases = [
+        (([a, b],), "one column count"),
+        (([a, (torch.zeros(4, 64), None)],), "one column count"),
+        (([a, h],), "need one dtype"),
+        (([a, a], torch.zeros(31, 4, dtype=torch.bfloat16)), "tail must be [32, t]"),
+        (([a], torch.zeros(16, 4, dtype=torch.float32)), "of torch.bfloat16"),
+        (([a], torch.zeros(16, dtype=torch.bfloat16)), "tail must be"),
+        (([(torch.zeros(4, 8), None)], torch.zeros(4, 2, dtype=torch.bfloat16)), "of torch.float32"),
+        (([(torch.zeros(8), None)],), "not 2-D"),
+        (([],), "at least one part"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=__import__("re").escape(msg)):
+            K.dense_stack(*args)
+    with pytest.raises(ValueError, match="one column count"):
+        K.dense_cat(*a, *b)
 
 
 def test_tables_are_bitsandbytes_code_tables():

@@ -4,7 +4,7 @@
 #   END=545 timeout -k 10 565 bash tools/fast_run17.sh $OUT
 # Order: the GPU tests of what changed (the NF4 kernel's per-block strided store and dense_stack, the q/k/v group,
 # the augmented backward, the kept weights; boxed 110 s beside the 7B's build) -> tools/attn_probe.py (SDPA's
-# backends at the 7B shapes) and tools/nf4_probe.py's stacked-store timings -> the new default 4 x 1024 with step 6
+# backends at the 7B shapes) and tools/nf4_store_probe.py (the stacked stores) -> the new default 4 x 1024 with step 6
 # profiled -> the levers all off (run 16's default, but for the kernel's store) -> cuDNN attention first -> each
 # lever off alone -> 1 x 1024 with and without the q/k/v group; each skipped when fewer than 35 s are left.
 OUT=${1:-${OUT:?}}; export OUT
@@ -15,11 +15,10 @@ timeout -k 5 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nf4_
   tests/test_fast_lora.py tests/test_fast_split.py > $OUT/gpu_tests.txt 2>&1; echo "rc=$? at ${SECONDS}s" | tee -a $L
 tail -4 $OUT/gpu_tests.txt | tee -a $L
 grep -E "^(FAILED|ERROR)" $OUT/gpu_tests.txt | head -20 | tee -a $L
-echo "== attn probe (at ${SECONDS}s)" | tee -a $L
-timeout -k 5 60 python3 tools/attn_probe.py > $OUT/attn_probe.jsonl 2>$OUT/attn_probe.err; echo "rc=$? at ${SECONDS}s" | tee -a $L
-cat $OUT/attn_probe.jsonl | tee -a $L | head -0; tail -3 $OUT/attn_probe.err >> $L
-echo "== nf4 probe (at ${SECONDS}s)" | tee -a $L
-timeout -k 5 60 python3 tools/nf4_probe.py NF4PROBE_ARGS > $OUT/nf4_probe.txt 2>&1; echo "rc=$? at ${SECONDS}s" | tee -a $L
+echo "== probes (at ${SECONDS}s)" | tee -a $L
+timeout -k 5 70 python3 tools/attn_probe.py > $OUT/probes.txt 2>&1; echo "attn rc=$? at ${SECONDS}s" | tee -a $L
+timeout -k 5 60 python3 tools/nf4_store_probe.py >> $OUT/probes.txt 2>&1; echo "nf4 rc=$? at ${SECONDS}s" | tee -a $L
+grep '^{' $OUT/probes.txt | cut -c1-300 | tee -a $L
 wait $BUILD; tail -2 /tmp/build.txt | tee -a $L
 mkdir -p $OUT/prof
 TUNELAB_BENCH_PROFILE=$OUT/prof one d4x1024 75 tunelab-fast 4x1024

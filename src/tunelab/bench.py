@@ -37,11 +37,11 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +augment / +noaugment      appended: gate/up's forward as one GEMM with the LoRA columns appended, or the
                  rank-r product added by a second GEMM (lora._augment; TUNELAB_PAIR_AUGMENT=1 / 0; default on)
   +groupqkv / +nogroupqkv    appended: q, k and v as one fused function (group.group_qkv; TUNELAB_GROUP_QKV=1 / 0;
-                 default on)
+                 default off)
   +keepdense / +nokeepdense  appended: the offload's recompute keeps its dense base weights for the backward, or
-                 the backward dequantizes again (lora.keep_dense; TUNELAB_KEEP_DENSE=1 / 0; default on)
+                 the backward dequantizes again (lora.keep_dense; TUNELAB_KEEP_DENSE=1 / 0; default off)
   +below / +nobelow          appended: down's backward as one augmented GEMM [g, s g B] @ [W; A], or the rank-r
-                 term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default on)
+                 term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default off)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue

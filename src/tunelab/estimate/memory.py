@@ -241,8 +241,8 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     recompute = T.r512(saved * n) if u.grad_ckpt else 0
     temp = T.r512(T.layer_backward_temp(shape, k, b) * n)
     # the offload's recompute keeps its dense weights for the backward (tunelab.model.fast.lora.keep_dense, eager or
-    # compiled; TUNELAB_KEEP_DENSE=0 turns it off), as a compiled checkpointed layer does
-    kept = offload and __import__("os").environ.get("TUNELAB_KEEP_DENSE", "1") != "0"
+    # compiled; opt-in with TUNELAB_KEEP_DENSE=1), as a compiled checkpointed layer does
+    kept = offload and __import__("os").environ.get("TUNELAB_KEEP_DENSE", "0") == "1"
     if compiled or kept:
         dequant = Row("dequant", f"dequantized weights: all 7 of a layer ({'compiled' if compiled else 'offload'})",
                       T.compiled_dequant_bytes(shape, qbits, b),

@@ -17,7 +17,7 @@ default: on where it applies). What it installs (one file per fused op, each bes
   checkpoint instead of the whole checkpointed call. Its no-grad first pass goes through the fused projections
   instead of PEFT's (TUNELAB_FUSED_FIRST_PASS=0: PEFT's; run 14 measured the fused one faster).
 * group.py: gate and up as one function (lora.LoraGroup), on by default (TUNELAB_GROUP_GATE_UP=0 turns it off);
-  q, k and v likewise (TUNELAB_GROUP_QKV=0 turns it off).
+  q, k and v likewise when TUNELAB_GROUP_QKV=1 (off by default: no measured gain, run 17).
 * split.py: under the offload, the backward recomputes a covered decoder layer without its o and down products
   (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
   for batches of at least 2,048 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
@@ -273,7 +273,7 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         if grouped:
             applied.append(f"group-gate-up({grouped} layers)")
             what.append(f"gate and up as one function in {grouped} layers")
-    if group.qkv_enabled():  # on by default (TUNELAB_GROUP_QKV=0: off)
+    if group.qkv_enabled():  # opt-in (TUNELAB_GROUP_QKV=1): run 17 measured no gain
         grouped = group.group_qkv(model)
         if grouped:
             applied.append(f"group-qkv({grouped} layers)")

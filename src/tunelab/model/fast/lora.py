@@ -206,14 +206,16 @@ def dense_pair(w1, qs1, w2, qs2, dtype, tail=None):
     return dense_group(((w1, qs1), (w2, qs2)), dtype, tail)
 
 
-# Whether the recompute's dense base weights are kept for the backward (keep_dense; TUNELAB_KEEP_DENSE=0 dequantizes
-# again in the backward, read at import): the checkpoint offload recomputes a layer right before its backward, so the
-# weight its forward dequantized is the one the backward needs, one layer's worth held between them (docs/fastpath.md)
-KEEP_DENSE = __import__("os").environ.get("TUNELAB_KEEP_DENSE", "1") != "0"
+# Whether the recompute's dense base weights are kept for the backward (keep_dense; opt-in, TUNELAB_KEEP_DENSE=1, read
+# at import): the checkpoint offload recomputes a layer right before its backward, so the weight its forward
+# dequantized is the one the backward needs, one layer's worth held between them. Run 17 (docs/fastpath.md): no
+# measured gain at 7B 4 x 1024 (within the lease's noise) for +0.26 GiB of peak, so it is off by default.
+KEEP_DENSE = __import__("os").environ.get("TUNELAB_KEEP_DENSE", "0") == "1"
 # Whether the backward of a 4-bit projection with a wider input than output (down: grad x [tokens, I] from grad y
-# [tokens, H]) adds its rank-r term inside one augmented GEMM, [g, s g B] @ [W; A] (TUNELAB_BELOW=0: the addmm_ over
-# grad x; read at import)
-BELOW = __import__("os").environ.get("TUNELAB_BELOW", "1") != "0"
+# [tokens, H]) adds its rank-r term inside one augmented GEMM, [g, s g B] @ [W; A] (opt-in, TUNELAB_BELOW=1; otherwise
+# the addmm_ over grad x; read at import). Run 17: the stacked dequantize of [W; A] costs 138 us against 114 for W
+# alone, and the whole step did not move (12,252 against 12,260 tok/s), so it is off by default.
+BELOW = __import__("os").environ.get("TUNELAB_BELOW", "0") == "1"
 
 
 def keep_dense() -> bool:

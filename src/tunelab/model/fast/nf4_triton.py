@@ -60,6 +60,10 @@ DEFAULT_ON = True
 BYTES_PER_PROGRAM = 2048
 NUM_WARPS = 4
 ELEMENT_TILE = False
+# Table gather (tools/nf4_probe.py's knob, off until measured): per block, the 16 products table[j] * absmax rounded
+# to the out dtype once ([ROWS, 16]), each element picked from them by its nibble (tl.gather) instead of its own
+# fp32 multiply and rounding. The same product and rounding (FTZ before the rounding), so the same bits.
+TABLE_GATHER = False
 
 try:  # Triton is optional: without it (or broken) enabled_for() is False and bitsandbytes' path stays
     import triton
@@ -117,15 +121,18 @@ def _state_tensors(weight, qs):
 
 def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None = None, *,
                     hw_bf16: bool | None = None, ftz: bool | None = None, bytes_per_program: int | None = None,
-                    num_warps: int | None = None, element_tile: bool | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, element_tile: bool | None = None,
+                    table_gather: bool | None = None, block_rows: bool | None = None) -> torch.Tensor:
     """Dense `quant_state.shape` tensor of `quant_state.dtype`, equal bit for bit to
     bitsandbytes.functional.dequantize_4bit(weight, quant_state) (flat [N, 1] packed layout).
 
     `weight` holds the packed bytes in any storage dtype (uint8, or bf16/fp16/fp32 quant storage).
     hw_bf16: use the hardware fp32 -> bf16 conversion (default: yes when compiled, no under the interpreter,
     whose cast truncates). ftz: flush subnormal products like bitsandbytes' CUDA library (default: on for CUDA
-    tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps / element_tile:
-    tuning knobs for tools/nf4_probe.py."""
+    tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps / element_tile /
+    table_gather: tuning knobs for tools/nf4_probe.py. block_rows (an `out` with a row stride whose row length is a
+    multiple of the block size only): address the store per quantization block instead of per element (a knob for
+    tools/nf4_store_probe.py's A/B; off by default, as run 17 measured no gain)."""
     if not _load_triton():
         raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
     qs = quant_state
@@ -137,16 +144,18 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
         raise ValueError(f"out must be a {qs.dtype} tensor of shape {tuple(qs.shape)}, contiguous or rows of a "
                          "wider one")
     _launch(weight, absmax, absmax2, code2, offset, int(qs.blocksize), bs2, bool(qs.nested), qs.quant_type, out,
-            hw_bf16, ftz, bytes_per_program, num_warps, element_tile)
+            hw_bf16, ftz, bytes_per_program, num_warps, element_tile, table_gather, block_rows)
     return out
 
 
 def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type, out, hw_bf16=None, ftz=None,
-            bytes_per_program=None, num_warps=None, element_tile=None):
+            bytes_per_program=None, num_warps=None, element_tile=None, table_gather=None, block_rows=None):
     n = out.numel()
     q = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
     if q.numel() < (n + 1) // 2:
         raise ValueError(f"packed weight has {q.numel()} bytes, {(n + 1) // 2} needed for {n} values")
+    if n == 0:
+        return
     if hw_bf16 is None:
         hw_bf16 = not interpreting()
     rows = max(1, (bytes_per_program or BYTES_PER_PROGRAM) // (bs // 2))
@@ -156,11 +165,20 @@ def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type,
     if out_kind == 2 and hw_bf16:
         out_kind = 3
     strided = not out.is_contiguous()  # a 2-D view with unit column stride (dequantize_4bit checks it)
+    # strided rows whose length is a multiple of the block: each block lies inside one row, so its address is
+    # computed once per block (ROWS divisions a program) instead of a division and a modulo per element
+    per_block = strided and out.shape[-1] % bs == 0
+    if block_rows and not per_block:
+        raise ValueError(f"block_rows needs a strided out whose row length ({out.shape[-1]}) is a multiple of the "
+                         f"block size {bs}")
+    per_block = bool(block_rows)  # opt-in: run 17 measured no gain (gate/up 234.4 us per block, 229.9 per element)
     args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out if strided else out.view(-1),
             n, n_blocks, out.shape[-1], out.stride(0) if strided else out.shape[-1])
-    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind, STRIDED=strided,
+    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind, STRIDED=strided, BLOCK_ROWS=per_block,
               FTZ=bool(weight.is_cuda if ftz is None else ftz),
-              ELEM=bool(ELEMENT_TILE if element_tile is None else element_tile), num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
+              ELEM=bool(ELEMENT_TILE if element_tile is None else element_tile),
+              GATHER=bool(TABLE_GATHER if table_gather is None else table_gather),
+              num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False)
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():
         with torch.cuda.device(weight.device):
             nf4_dequant_kernel[grid](*args, **kw)
@@ -184,55 +202,103 @@ _dequantize_op = ops.define(
     _dequantize_impl, _dequantize_fake)
 
 
-def _cat_into(w1, s1, w2, s2, tail, rows1, rows2, cols, dtype):
-    """[rows1 + rows2, cols (+ tail's columns)]: the two dequantized weights stacked, `tail` to their right."""
+def _stack_into(parts, tail, cols, dtype, device):
+    """[sum of rows, cols (+ tail's columns)] of `dtype`: parts stacked, `tail` to their right. parts: (rows, dense,
+    state) each, state (weight, absmax, absmax2, code2, offset, blocksize, blocksize2, nested, quant_type) for a 4-bit
+    part (dequantized straight into its rows) or None for a dense one (`dense`, copied and cast into its rows)."""
+    total = sum(r for r, _, _ in parts)
     extra = 0 if tail is None else tail.shape[1]
-    out = torch.empty((rows1 + rows2, cols + extra), dtype=dtype, device=w1.device)
-    _launch(w1, *s1, out[:rows1, :cols])
-    _launch(w2, *s2, out[rows1:, :cols])
+    out = torch.empty((total, cols + extra), dtype=dtype, device=device)
+    r0 = 0
+    for r, dense, state in parts:
+        rows = out[r0:r0 + r, :cols] if extra else out[r0:r0 + r]  # no tail: contiguous rows (the plain store)
+        if state is None:
+            rows.copy_(dense)
+        else:
+            _launch(*state, rows)
+        r0 += r
     if tail is not None:
         out[:, cols:].copy_(tail)
     return out
 
 
-def _dequantize_cat_impl(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2, tail,
-                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
-    return _cat_into(w1, (absmax1, absmax2_1, code2_1, offset1, blocksize[0], blocksize2[0], nested[0], quant_type[0]),
-                     w2, (absmax2, absmax2_2, code2_2, offset2, blocksize[1], blocksize2[1], nested[1], quant_type[1]),
-                     tail, rows1, rows2, cols, dtype)
+def _stack_impl(weights, absmax, absmax2, code2, offset, dense, tail, is_dense, rows, blocksize, blocksize2, nested,
+                quant_type, cols, dtype):
+    parts, iq, idn = [], 0, 0
+    for r, d in zip(rows, is_dense):
+        if d:
+            parts.append((r, dense[idn], None))
+            idn += 1
+        else:
+            parts.append((r, None, (weights[iq], absmax[iq], absmax2[iq], code2[iq], offset[iq], blocksize[iq],
+                                    blocksize2[iq], nested[iq], quant_type[iq])))
+            iq += 1
+    device = (weights[0] if weights else dense[0]).device
+    return _stack_into(parts, tail, cols, dtype, device)
 
 
-def _dequantize_cat_fake(w1, absmax1, absmax2_1, code2_1, offset1, w2, absmax2, absmax2_2, code2_2, offset2, tail,
-                         blocksize, blocksize2, nested, quant_type, rows1, rows2, cols, dtype):
-    return w1.new_empty((rows1 + rows2, cols + (0 if tail is None else tail.shape[1])), dtype=dtype)
+def _stack_fake(weights, absmax, absmax2, code2, offset, dense, tail, is_dense, rows, blocksize, blocksize2, nested,
+                quant_type, cols, dtype):
+    ref = weights[0] if weights else dense[0]
+    return ref.new_empty((sum(rows), cols + (0 if tail is None else tail.shape[1])), dtype=dtype)
 
 
-_dequantize_cat_op = ops.define(
-    "dequantize_4bit_cat", "(Tensor w1, Tensor absmax1, Tensor absmax2_1, Tensor code2_1, Tensor offset1, Tensor w2, "
-    "Tensor absmax2, Tensor absmax2_2, Tensor code2_2, Tensor offset2, Tensor? tail, int[] blocksize, int[] blocksize2, "
-    "bool[] nested, str[] quant_type, int rows1, int rows2, int cols, ScalarType dtype) -> Tensor",
-    _dequantize_cat_impl, _dequantize_cat_fake)
+# one opaque op for any number of parts: the 4-bit parts' tensors as parallel lists (in part order), the dense parts
+# as one list, is_dense saying which list each part (rows[i] rows) comes from
+_stack_op = ops.define(
+    "dequantize_4bit_stack", "(Tensor[] weights, Tensor[] absmax, Tensor[] absmax2, Tensor[] code2, Tensor[] offset, "
+    "Tensor[] dense, Tensor? tail, bool[] is_dense, int[] rows, int[] blocksize, int[] blocksize2, bool[] nested, "
+    "str[] quant_type, int cols, ScalarType dtype) -> Tensor",
+    _stack_impl, _stack_fake)
+
+
+def dense_stack(parts, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights of one input width stacked into one [sum of rows, cols] tensor (lora.dense_group: q over k over v,
+    gate over up; lora.dense_below: down's weight over LoRA A's rows). parts: (weight, quant_state) pairs, each a
+    packed 4-bit weight with its bitsandbytes QuantState (dequantized by the kernel straight into its rows: no copy)
+    or (dense [rows, cols] tensor, None) (copied into its rows, cast to the result's dtype). The dtype is the 4-bit
+    parts' common one, or the first part's when all are dense. tail [sum of rows, t] of that dtype: written to their
+    right, a [sum of rows, cols + t] result (the LoRA B columns beside the base weight: one GEMM adds the rank-r
+    product). Eager: the launches inline; inside torch.compile: one opaque op (tunelab::dequantize_4bit_stack)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("dense_stack needs at least one part")
+    shapes, qdtypes = [], []
+    for i, (w, qs) in enumerate(parts):
+        shape = tuple(int(d) for d in (w.shape if qs is None else qs.shape))
+        if len(shape) != 2:
+            raise ValueError(f"dense_stack's part {i} is not 2-D: {shape}")
+        shapes.append(shape)
+        if qs is not None:
+            if qs.dtype not in OUT_DTYPES:
+                raise ValueError(f"dense_stack's part {i} dequantizes to {qs.dtype}, not one of {OUT_DTYPES}")
+            qdtypes.append(qs.dtype)
+    cols = shapes[0][1]
+    if any(c != cols for _, c in shapes):
+        raise ValueError(f"dense_stack needs one column count, not {shapes}")
+    if any(d != qdtypes[0] for d in qdtypes):
+        raise ValueError(f"dense_stack's 4-bit parts need one dtype, not {qdtypes}")
+    dtype = qdtypes[0] if qdtypes else parts[0][0].dtype
+    total = sum(r for r, _ in shapes)
+    if tail is not None and (tail.dim() != 2 or tail.shape[0] != total or tail.dtype != dtype):
+        raise ValueError(f"dense_stack's tail must be [{total}, t] of {dtype}, not {tuple(tail.shape)} {tail.dtype}")
+    states = [None if qs is None else (w, *_state_tensors(w, qs)) for w, qs in parts]
+    if not torch.compiler.is_compiling():
+        stack = [(r, w if qs is None else None,
+                  None if qs is None else (*st[:5], int(qs.blocksize), st[5], bool(qs.nested), qs.quant_type))
+                 for (r, _), (w, qs), st in zip(shapes, parts, states)]
+        return _stack_into(stack, tail, cols, dtype, parts[0][0].device)
+    quant = [(st, qs) for (_, qs), st in zip(parts, states) if qs is not None]
+    return _stack_op([st[0] for st, _ in quant], [st[1] for st, _ in quant], [st[2] for st, _ in quant],
+                     [st[3] for st, _ in quant], [st[4] for st, _ in quant], [w for w, qs in parts if qs is None],
+                     tail, [qs is None for _, qs in parts], [r for r, _ in shapes],
+                     [int(qs.blocksize) for _, qs in quant], [st[5] for st, _ in quant],
+                     [bool(qs.nested) for _, qs in quant], [qs.quant_type for _, qs in quant], cols, dtype)
 
 
 def dense_cat(w1: torch.Tensor, qs1, w2: torch.Tensor, qs2, tail: torch.Tensor | None = None) -> torch.Tensor:
-    """Two 4-bit weights of one input width dequantized into one [rows1 + rows2, cols] tensor (each straight into
-    its rows: no copy), of their common dtype (lora.dense_pair: gate and up as one GEMM). tail [rows1 + rows2, t]:
-    written to their right, a [rows1 + rows2, cols + t] result (lora.LoraPair's augmented weight: the LoRA B
-    columns beside the base weight, so one GEMM adds the rank-r product)."""
-    (r1, cols), (r2, cols2) = (int(d) for d in qs1.shape), (int(d) for d in qs2.shape)
-    if cols != cols2 or qs1.dtype != qs2.dtype:
-        raise ValueError(f"dense_cat needs one input width and dtype: {tuple(qs1.shape)} {qs1.dtype}, "
-                         f"{tuple(qs2.shape)} {qs2.dtype}")
-    if tail is not None and (tail.shape[0] != r1 + r2 or tail.dtype != qs1.dtype):
-        raise ValueError(f"dense_cat's tail must be [{r1 + r2}, t] of {qs1.dtype}, not {tuple(tail.shape)} {tail.dtype}")
-    s1, s2 = _state_tensors(w1, qs1), _state_tensors(w2, qs2)
-    if not torch.compiler.is_compiling():
-        return _cat_into(w1, (*s1[:4], int(qs1.blocksize), s1[4], bool(qs1.nested), qs1.quant_type),
-                         w2, (*s2[:4], int(qs2.blocksize), s2[4], bool(qs2.nested), qs2.quant_type),
-                         tail, r1, r2, cols, qs1.dtype)
-    return _dequantize_cat_op(w1, *s1[:4], w2, *s2[:4], tail, [int(qs1.blocksize), int(qs2.blocksize)], [s1[4], s2[4]],
-                              [bool(qs1.nested), bool(qs2.nested)], [qs1.quant_type, qs2.quant_type], r1, r2, cols,
-                              qs1.dtype)
+    """dense_stack of two 4-bit weights (gate over up), `tail` to their right."""
+    return dense_stack(((w1, qs1), (w2, qs2)), tail)
 
 
 def dense(weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -264,11 +330,26 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
         return tl.where((bits & 0x7F800000) == 0, bits & 0x80000000, bits).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def to_out(vals, OUT_KIND: tl.constexpr):
+        """fp32 products -> the out dtype, rounded to nearest even (0 fp32, 1 fp16, 2 bf16 in integer ops, 3 bf16
+        by the hardware's cvt.rn)."""
+        if OUT_KIND == 0:
+            res = vals
+        elif OUT_KIND == 1:
+            res = vals.to(tl.float16)  # RTNE (numpy's conversion under the interpreter is RTNE as well)
+        elif OUT_KIND == 2:
+            res = rne_to_bf16(vals)
+        else:
+            res = vals.to(tl.bfloat16)  # hardware cvt.rn: RTNE
+        return res
+
+    @triton.jit
     def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
                            n_elems, n_blocks, out_cols, out_stride,
                            BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
                            NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr,
-                           ELEM: tl.constexpr, STRIDED: tl.constexpr):
+                           ELEM: tl.constexpr, STRIDED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                           GATHER: tl.constexpr):
         # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
         HALF: tl.constexpr = BS // 2
         pid = tl.program_id(0).to(tl.int64)
@@ -293,28 +374,40 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
         e_left = tl.minimum(n_elems - e0, ROWS * BS).to(tl.int32)
         local_e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
         e_mask = local_e < e_left
+        if GATHER:  # per block the 16 products, flushed and rounded once: [ROWS, 16] of the out dtype
+            prods = tl.load(table_ptr + tl.arange(0, 16))[None, :] * scale[:, None]
+            if FTZ:
+                prods = flush_subnormal(prods)
+            prods = to_out(prods, OUT_KIND)
         if ELEM:  # element tile: byte e // 2, high nibble for even e
             byte = tl.load(q_ptr + blk0 * HALF + local_e // 2, mask=e_mask, other=0).to(tl.int32)
             nib = (byte >> (4 - (local_e & 1) * 4)) & 15
-            vals = tl.load(table_ptr + nib) * scale[:, None]
+            if GATHER:
+                res = tl.gather(prods, nib, 1)
+            else:
+                vals = tl.load(table_ptr + nib) * scale[:, None]
         else:  # byte tile: element 2i = high nibble of byte i, 2i+1 = its low nibble
             local_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
             byte = tl.load(q_ptr + blk0 * HALF + local_b, mask=local_b < byte_left, other=0)
-            hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
-            lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
-            vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))
-        if FTZ:
-            vals = flush_subnormal(vals)
-        if OUT_KIND == 0:
-            res = vals
-        elif OUT_KIND == 1:
-            res = vals.to(tl.float16)  # RTNE (numpy's conversion under the interpreter is RTNE as well)
-        elif OUT_KIND == 2:
-            res = rne_to_bf16(vals)
-        else:
-            res = vals.to(tl.bfloat16)  # hardware cvt.rn: RTNE
+            if GATHER:
+                hi = tl.gather(prods, (byte >> 4).to(tl.int32), 1)
+                lo = tl.gather(prods, (byte & 15).to(tl.int32), 1)
+                res = tl.reshape(tl.join(hi, lo), (ROWS, BS))
+            else:
+                hi = tl.load(table_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
+                lo = tl.load(table_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
+                vals = tl.reshape(tl.join(hi, lo), (ROWS, BS))
+        if not GATHER:
+            if FTZ:
+                vals = flush_subnormal(vals)
+            res = to_out(vals, OUT_KIND)
         if STRIDED:  # rows of out_cols values, out_stride apart (a wider buffer's left columns)
-            flat = e0 + local_e
-            tl.store(out_ptr + (flat // out_cols) * out_stride + flat % out_cols, res, mask=e_mask)
+            if BLOCK_ROWS:  # out_cols % BS == 0: block b is values [start, start + BS) of row start // out_cols
+                start = blk * BS  # int64, one per block
+                base = out_ptr + (start // out_cols) * out_stride + start % out_cols
+                tl.store(base[:, None] + tl.arange(0, BS)[None, :], res, mask=e_mask)
+            else:  # a block may cross a row end: the row and column of every element
+                flat = e0 + local_e
+                tl.store(out_ptr + (flat // out_cols) * out_stride + flat % out_cols, res, mask=e_mask)
         else:
             tl.store(out_ptr + e0 + local_e, res, mask=e_mask)
