@@ -6,7 +6,7 @@ Cases, bf16, 4,096 tokens, gate and up stacked (37,888 rows):
   bwd K   grad y[4096, 37888] @ W[37888, K] -> grad x [4096, K] for the same K
   store   the NF4 dequantize of gate and up into the left 3,584 columns of a [37888, K] buffer (K = 3584 contiguous,
           3600, 3648: row strides of 7,168, 7,200 and 7,296 bytes)
-CUDA events, median of 30 calls after 5. One JSON line per case with TFLOP/s (or TB/s for the stores)."""
+Each timed on the GPU alone (timed(): queued behind a GPU sleep), median of 60 calls. One JSON line per case with TFLOP/s (or TB/s for the stores)."""
 from __future__ import annotations
 
 import json
@@ -15,18 +15,22 @@ import statistics
 import torch
 
 
-def timed(fn, n=30):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
+def timed(fn, calls=20, repeats=3):
+    """Median GPU time of one call, us: the calls queued behind a ~10 ms GPU sleep, so the host's launch time (one
+    Triton launch is ~50 us of Python) is not timed, one CUDA event between each two calls."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
         torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
+        torch.cuda._sleep(20_000_000)
+        ev[0].record()
+        for i in range(calls):
+            fn()
+            ev[i + 1].record()
+        torch.cuda.synchronize()
+        times += [ev[i].elapsed_time(ev[i + 1]) * 1000 for i in range(calls)]
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -45,7 +49,6 @@ def main() -> None:
         print(json.dumps({"case": f"fwd_K{k}", "us": round(us, 1), "tflops": round(flops / us / 1e6, 1)}), flush=True)
         us = timed(lambda: g @ w)
         print(json.dumps({"case": f"bwd_K{k}", "us": round(us, 1), "tflops": round(flops / us / 1e6, 1)}), flush=True)
-        del x, w
     wq = [bnbf.quantize_4bit((torch.randn(18944, 3584, device="cuda") * 0.02).bfloat16(), quant_type="nf4",
                              compress_statistics=True, quant_storage=torch.uint8) for _ in range(2)]
     nbytes = rows * 3584 * 2 + rows * 3584 // 2
