@@ -4,7 +4,7 @@
 # One call on nvidia-h200, carry [".devsite"]:
 #   END=560 timeout -k 10 580 bash tools/fast_run18.sh $OUT
 # Order: the GPU tests (boxed 120 s beside the 7B's build) -> tools/gemm_probe.py (the augmented GEMM's inner width
-# and the strided store's row pitch) -> 2 x 4096 default / +sdpacudnn -> 4 x 1024 default / +sdpacudnn twice,
+# and the strided store's row pitch), tools/nf4_store_probe.py again (run 17's timed the launches too) -> 2 x 4096 default / +sdpacudnn -> 4 x 1024 default / +sdpacudnn twice,
 # (the second pair after 16-bit 4 x 1024 default / +sdpacudnn) -> packed alpaca-like +sdpacudnn; each skipped when fewer than
 # 35 s are left.
 OUT=${1:-${OUT:?}}; export OUT
@@ -17,6 +17,7 @@ tail -4 $OUT/gpu_tests.txt | tee -a $L
 grep -E "^(FAILED|ERROR)" $OUT/gpu_tests.txt | head -20 | tee -a $L
 echo "== probes (at ${SECONDS}s)" | tee -a $L
 timeout -k 5 60 python3 tools/gemm_probe.py > $OUT/probes.txt 2>&1; echo "gemm rc=$? at ${SECONDS}s" | tee -a $L
+timeout -k 5 45 python3 tools/nf4_store_probe.py >> $OUT/probes.txt 2>&1; echo "store rc=$? at ${SECONDS}s" | tee -a $L
 grep '^{' $OUT/probes.txt | cut -c1-300 | tee -a $L
 wait $BUILD; tail -2 /tmp/build.txt | tee -a $L
 one d2x4096 75 tunelab-fast 2x4096

@@ -6,7 +6,6 @@ Checks the per-block output equals the per-element one bit for bit. One JSON lin
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 
