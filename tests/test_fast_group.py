@@ -50,9 +50,26 @@ def _pair_check(quantized: bool, dtype, tol, device="cpu"):
         assert got.shape == want.shape and _rel(got, want) < tol
 
 
+@pytest.mark.parametrize("pad", [8, 64])
 @pytest.mark.parametrize("quantized", [True, False])
-def test_pair_matches_the_two_projections_fp32(quantized):
+def test_pair_matches_the_two_projections_fp32(quantized, pad, monkeypatch):
+    """Also with the augmented width padded to a multiple of 64 (TUNELAB_AUGMENT_PAD=64)."""
+    from tunelab.model.fast import lora
+
+    monkeypatch.setattr(lora, "AUGMENT_PAD", pad)
     _pair_check(quantized, torch.float32, 1e-5)
+
+
+def test_the_augmented_input_is_padded_to_the_multiple_asked(monkeypatch):
+    from tunelab.model.fast import lora
+
+    x2, xa, bd = torch.ones(5, 64), torch.full((5, 16), 2.0), torch.full((30, 16), 3.0)
+    for pad, width in ((8, 16), (64, 64)):
+        monkeypatch.setattr(lora, "AUGMENT_PAD", pad)
+        x_aug, tail = lora._augment(x2, xa, bd, 0.5)
+        assert x_aug.shape == (5, 64 + width) and tail.shape == (30, width)
+        assert torch.equal(x_aug[:, :64], x2) and torch.equal(x_aug[:, 64:80], xa) and not x_aug[:, 80:].any()
+        assert torch.equal(tail[:, :16], bd * 0.5) and not tail[:, 16:].any()
 
 
 @pytest.mark.parametrize("quantized", [True, False])

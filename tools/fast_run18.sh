@@ -5,7 +5,7 @@
 #   END=560 timeout -k 10 580 bash tools/fast_run18.sh $OUT
 # Order: the GPU tests (boxed 120 s beside the 7B's build) -> tools/gemm_probe.py (the augmented GEMM's inner width
 # and the strided store's row pitch), tools/nf4_store_probe.py again (run 17's timed the launches too) -> 2 x 4096 default / +sdpacudnn -> 4 x 1024 default / +sdpacudnn twice,
-# (the second pair after 16-bit 4 x 1024 default / +sdpacudnn) -> packed alpaca-like +sdpacudnn; each skipped when fewer than
+# (the second pair after 16-bit 4 x 1024 default / +sdpacudnn) (+augpad64 after the first pair: gate/up's augmented width 3,648); each skipped when fewer than
 # 35 s are left.
 OUT=${1:-${OUT:?}}; export OUT
 END=${END:-560}
@@ -24,9 +24,9 @@ one d2x4096 75 tunelab-fast 2x4096
 one cudnn2x4096 75 tunelab-fast+sdpacudnn 2x4096
 one d4x1024 60 tunelab-fast 4x1024
 one cudnn4x1024 60 tunelab-fast+sdpacudnn 4x1024
+one augpad4x1024 60 tunelab-fast+augpad64 4x1024
 one lora4x1024 60 tunelab-fast 4x1024 --method lora
 one loracudnn4x1024 60 tunelab-fast+sdpacudnn 4x1024 --method lora
 one d4x1024b 60 tunelab-fast 4x1024
 one cudnn4x1024b 60 tunelab-fast+sdpacudnn 4x1024
-one packedcudnn 70 tunelab-fast+sdpacudnn:alpaca-packed 4x1024
 echo "end at ${SECONDS}s" | tee -a $L

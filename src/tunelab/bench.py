@@ -42,6 +42,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  the backward dequantizes again (lora.keep_dense; TUNELAB_KEEP_DENSE=1 / 0; default off)
   +below / +nobelow          appended: down's backward as one augmented GEMM [g, s g B] @ [W; A], or the rank-r
                  term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default off)
+  +augpad<N>     appended: the augmented GEMM's rank-r columns padded to a multiple of N (lora.AUGMENT_PAD;
+                 TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -312,6 +314,12 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
             from tunelab.model.fast import lora
 
             setattr(lora, attr, f"+{flag}" in variant)
+    augpad = re.search(r"\+augpad(\d+)\b", variant)
+    if augpad:  # read at lora.py's import: set it if it already was
+        from tunelab.model.fast import lora
+
+        os.environ["TUNELAB_AUGMENT_PAD"] = augpad.group(1)
+        lora.AUGMENT_PAD = int(augpad.group(1))
     sdpa = re.search(r"\+sdpa(cudnn|flash|efficient|default)\b", variant)
     if sdpa:  # read when the fast path is installed (model/fast/attention.py)
         os.environ["TUNELAB_SDPA_FIRST"] = sdpa.group(1)

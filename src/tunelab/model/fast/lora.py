@@ -249,6 +249,11 @@ def dense_below(weight, quant_state, dtype, out_features: int, in_features: int)
 # LoraPair's forward as one augmented GEMM (_augment); TUNELAB_PAIR_AUGMENT=0 (read at import) keeps the rank-r
 # product as a second GEMM over the output, for an A/B on the GPU (bench +noaugment)
 AUGMENT = __import__("os").environ.get("TUNELAB_PAIR_AUGMENT", "1") != "0"
+# The multiple the augmented input's rank-r columns are padded to with zeros (TUNELAB_AUGMENT_PAD, read at import):
+# 8 keeps each row 16-byte aligned; 64 makes the augmented width itself a multiple of 64 where the base width is
+# (7B gate/up: 3,648 instead of 3,600 columns, rows 128-byte aligned for the NF4 kernel's strided store and the
+# GEMM's K tiles, for 1.3% more of that GEMM's products): an A/B knob (tools/gemm_probe.py, run 18)
+AUGMENT_PAD = int(__import__("os").environ.get("TUNELAB_AUGMENT_PAD", "8"))
 
 
 def _augment(x2, xa, bd, scale):
@@ -256,8 +261,8 @@ def _augment(x2, xa, bd, scale):
     (x A^T) B^T, one GEMM with r more columns, where adding it afterwards (two_products' addmm_) reads and writes
     the whole [tokens, out] output once more (gate and up at 7B 4 x 1024: 249 us a call, 14 ms of the step; run
     15's profile). The r columns are padded with zeros to a multiple of 8, which keeps each row 16-byte aligned for
-    the GEMM. Returns (the augmented input, the tail of the weight: scale B and the zero columns)."""
-    pad = (-xa.shape[1]) % 8
+    the GEMM (AUGMENT_PAD). Returns (the augmented input, the tail of the weight: scale B and the zero columns)."""
+    pad = (-xa.shape[1]) % AUGMENT_PAD
     tail = bd * scale
     if pad:
         tail = torch.cat([tail, tail.new_zeros((tail.shape[0], pad))], dim=1)
