@@ -614,11 +614,15 @@ def test_the_augmented_backward_gives_the_same_grad_x(dtype, tol):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_augmented_backward_through_the_nf4_kernel_on_gpu(dtype):
-    """dense_below's [W; A] from the NF4 kernel (W dequantized into the top rows): grad x of a down-shaped projection
-    (out < in) against the reference's, and the two-product form's."""
+def test_the_augmented_backward_through_the_nf4_kernel_on_gpu(dtype, monkeypatch):
+    """dense_below's [W; A] from the NF4 kernel (W dequantized into the top rows), switched on as TUNELAB_BELOW=1
+    does (opt-in since run 17): grad x of a down-shaped projection (out < in) against the reference's, and the
+    two-product form's."""
+    from tunelab.model.fast import lora as lora_mod
     from tunelab.model.fast import nf4_triton
     from tunelab.model.fast.lora import dense_below, dense_weight, lora_backward
+
+    monkeypatch.setattr(lora_mod, "BELOW", True)
 
     layer = _nf4_layer(512, 128, "cuda", dtype=dtype, seed=42)
     w, qs = layer.weight, layer.weight.quant_state

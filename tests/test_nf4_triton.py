@@ -223,28 +223,31 @@ def test_dense_cat_with_a_tail_writes_the_rows_strided_bit_for_bit(interpreted):
 
 # ---------------------------------------------- strided stores (per block / per element), table gather, dense_stack
 
-# (case, bytes_per_program, left, right, kwargs, per-block store expected): the kernel writes into columns
-# [left, left + cols) of a NaN-filled [rows, left + cols + right] buffer
+# (case, bytes_per_program, left, right, kwargs, the launch's BPR: blocks per row for the per-block store, 0 for the
+# per-element one): the kernel writes into columns [left, left + cols) of a NaN-filled [rows, left + cols + right]
+# buffer
 _Q = lambda shape, nested, qt, bs, dt, mod=None: (shape, nested, qt, bs, dt, torch.uint8, None, mod)  # noqa: E731
 STRIDED = [
-    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=True), True),  # 25 tiles of 8
+    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=True), 2),  # 25 tiles of 8
     # blocks, the last one 6
-    (_Q((99, 128), True, "nf4", 64, torch.float16), 256, 8, 8, dict(element_tile=True, block_rows=True), True),  # a
+    (_Q((99, 128), True, "nf4", 64, torch.float16), 256, 8, 8, dict(element_tile=True, block_rows=True), 2),  # a
     # column offset
-    (_Q((5, 12288), True, "nf4", 4096, torch.bfloat16), 4096, 0, 32, dict(block_rows=True), True),  # 2-block tiles,
+    (_Q((5, 12288), True, "nf4", 4096, torch.bfloat16), 4096, 0, 32, dict(block_rows=True), 3),  # 2-block tiles,
     # the last one 1 block
-    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=False), False),  # per element
-    (_Q((99, 128), False, "fp4", 128, torch.float32), 512, 4, 12, dict(table_gather=True), False),  # the default:
-    # per element
-    (_Q((33, 96), False, "fp4", 64, torch.float32), None, 0, 16, {}, False),  # 96 % 64: blocks cross rows
-    (_Q((40, 160), True, "nf4", 64, torch.bfloat16), 128, 4, 4, dict(table_gather=True), False),
-    (_Q((40, 160), True, "nf4", 64, torch.float16), 128, 0, 8, dict(element_tile=True, table_gather=True), False),
+    (_Q((99, 128), True, "nf4", 64, torch.bfloat16), 256, 0, 16, dict(block_rows=False), 0),  # per element
+    (_Q((99, 128), False, "fp4", 128, torch.float32), 512, 4, 12, dict(table_gather=True), 1),  # the default: per
+    # block (128 % 128 == 0), one block a row
+    (_Q((33, 96), False, "fp4", 64, torch.float32), None, 0, 16, {}, 0),  # 96 % 64: blocks cross rows
+    (_Q((40, 160), True, "nf4", 64, torch.bfloat16), 128, 4, 4, dict(table_gather=True), 0),
+    (_Q((40, 160), True, "nf4", 64, torch.float16), 128, 0, 8, dict(element_tile=True, table_gather=True), 0),
+    (_Q((99, 192), True, "nf4", 64, torch.bfloat16), 512, 0, 8, {}, 3),  # the default: per block, 3 blocks a row,
+    # tiles of 8 blocks crossing rows
 ]
 
 # dense_stack: (parts as ("q", case) or ("d", shape, dtype), tail columns or 0)
 STACKS = [
     ([("q", _Q((64, 128), True, "nf4", 64, torch.bfloat16)), ("q", _Q((16, 128), True, "nf4", 64, torch.bfloat16)),
-      ("q", _Q((16, 128), False, "fp4", 128, torch.bfloat16))], 8),  # q, k, v with a tail (strided, per element)
+      ("q", _Q((16, 128), False, "fp4", 128, torch.bfloat16))], 8),  # q, k, v with a tail (strided, per block)
     ([("q", _Q((24, 192), True, "nf4", 64, torch.bfloat16)), ("d", (8, 192), torch.float32)], 0),  # down over A
     ([("q", _Q((20, 96), True, "nf4", 64, torch.float16)), ("d", (4, 96), torch.bfloat16)], 16),  # per element
     ([("d", (5, 16), torch.bfloat16), ("d", (3, 16), torch.float32)], 4),  # all dense: the first part's dtype
@@ -260,10 +263,10 @@ res = {}
 res["gather"] = [K.dequantize_4bit(p, qs, bytes_per_program=bpp, ftz=ftz, element_tile=bool(i % 2), table_gather=True)
                  for i, (p, qs, bpp, ftz) in enumerate(d["cases"])]
 kernel, flags = K.nf4_dequant_kernel, []
-class Recorder:  # records each launch's BLOCK_ROWS (hw_bf16 given: interpreting() looks at the kernel's type)
+class Recorder:  # records each launch's BPR (hw_bf16 given: interpreting() looks at the kernel's type)
     def __getitem__(self, grid):
         def launch(*a, **kw):
-            flags.append(kw["BLOCK_ROWS"])
+            flags.append(kw["BPR"])
             return kernel[grid](*a, **kw)
         return launch
 K.nf4_dequant_kernel = Recorder()
@@ -347,8 +350,9 @@ def test_table_gather_form_equals_bitsandbytes_bit_for_bit(stacked, index):
 @pytest.mark.parametrize("index", range(len(STRIDED)), ids=[
     f"{_case_id(c)}-L{left}R{right}{''.join('-' + k for k in kw)}" for c, _, left, right, kw, _ in STRIDED])
 def test_strided_store_into_a_wider_buffer_bit_for_bit(stacked, index):
-    """The strided store (out = columns of a wider buffer): per block when asked (block_rows; the row length a
-    multiple of the block size: several tiles, a partial last one, blocks of 64 and 4096), per element otherwise;
+    """The strided store (out = columns of a wider buffer): per block with the blocks per row as the kernel's
+    constant where the row length is a multiple of the block size (by default or asked: several tiles, tiles across
+    rows, a partial last one, blocks of 64, 128 and 4096), per element where it is not or block_rows=False;
     every value bit for bit bitsandbytes', the buffer's other columns untouched."""
     inputs, res = stacked
     packed, qs, _, left, right, _ = inputs["strided"][index]

@@ -1,7 +1,8 @@
-"""The NF4 kernel's stacked store on the GPU (run 17): gate/up at 7B written into the left 3,584 columns of a
-[37,888, 3,600] buffer per element (the form of runs 14-16) and per block (nf4_triton's block_rows), against the
-contiguous store of the same weights, and q/k/v through dense_stack; each timed on the GPU alone (gemm_probe.timed:
-the calls queued behind a GPU sleep; run 17's figures timed the host's launches too).
+"""The NF4 kernel's stacked store on the GPU (runs 17-19): gate/up at 7B written into the left 3,584 columns of a
+[37,888, 3,600] buffer per element (block_rows=False: a 64-bit division per stored vector, the form of runs 14-18)
+and per block (block_rows=True: the blocks per row a compile-time constant, the default since run 19), against the
+contiguous store of the same weights, and q/k/v and down through dense_stack; each timed on the GPU alone
+(gemm_probe.timed: the calls queued behind a GPU sleep; run 17's figures timed the host's launches too).
 Checks the per-block output equals the per-element one bit for bit. One JSON line per case."""
 from __future__ import annotations
 

@@ -44,6 +44,11 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default off)
   +augpad<N>     appended: the augmented GEMM's rank-r columns padded to a multiple of N (lora.AUGMENT_PAD;
                  TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
+  +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
+                 a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
+  +gcfreeze      appended: after the first step every live object is frozen out of the garbage collector's
+                 generations (TUNELAB_GC_FREEZE=1; opt-in). Each case reports per step the training thread's CPU
+                 time (step_cpu_s) and the collector's [full collections, ms] (step_gc)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -300,7 +305,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("split", "TUNELAB_SPLIT_RECOMPUTE"), ("fusedfirst", "TUNELAB_FUSED_FIRST_PASS"),
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
-                      ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW")):
+                      ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
+                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("gcfreeze", "TUNELAB_GC_FREEZE")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
@@ -314,6 +320,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
             from tunelab.model.fast import lora
 
             setattr(lora, attr, f"+{flag}" in variant)
+    if "+noblockrows" in variant or "+blockrows" in variant:  # read at nf4_triton's import: set it if it already was
+        from tunelab.model.fast import nf4_triton
+
+        nf4_triton.BLOCK_ROWS = "+blockrows" in variant
     augpad = re.search(r"\+augpad(\d+)\b", variant)
     if augpad:  # read at lora.py's import: set it if it already was
         from tunelab.model.fast import lora
@@ -328,7 +338,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
     load_s = time.perf_counter() - t_load
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
-                           "fast_path": getattr(model, "tunelab_fast_path", None)}
+                           "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": []}
+    gc_clock = GcClock()  # the time the cyclic garbage collector takes inside each step (a source of step jitter?)
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
@@ -341,11 +352,17 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
+            gc_clock.reset()
+            self.c0 = time.thread_time()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
+            # the host's share: the training thread's CPU time in the step (against its wall time above), and the
+            # garbage collector's [full collections, ms in all collections] in it
+            out["step_cpu_s"].append(round(time.thread_time() - self.c0, 4))
+            out["step_gc"].append([gc_clock.full, round(gc_clock.seconds * 1000, 2)])
             # step 1 also holds compilation's transients: the steady peak (of the later steps) is kept beside it
             out["step_peaks"][-1] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             torch.cuda.reset_peak_memory_stats()
@@ -394,7 +411,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
         trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        gc_clock.close()
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
     if "host-embedding" in (out["fast_path"] or []):
@@ -407,6 +427,31 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         out["dynamo"] = compile_counters()
     del trainer, model
     return out
+
+
+class GcClock:
+    """Counts, through gc.callbacks, the time the cyclic garbage collector runs and its full (generation 2)
+    collections, since the last reset(); close() unhooks it."""
+
+    def __init__(self):
+        self.reset()
+        self._t = None
+        gc.callbacks.append(self._cb)
+
+    def reset(self):
+        self.seconds, self.full = 0.0, 0
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.full += info.get("generation") == 2
+            self._t = None
+
+    def close(self):
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
 
 
 def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int = 13, method: str = "qlora",

@@ -64,6 +64,15 @@ ELEMENT_TILE = False
 # to the out dtype once ([ROWS, 16]), each element picked from them by its nibble (tl.gather) instead of its own
 # fp32 multiply and rounding. The same product and rounding (FTZ before the rounding), so the same bits.
 TABLE_GATHER = False
+# A strided out (the left columns of a wider buffer: the stacked gate/up weight with its LoRA columns) whose row
+# length is a multiple of the block size (every Qwen / Llama width) is stored per quantization block, its row and
+# column from a 32-bit division by the blocks per row as a compile-time constant (a multiply and a shift). The
+# per-element form divides a 64-bit flat index by the runtime row length for every stored vector (an emulated
+# 64-bit division, ~70 instructions): run 18 (tools/nf4_store_probe.py, GPU alone) measured gate + up into a
+# [37,888, 3,600] buffer at 172.0 us against 117.0 contiguous, and run 17's per-block form with a runtime divisor
+# 176.7 (Triton already computes the address once per stored vector: the division, not its count, is the cost).
+# TUNELAB_NF4_BLOCK_ROWS=0 keeps the per-element form (the A/B); any row length not a multiple uses it anyway.
+BLOCK_ROWS = os.environ.get("TUNELAB_NF4_BLOCK_ROWS", "1") != "0"
 
 try:  # Triton is optional: without it (or broken) enabled_for() is False and bitsandbytes' path stays
     import triton
@@ -130,9 +139,9 @@ def dequantize_4bit(weight: torch.Tensor, quant_state, out: torch.Tensor | None 
     hw_bf16: use the hardware fp32 -> bf16 conversion (default: yes when compiled, no under the interpreter,
     whose cast truncates). ftz: flush subnormal products like bitsandbytes' CUDA library (default: on for CUDA
     tensors, off elsewhere, as bitsandbytes' CPU library). bytes_per_program / num_warps / element_tile /
-    table_gather: tuning knobs for tools/nf4_probe.py. block_rows (an `out` with a row stride whose row length is a
-    multiple of the block size only): address the store per quantization block instead of per element (a knob for
-    tools/nf4_store_probe.py's A/B; off by default, as run 17 measured no gain)."""
+    table_gather: tuning knobs for tools/nf4_probe.py. block_rows (an `out` with a row stride): address the store
+    per quantization block with a constant divisor (needs a row length that is a multiple of the block size; the
+    default, BLOCK_ROWS, where it is) or per element (False)."""
     if not _load_triton():
         raise RuntimeError("tunelab's NF4 Triton kernel needs the 'triton' package, which cannot be imported")
     qs = quant_state
@@ -165,16 +174,17 @@ def _launch(weight, absmax, absmax2, code2, offset, bs, bs2, nested, quant_type,
     if out_kind == 2 and hw_bf16:
         out_kind = 3
     strided = not out.is_contiguous()  # a 2-D view with unit column stride (dequantize_4bit checks it)
-    # strided rows whose length is a multiple of the block: each block lies inside one row, so its address is
-    # computed once per block (ROWS divisions a program) instead of a division and a modulo per element
-    per_block = strided and out.shape[-1] % bs == 0
-    if block_rows and not per_block:
+    # strided rows whose length is a multiple of the block: each block lies inside one row; its row is its index
+    # (int32: n_blocks < 2**31) over the blocks per row, a compile-time constant (one compile per row width)
+    can = strided and out.shape[-1] % bs == 0 and n_blocks < 2 ** 31
+    if block_rows and not can:
         raise ValueError(f"block_rows needs a strided out whose row length ({out.shape[-1]}) is a multiple of the "
                          f"block size {bs}")
-    per_block = bool(block_rows)  # opt-in: run 17 measured no gain (gate/up 234.4 us per block, 229.9 per element)
+    per_block = can and (BLOCK_ROWS if block_rows is None else bool(block_rows))
     args = (q, absmax, absmax2, code2, offset, _table(quant_type, weight.device), out if strided else out.view(-1),
             n, n_blocks, out.shape[-1], out.stride(0) if strided else out.shape[-1])
-    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind, STRIDED=strided, BLOCK_ROWS=per_block,
+    kw = dict(BS=bs, BS2=bs2, ROWS=rows, NESTED=nested, OUT_KIND=out_kind, STRIDED=strided,
+              BPR=out.shape[-1] // bs if per_block else 0,
               FTZ=bool(weight.is_cuda if ftz is None else ftz),
               ELEM=bool(ELEMENT_TILE if element_tile is None else element_tile),
               GATHER=bool(TABLE_GATHER if table_gather is None else table_gather),
@@ -348,7 +358,7 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
                            n_elems, n_blocks, out_cols, out_stride,
                            BS: tl.constexpr, BS2: tl.constexpr, ROWS: tl.constexpr,
                            NESTED: tl.constexpr, OUT_KIND: tl.constexpr, FTZ: tl.constexpr,
-                           ELEM: tl.constexpr, STRIDED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                           ELEM: tl.constexpr, STRIDED: tl.constexpr, BPR: tl.constexpr,
                            GATHER: tl.constexpr):
         # One program: ROWS quantization blocks = a [ROWS, BS/2] tile of packed bytes -> [ROWS, BS] outputs.
         HALF: tl.constexpr = BS // 2
@@ -402,11 +412,12 @@ if triton is not None:  # the kernels are module globals: Triton resolves the he
                 vals = flush_subnormal(vals)
             res = to_out(vals, OUT_KIND)
         if STRIDED:  # rows of out_cols values, out_stride apart (a wider buffer's left columns)
-            if BLOCK_ROWS:  # out_cols % BS == 0: block b is values [start, start + BS) of row start // out_cols
-                start = blk * BS  # int64, one per block
-                base = out_ptr + (start // out_cols) * out_stride + start % out_cols
+            if BPR > 0:  # out_cols == BPR * BS: block b is columns [(b % BPR) BS, ...) of row b // BPR
+                b32 = blk.to(tl.int32)  # a constant divisor: a multiply-high and a shift, no division
+                row = b32 // BPR
+                base = out_ptr + row.to(tl.int64) * out_stride + (b32 - row * BPR) * BS
                 tl.store(base[:, None] + tl.arange(0, BS)[None, :], res, mask=e_mask)
-            else:  # a block may cross a row end: the row and column of every element
+            else:  # a block may cross a row end: the row and column of every element (a 64-bit division)
                 flat = e0 + local_e
                 tl.store(out_ptr + (flat // out_cols) * out_stride + flat % out_cols, res, mask=e_mask)
         else:
