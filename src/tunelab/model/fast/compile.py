@@ -28,8 +28,16 @@ def compile_decoder_layers(model, backend=None) -> int:
     """Compile every decoder layer in place, checkpoint included (the recompute and the backward in one compiled
     graph); returns how many. Under the checkpoint offload, offload.py compiles the layers' forwards instead.
     backend: torch.compile's (None: inductor; the CPU tests pass a counting one that skips code generation)."""
+    import torch._dynamo.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    # transformers >= 5.2x wraps the attention's forward in the `kernels` package's hub dispatch, which sets and resets
+    # a module-level variable around the call: inside the checkpoint's higher-order op dynamo refuses that side effect
+    # (a graph break, the layer in pieces) unless told not to replay it in the recompute. Setting and resetting the
+    # dispatch table has no effect to replay; forward hooks (transformers' output capturing) then fire once per
+    # forward, not again in the recompute. Process-wide dynamo state, as torch offers it; older torch lacks the flag.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
