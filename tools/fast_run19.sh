@@ -8,7 +8,7 @@
 # One call on nvidia-h200, carry [".devsite"]:
 #   END=545 timeout -k 10 570 bash tools/fast_run19.sh $OUT
 # Order: the GPU tests (boxed 100 s beside the 7B's build) -> tools/nf4_store_probe.py -> 4 x 1024: default /
-# +noblockrows / default / +noblockrows / +gcfreeze / +groupqkv (the q/k/v stack takes the per-block store too) ->
+# +noblockrows / default / +noblockrows / +gcfreeze (a trainer knob for this A/B, removed after it) / +groupqkv (the q/k/v stack takes the per-block store too) ->
 # 2 x 4096 default -> packed alpaca-like default; 20 steps a case; each skipped when fewer than 35 s are left.
 OUT=${1:-${OUT:?}}; export OUT
 END=${END:-545}

@@ -46,9 +46,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
-  +gcfreeze      appended: after the first step every live object is frozen out of the garbage collector's
-                 generations (TUNELAB_GC_FREEZE=1; opt-in). Each case reports per step the training thread's CPU
-                 time (step_cpu_s) and the collector's [full collections, ms] (step_gc)
+  Each case also reports per step the training thread's CPU time (step_cpu_s: against the step's wall time, how
+                 busy the host is) and the garbage collector's [full collections, ms] (step_gc)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -306,7 +305,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
                       ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
-                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("gcfreeze", "TUNELAB_GC_FREEZE")):
+                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:

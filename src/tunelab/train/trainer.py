@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 from transformers import Trainer
 
@@ -89,15 +88,6 @@ class TunelabTrainer(Trainer):
             if self.args.world_size == 1:
                 self._sync_tokens()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not getattr(self, "_gc_frozen", False) and os.environ.get("TUNELAB_GC_FREEZE") == "1":
-            # after the first step (the model, the compiled graphs and the optimizer built): every object alive now
-            # leaves the collector's generations, so a full collection later scans only what training makes
-            # (opt-in until measured: a full collection over a 7B process's objects may be a step-jitter source)
-            import gc
-
-            gc.collect()
-            gc.freeze()
-            self._gc_frozen = True
         if self.nan_check:
             self._queue_loss_check(loss_for_check(loss.detach()))
         return loss
