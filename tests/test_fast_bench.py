@@ -82,3 +82,47 @@ def test_gpu_timeline_unions_kernels_and_counts_the_idle_gaps():
     assert got == {"span_ms": 0.145, "kernel_busy_ms": 0.055, "kernels": 4, "copy_ms": 0.1, "idle_gaps_ms": 0.045,
                    "gaps_over_20us": 1, "gaps_over_20us_ms": 0.035}
     assert gpu_timeline([])["kernels"] == 0
+
+
+def test_gpu_sampler_reads_nvidia_smi_lines_and_summarises_the_timed_windows(tmp_path):
+    """bench.GpuSampler runs `nvidia-smi --query-gpu=... -lms N` (here a stand-in script printing what the real one
+    prints, with a header-like and an [N/A] line among them) and keeps the samples stamped when read; summary()
+    takes the medians over the samples inside the given windows, the share at the software power cap (0x4) and of
+    thermal / hardware slowdowns; no nvidia-smi: no samples, summary None."""
+    import os
+    import stat
+    import time
+
+    from tunelab.bench import GpuSampler
+
+    fake = tmp_path / "fake-smi"
+    fake.write_text("#!/bin/sh\n"
+                    "echo \"$@\" > \"$0.args\"\n"
+                    "echo 'clocks.sm [MHz], power.draw [W], clocks_throttle_reasons.active'\n"
+                    "echo '1980, 350.25, 0x0000000000000000'\n"
+                    "echo '1650, 690.5, 0x0000000000000004'\n"
+                    "echo '[N/A], [N/A], [N/A]'\n"
+                    "echo '1590, 699.0, 0x0000000000000004'\n"
+                    "echo '1500, 640.0, 0x0000000000000024'\n"
+                    "sleep 30\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    sampler = GpuSampler(period_ms=250, command=str(fake))
+    deadline = time.time() + 20
+    while len(sampler.samples) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    sampler.close()
+    assert [s[1:] for s in sampler.samples] == [(1980, 350.25, 0), (1650, 690.5, 4), (1590, 699.0, 4),
+                                                (1500, 640.0, 0x24)]
+    args = open(str(fake) + ".args").read().split()
+    assert args[:3] == ["--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+                        "--format=csv,noheader,nounits", "-lms"] and args[3] == "250"
+    first, last = sampler.samples[0][0], sampler.samples[-1][0]
+    assert sampler.summary([(first - 1, last + 1)]) == {
+        "samples": 4, "sm_mhz_median": 1620, "sm_mhz_min": 1500, "power_w_median": 665.2,
+        "power_capped_share": 0.75, "thermal_or_hw_slowdown_share": 0.25}
+    # only the samples inside the windows count: the first alone
+    assert sampler.summary([(first - 1, first)])["samples"] == 1
+    assert sampler.summary([(last + 1, last + 2)]) is None
+    none = GpuSampler(command=os.path.join(str(tmp_path), "no-such-smi"))
+    assert none.proc is None and none.samples == [] and none.summary([(0, 1e12)]) is None
+    none.close()

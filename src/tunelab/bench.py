@@ -47,7 +47,9 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
   Each case also reports per step the training thread's CPU time (step_cpu_s: against the step's wall time, how
-                 busy the host is) and the garbage collector's [full collections, ms] (step_gc)
+                 busy the host is) and the garbage collector's [full collections, ms] (step_gc), and over the timed
+                 steps the GPU's median SM clock and power and the share of samples at its power cap (gpu;
+                 nvidia-smi sampled every 0.5 s; the matmul rate MFU divides by is a full-clock figure)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -339,6 +341,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": []}
     gc_clock = GcClock()  # the time the cyclic garbage collector takes inside each step (a source of step jitter?)
+    windows: list[tuple[float, float]] = []  # each step's (start, end) on perf_counter, for the GPU's samples
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
 
     class Timer(TrainerCallback):
@@ -358,6 +361,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
+            windows.append((self.t0, time.perf_counter()))
             # the host's share: the training thread's CPU time in the step (against its wall time above), and the
             # garbage collector's [full collections, ms in all collections] in it
             out["step_cpu_s"].append(round(time.thread_time() - self.c0, 4))
@@ -410,10 +414,14 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
         trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
+    sampler = GpuSampler()
     try:
         trainer.train()
     finally:
         gc_clock.close()
+        sampler.close()
+    # the GPU's clock and power over the timed steps (after the 3 warm-up steps the median is taken over)
+    out["gpu"] = sampler.summary(windows[3:] if len(windows) > 3 else windows)
     if hasattr(trainer, "check_pending_losses"):
         trainer.check_pending_losses()
     if "host-embedding" in (out["fast_path"] or []):
@@ -426,6 +434,72 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         out["dynamo"] = compile_counters()
     del trainer, model
     return out
+
+
+class GpuSampler:
+    """The GPU's SM clock, power draw and clock-throttle reasons, sampled by `nvidia-smi -lms` in the background
+    while a case runs (runs 18-20 found every timed step at the 700 W software power cap, the clock ~1,650 instead
+    of 1,980 MHz: the figure a step time needs beside it). Each line is stamped with time.perf_counter() when read
+    (the sampler's own clock is not used); summary(windows) gives the medians over the samples inside the timed
+    steps' (start, end) windows. Without nvidia-smi (or off CUDA) it samples nothing and summary() is None."""
+
+    SW_POWER_CAP = 0x4  # nvidia-smi's clocks_throttle_reasons.active bits
+    HW_SLOWDOWN = 0x8 | 0x40 | 0x80  # hardware slowdown, hardware thermal, power brake
+    SW_THERMAL = 0x20
+
+    def __init__(self, period_ms: int = 500, command: str = "nvidia-smi"):
+        import shutil
+        import subprocess
+        import threading
+
+        self.samples: list[tuple[float, int, float, int]] = []  # (perf_counter, MHz, W, reasons)
+        self.proc = None
+        exe = shutil.which(command)
+        if exe is None:
+            return
+        self.proc = subprocess.Popen(
+            [exe, "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active", "--format=csv,noheader,nounits",
+             "-lms", str(period_ms), "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parsed = self.parse(line)
+            if parsed is not None:
+                self.samples.append((time.perf_counter(), *parsed))
+
+    @staticmethod
+    def parse(line: str):
+        """(MHz, W, reasons) from one `clocks.sm, power.draw, clocks_throttle_reasons.active` line, or None."""
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            return None
+        try:
+            return int(float(parts[0])), float(parts[1]), int(parts[2], 16)
+        except ValueError:  # "[N/A]", a header, a message
+            return None
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except Exception:
+                self.proc.kill()
+
+    def summary(self, windows) -> dict | None:
+        inside = [s for s in self.samples if any(a <= s[0] <= b for a, b in windows)]
+        if not inside:
+            return None
+        n = len(inside)
+        return {"samples": n, "sm_mhz_median": int(statistics.median(s[1] for s in inside)),
+                "sm_mhz_min": min(s[1] for s in inside),
+                "power_w_median": round(statistics.median(s[2] for s in inside), 1),
+                "power_capped_share": round(sum(bool(s[3] & self.SW_POWER_CAP) for s in inside) / n, 3),
+                "thermal_or_hw_slowdown_share": round(
+                    sum(bool(s[3] & (self.HW_SLOWDOWN | self.SW_THERMAL)) for s in inside) / n, 3)}
 
 
 class GcClock:
