@@ -50,6 +50,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  busy the host is) and the garbage collector's [full collections, ms] (step_gc), and over the timed
                  steps the GPU's median SM clock and power and the share of samples at its power cap (gpu;
                  nvidia-smi sampled every 0.5 s; the matmul rate MFU divides by is a full-clock figure)
+  +varlen        appended: packed rows' attention per sample through FlashAttention's varlen kernel
+                 (model/fast/varlen.py; TUNELAB_VARLEN=1; opt-in; with :alpaca-packed)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -290,7 +292,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
     collator = Collator(0, 8)
-    cfg = _bench_config(model_dir, variant, method).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch)
+    cfg = _bench_config(model_dir, variant, method).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch,
+                                                            packing=bool(pack_to))
     resolved = resolve(cfg)
     stock = variant.startswith("plain-trainer")  # the plain stack's model in the stock transformers Trainer
     from transformers import set_seed
@@ -307,7 +310,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
                       ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
-                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS")):
+                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("varlen", "TUNELAB_VARLEN")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
@@ -338,6 +341,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
     load_s = time.perf_counter() - t_load
+    collator.varlen = "varlen-attention" in (getattr(model, "tunelab_fast_path", None) or [])  # as `tunelab train`
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": []}
     gc_clock = GcClock()  # the time the cyclic garbage collector takes inside each step (a source of step jitter?)

@@ -44,9 +44,12 @@ class Collator:
     and the evaluation set of the same run yields plain samples.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, varlen: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        # packed batches also carry their sample boundaries (cu_seq_lens_q / _k: model/fast/varlen.py) when the
+        # model's attention reads them
+        self.varlen = varlen
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -68,6 +71,10 @@ class Collator:
         if packed:
             out = {"input_ids": ids, "labels": labels, "position_ids": extra, **loss_fields(labels)}
             out["num_tokens"] = sum(len(f["input_ids"]) for f in features)
+            if self.varlen:
+                from tunelab.model.fast.varlen import boundaries
+
+                out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = boundaries(extra)
             return out
         return {"input_ids": ids, "attention_mask": extra, "labels": labels, **loss_fields(labels, extra)}
 

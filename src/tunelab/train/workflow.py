@@ -471,7 +471,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=data.eval,
-        data_collator=Collator(pad_id, pad_multiple),
+        data_collator=Collator(pad_id, pad_multiple, varlen="varlen-attention" in (getattr(model, "tunelab_fast_path", None) or [])),
         processing_class=tokenizer,
         callbacks=[log_callback := LogCallback(output_dir), GradientHealthCallback()],
         loss_impl=loss_impl,

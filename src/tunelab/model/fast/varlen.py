@@ -1,0 +1,118 @@
+"""Variable-length attention for packed rows: each sample attends within itself only, through FlashAttention's
+varlen kernel (opt-in, TUNELAB_VARLEN=1: not measured on a GPU yet).
+
+    if enabled() and cfg.packing: install(model)       # fast path (__init__.py): "varlen-attention" when it took
+    Collator(pad_id, 8, varlen=True)                   # packed batches then carry cu_seq_lens_q / cu_seq_lens_k
+
+Packed rows (`packing: true`) hold several samples, their position ids restarting at 0. transformers' SDPA path
+keeps the samples apart with a block-diagonal mask built from the position ids; SDPA's flash kernel takes no mask,
+so the memory-efficient kernel runs over every row's whole [length x length] score matrix, most of it masked
+(an alpaca-like row of 1,024 tokens holds ~3.4 samples: ~70% of the causal scores cross a sample boundary). Here
+the collator writes each batch's sample boundaries on the CPU (`boundaries`: the cumulative lengths over the
+flattened rows, transformers' `cu_seq_lens_q` convention; no GPU sync), and the attention runs over the flattened
+[rows x length] tokens in torch's own FlashAttention-2 varlen kernel (`torch.ops.aten._flash_attention_forward`,
+differentiable, grouped-query heads native): causal within each sample, only each sample's own scores computed.
+A row's padding tail is one more "sample" (the collator gives it position ids 0, 1, ...), attended by nothing
+real. The maximum length passed to the kernel is the row length (an upper bound sizes its grid; the true maximum
+would be one more integer that changes every batch, a recompile under torch.compile).
+
+Where it does not apply it leaves transformers' SDPA as it was: batches without boundaries (evaluation, unpacked
+data) go through `sdpa_attention_forward` with their mask, as do sliding-window layers; off CUDA the same
+boundaries run one SDPA call per sample (the reference the CPU tests compare with, and CPU training's path).
+`install` only replaces SDPA (eager or a FlashAttention package chosen by `flash_attn` stay).
+"""
+from __future__ import annotations
+
+import os
+
+NAME = "tunelab_varlen"
+
+
+def enabled() -> bool:
+    """TUNELAB_VARLEN=1 (opt-in until a GPU A/B measures it against the masked SDPA path)."""
+    return os.environ.get("TUNELAB_VARLEN", "0") == "1"
+
+
+def boundaries(position_ids):
+    """cu_seq_lens of packed rows: int32 [samples + 1], the start of every sample (each place a row's position id
+    is 0, the rows taken in order as one flat sequence) and the total token count. `position_ids`: [rows, length]
+    on the CPU, every row starting at 0."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    if flat.numel() and position_ids[:, 0].ne(0).any():
+        raise ValueError("packed rows must start with position id 0")
+    starts = torch.nonzero(flat == 0, as_tuple=False).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+
+
+def _flash(q, k, v, cu, max_len: int, scale, dropout: float):
+    import torch
+
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, dropout, True, False,
+                                                  scale=scale)
+    return out[0]
+
+
+def _per_sample(q, k, v, cu, scale, dropout: float):
+    """The same attention one sample at a time through SDPA ([tokens, heads, dim] in and out)."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale,
+                                                   enable_gqa=ks.shape[0] != qs.shape[0]).transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                      cu_seq_lens_q=None, **kwargs):
+    """transformers' attention-interface signature: query [batch, heads, length, dim], key / value with the kv
+    heads; returns ([batch, length, heads, dim], None) as SDPA's does."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or kwargs.get("sliding_window") is not None or query.shape[2] != key.shape[2]:
+        kwargs.pop("cu_seq_lens_k", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, heads, length, dim = query.shape
+    q = query.transpose(1, 2).reshape(b * length, heads, dim)
+    k = key.transpose(1, 2).reshape(b * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(b * length, value.shape[1], dim)
+    p = dropout if module.training else 0.0
+    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    if q.is_cuda:
+        out = _flash(q, k, v, cu, length, scaling, p)
+    else:
+        out = _per_sample(q, k, v, cu, scaling, p)
+    return out.reshape(b, length, heads, dim), None
+
+
+def register() -> None:
+    """The attention function and its mask function (SDPA's: batches without boundaries keep their mask) under
+    NAME in transformers' registries."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def install(model) -> bool:
+    """Switch the model's SDPA attention to NAME; False (nothing changed) when it does not use SDPA."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(NAME)
+    else:  # an older 5.x: the config field the attention layers read
+        for module in base.modules():
+            config = getattr(module, "config", None)
+            if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = NAME
+    return getattr(base.config, "_attn_implementation", None) == NAME
