@@ -109,7 +109,13 @@ def install(model) -> bool:
         return False
     register()
     if hasattr(base, "set_attn_implementation"):
-        base.set_attn_implementation(NAME)
+        try:
+            base.set_attn_implementation(NAME)
+        except (ValueError, ImportError, KeyError) as e:  # a transformers that refuses the registered name
+            import logging
+
+            logging.getLogger(__name__).warning("varlen attention not installed: %s", str(e).splitlines()[0][:200])
+            return False
     else:  # an older 5.x: the config field the attention layers read
         for module in base.modules():
             config = getattr(module, "config", None)
