@@ -70,6 +70,10 @@ def test_install_only_replaces_sdpa_and_is_opt_in(monkeypatch):
     assert varlen.install(eager) is False and eager.config._attn_implementation == "eager"
     model = _tiny()
     assert varlen.install(model) is True and model.config._attn_implementation == varlen.NAME
+    # what the training workflow and the bench ask before giving the collator varlen=True
+    assert not varlen.active(model)
+    model.tunelab_fast_path = ["fast-lora(14 projections)", "varlen-attention"]
+    assert varlen.active(model)
 
 
 def _loss_and_grads(model, batch):

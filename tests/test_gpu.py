@@ -86,8 +86,8 @@ def test_packed_qlora_train_with_varlen_attention_on_gpu(tmp_path, monkeypatch):
     varlen-attention, the collator's boundaries reach it (FlashAttention's varlen kernel called), each logged loss
     finite and the last below the first."""
     from tunelab.config import load_config
-    from tunelab.model.fast import varlen
     from tunelab.data.demo import write_demo_dataset
+    from tunelab.model.fast import varlen
     from tunelab.model.tiny import build_tiny_model
     from tunelab.train.workflow import run_train
 

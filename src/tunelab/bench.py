@@ -319,15 +319,13 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast import lora
 
         lora.AUGMENT = "+augment" in variant
-    for flag, attr in (("keepdense", "KEEP_DENSE"), ("below", "BELOW")):  # also read at lora.py's import
+    # also read when their module is imported: set them if it already was
+    for flag, module, attr in (("keepdense", "lora", "KEEP_DENSE"), ("below", "lora", "BELOW"),
+                               ("blockrows", "nf4_triton", "BLOCK_ROWS")):
         if f"+no{flag}" in variant or f"+{flag}" in variant:
-            from tunelab.model.fast import lora
+            import importlib
 
-            setattr(lora, attr, f"+{flag}" in variant)
-    if "+noblockrows" in variant or "+blockrows" in variant:  # read at nf4_triton's import: set it if it already was
-        from tunelab.model.fast import nf4_triton
-
-        nf4_triton.BLOCK_ROWS = "+blockrows" in variant
+            setattr(importlib.import_module(f"tunelab.model.fast.{module}"), attr, f"+{flag}" in variant)
     augpad = re.search(r"\+augpad(\d+)\b", variant)
     if augpad:  # read at lora.py's import: set it if it already was
         from tunelab.model.fast import lora
@@ -341,7 +339,9 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     t_load = time.perf_counter()
     model = plain_model(model_dir, method) if stock else load_model(cfg, resolved, for_training=True)
     load_s = time.perf_counter() - t_load
-    collator.varlen = "varlen-attention" in (getattr(model, "tunelab_fast_path", None) or [])  # as `tunelab train`
+    from tunelab.model.fast import varlen
+
+    collator.varlen = varlen.active(model)  # as `tunelab train`
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": []}
     gc_clock = GcClock()  # the time the cyclic garbage collector takes inside each step (a source of step jitter?)

@@ -404,6 +404,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     from tunelab.data.collator import Collator, PackedSet
     from tunelab.data.processing import build_datasets
     from tunelab.data.template import get_template, template_mismatch_warning
+    from tunelab.model.fast.varlen import active as varlen_active
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
     from tunelab.model.tokenizer import load_tokenizer
@@ -471,7 +472,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=data.eval,
-        data_collator=Collator(pad_id, pad_multiple, varlen="varlen-attention" in (getattr(model, "tunelab_fast_path", None) or [])),
+        data_collator=Collator(pad_id, pad_multiple, varlen=varlen_active(model)),
         processing_class=tokenizer,
         callbacks=[log_callback := LogCallback(output_dir), GradientHealthCallback()],
         loss_impl=loss_impl,

@@ -289,7 +289,7 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
     from tunelab.model.fast import varlen
 
     if varlen.enabled() and getattr(cfg, "packing", False) and varlen.install(model):  # opt-in, not yet measured
-        applied.append("varlen-attention")
+        applied.append(varlen.APPLIED)
         what.append("packed rows' attention per sample (FlashAttention varlen)")
     from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host
 

@@ -26,11 +26,17 @@ from __future__ import annotations
 import os
 
 NAME = "tunelab_varlen"
+APPLIED = "varlen-attention"  # its entry in the fast path's applied list (model.tunelab_fast_path)
 
 
 def enabled() -> bool:
     """TUNELAB_VARLEN=1 (opt-in until a GPU A/B measures it against the masked SDPA path)."""
     return os.environ.get("TUNELAB_VARLEN", "0") == "1"
+
+
+def active(model) -> bool:
+    """Whether the fast path installed this attention on `model` (its collator must then give the boundaries)."""
+    return APPLIED in (getattr(model, "tunelab_fast_path", None) or [])
 
 
 def boundaries(position_ids):
@@ -76,7 +82,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or kwargs.get("sliding_window") is not None or query.shape[2] != key.shape[2]:
-        kwargs.pop("cu_seq_lens_k", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, heads, length, dim = query.shape
