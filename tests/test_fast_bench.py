@@ -88,7 +88,7 @@ def test_gpu_sampler_reads_nvidia_smi_lines_and_summarises_the_timed_windows(tmp
     """bench.GpuSampler runs `nvidia-smi --query-gpu=... -lms N` (here a stand-in script printing what the real one
     prints, with a header-like and an [N/A] line among them) and keeps the samples stamped when read; summary()
     takes the medians over the samples inside the given windows, the share at the software power cap (0x4) and of
-    thermal / hardware slowdowns; no nvidia-smi: no samples, summary None."""
+    thermal / hardware slowdowns; no nvidia-smi (or the command "": sampling off): no samples, summary None."""
     import os
     import stat
     import time
@@ -126,3 +126,5 @@ def test_gpu_sampler_reads_nvidia_smi_lines_and_summarises_the_timed_windows(tmp
     none = GpuSampler(command=os.path.join(str(tmp_path), "no-such-smi"))
     assert none.proc is None and none.samples == [] and none.summary([(0, 1e12)]) is None
     none.close()
+    off = GpuSampler(command="")  # TUNELAB_BENCH_GPU_SAMPLE=0: nothing started
+    assert off.proc is None and off.summary([(0, 1e12)]) is None

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -104,7 +105,8 @@ def test_packed_qlora_train_with_varlen_attention_on_gpu(tmp_path, monkeypatch):
         "max_steps": 20, "per_device_train_batch_size": 2, "learning_rate": 2e-3, "logging_steps": 5,
         "output_dir": str(out), "overwrite_cache": True,
     }))
-    recorded = open(out / "tunelab_config.yaml").read()
+    with open(out / "tunelab_config.yaml", encoding="utf-8") as fh:  # parsed: YAML folds and escapes the string
+        recorded = yaml.safe_load(fh)["resolved"]["fast_path"]
     assert "packed rows' attention per sample" in recorded
     assert calls  # packed batches reached FlashAttention's varlen kernel
     log = [json.loads(line) for line in open(out / "trainer_log.jsonl") if '"loss"' in line]

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Shared by the fast-path device scripts (tools/fast_run6.sh, fast_run7.sh, ...): sourced, not run.
 # Sets the environment, the case helpers (case_: one tunelab bench invocation; one: one variant at one shape through
-# the bench's --single form, its progress kept in $OUT/progress.txt; peer: ../shared/bench/peer_bench.py
+# the bench's --single form, its progress kept in $OUT/progress.txt; gpu_tests: named GPU tests; peer: ../shared/bench/peer_bench.py
 # through .peerbench, Unsloth's site first on its own path only), each time-boxed against END seconds with its
 # JSON lines appended to $OUT/all.jsonl as soon as it ends; then starts writing the random-init 7B in the
 # background ($BUILD: wait for it before the first case). Set END before sourcing to change the budget.
@@ -55,6 +55,11 @@ one() {  # one NAME WANT VARIANT SHAPE [ARGS...]: one measurement, the bench's `
   wait $pid; rc=$?
   echo "rc=$rc at ${SECONDS}s (case wall $((SECONDS - at0)) s, result line at ${done_at:-none} s)" | tee -a $L
   keep "$name"
+}
+gpu_tests() {  # gpu_tests NAME WANT PYTEST-ARGS...: the `gpu`-marked tests named, their tail in the log, all in NAME.txt
+  local name=$1 t; t=$(box "$2"); shift 2
+  timeout -k 5 "$t" python3 -m pytest -q -m gpu -p no:cacheprovider "$@" > $OUT/$name.txt 2>&1
+  echo "$name rc=$? at ${SECONDS}s" | tee -a $L; tail -3 $OUT/$name.txt | tee -a $L
 }
 peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through ../shared/bench/peer_bench.py
   # (its JSON lines go to log.txt and, wrapped as {"peer": NAME, "r": ...}, to all.jsonl; not to the call's stdout)

@@ -418,7 +418,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
         trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
-    sampler = GpuSampler()
+    # TUNELAB_BENCH_GPU_SAMPLE=0: no nvidia-smi beside the case (the A/B of whether sampling itself costs a step)
+    sampler = GpuSampler(command="" if os.environ.get("TUNELAB_BENCH_GPU_SAMPLE", "1") == "0" else "nvidia-smi")
     try:
         trainer.train()
     finally:
@@ -458,7 +459,7 @@ class GpuSampler:
 
         self.samples: list[tuple[float, int, float, int]] = []  # (perf_counter, MHz, W, reasons)
         self.proc = None
-        exe = shutil.which(command)
+        exe = shutil.which(command) if command else None  # "": sampling off
         if exe is None:
             return
         self.proc = subprocess.Popen(
