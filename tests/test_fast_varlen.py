@@ -1,4 +1,4 @@
-"""model/fast/varlen.py: packed rows' attention per sample (TUNELAB_VARLEN=1). On the CPU the per-sample SDPA
+"""model/fast/varlen.py: packed rows' attention per sample (on by default with packing). On the CPU the per-sample SDPA
 reference runs the same boundaries; the GPU test compares FlashAttention's varlen kernel with the masked SDPA path."""
 from __future__ import annotations
 
@@ -60,8 +60,10 @@ def test_the_collator_gives_packed_batches_their_boundaries_only_when_asked():
     assert "cu_seq_lens_q" not in unpacked and "attention_mask" in unpacked
 
 
-def test_install_only_replaces_sdpa_and_is_opt_in(monkeypatch):
+def test_install_only_replaces_sdpa_and_is_on_by_default(monkeypatch):
     monkeypatch.delenv("TUNELAB_VARLEN", raising=False)
+    assert varlen.enabled()
+    monkeypatch.setenv("TUNELAB_VARLEN", "0")
     assert not varlen.enabled()
     monkeypatch.setenv("TUNELAB_VARLEN", "1")
     assert varlen.enabled()
@@ -74,6 +76,23 @@ def test_install_only_replaces_sdpa_and_is_opt_in(monkeypatch):
     assert not varlen.active(model)
     model.tunelab_fast_path = ["fast-lora(14 projections)", "varlen-attention"]
     assert varlen.active(model)
+
+
+def test_flash_fits_and_device_fits(monkeypatch):
+    """The flash kernel's inputs: fp16 / bf16, head size <= 256 and a multiple of 8; its devices: compute
+    capability 8.0 or newer (anything off CUDA: the per-sample path, so True); install leaves SDPA on a GPU that
+    does not fit."""
+    q = torch.zeros(1, 2, 4, 128)
+    assert [varlen.flash_fits(q.to(d)) for d in (torch.bfloat16, torch.float16, torch.float32)] == [True, True, False]
+    assert [varlen.flash_fits(torch.zeros(1, 2, 4, d, dtype=torch.bfloat16)) for d in (64, 256, 264, 100)] == [
+        True, True, False, False]
+    assert varlen.device_fits(torch.device("cpu"))
+    for capability, fits in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert varlen.device_fits(torch.device("cuda", 0)) is fits
+    monkeypatch.setattr(varlen, "device_fits", lambda device: False)
+    model = _tiny()
+    assert varlen.install(model) is False and model.config._attn_implementation == "sdpa"
 
 
 def _loss_and_grads(model, batch):
@@ -149,3 +168,24 @@ def test_flash_varlen_equals_masked_sdpa_on_gpu():
     for name, g in ref_grads.items():
         err = (grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)
         assert err < 3e-2, (name, float(err))
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp32_packed_batches_take_the_masked_sdpa_path_on_gpu(monkeypatch):
+    """fp32 queries (which the flash kernel refuses) with boundaries: SDPA with transformers' block-diagonal mask,
+    the same logits as the model without the varlen attention, the flash kernel never called."""
+    calls = []
+    monkeypatch.setattr(varlen, "_flash", lambda *a: calls.append(True))
+    lengths, feats = _rows()
+    base = _tiny().cuda()
+    fast = copy.deepcopy(base)
+    assert varlen.install(fast)
+    masked = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8)(feats).items()}
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8, varlen=True)(feats).items()}
+    ref_logits, _, _ = _loss_and_grads(base, masked)
+    logits, _, _ = _loss_and_grads(fast, packed)
+    real = torch.zeros_like(masked["labels"], dtype=torch.bool)
+    for r, row in enumerate(lengths):
+        real[r, :sum(row)] = True
+    assert not calls and torch.allclose(logits[real], ref_logits[real], atol=1e-5)

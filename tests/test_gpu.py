@@ -83,7 +83,7 @@ def test_packed_rows_attend_within_each_sample_on_gpu(tmp_path):
 
 
 def test_packed_qlora_train_with_varlen_attention_on_gpu(tmp_path, monkeypatch):
-    """`tunelab train` with packing and TUNELAB_VARLEN=1 on the tiny 4-bit model: the fast path records
+    """`tunelab train` with packing on the tiny 4-bit model (the varlen attention on by default): the fast path records
     varlen-attention, the collator's boundaries reach it (FlashAttention's varlen kernel called), each logged loss
     finite and the last below the first."""
     from tunelab.config import load_config
@@ -92,7 +92,7 @@ def test_packed_qlora_train_with_varlen_attention_on_gpu(tmp_path, monkeypatch):
     from tunelab.model.tiny import build_tiny_model
     from tunelab.train.workflow import run_train
 
-    monkeypatch.setenv("TUNELAB_VARLEN", "1")
+    monkeypatch.delenv("TUNELAB_VARLEN", raising=False)
     calls = []
     flash = varlen._flash
     monkeypatch.setattr(varlen, "_flash", lambda *a: calls.append(True) or flash(*a))  # (traced once if compiled)

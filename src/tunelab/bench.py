@@ -46,12 +46,13 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
-  Each case also reports per step the training thread's CPU time (step_cpu_s: against the step's wall time, how
-                 busy the host is) and the garbage collector's [full collections, ms] (step_gc), and over the timed
+  Each case also reports per step the training thread's CPU time (step_cpu_s: the forward and the optimizer;
+                 not the backward, which autograd runs on its own CUDA device thread) and the garbage collector's [full collections, ms] (step_gc), and over the timed
                  steps the GPU's median SM clock and power and the share of samples at its power cap (gpu;
-                 nvidia-smi sampled every 0.5 s; the matmul rate MFU divides by is a full-clock figure)
-  +varlen        appended: packed rows' attention per sample through FlashAttention's varlen kernel
-                 (model/fast/varlen.py; TUNELAB_VARLEN=1; opt-in; with :alpaca-packed)
+                 nvidia-smi sampled every 0.5 s, TUNELAB_BENCH_GPU_SAMPLE=0: not; the matmul rate MFU divides by is a
+                 full-clock figure)
+  +varlen / +novarlen  appended: packed rows' attention per sample through FlashAttention's varlen kernel, or
+                 the masked SDPA path (model/fast/varlen.py; TUNELAB_VARLEN=1 / 0; default on; with :alpaca-packed)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -366,7 +367,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
             windows.append((self.t0, time.perf_counter()))
-            # the host's share: the training thread's CPU time in the step (against its wall time above), and the
+            # the host's share: the training thread's CPU time in the step (its forward and optimizer: autograd runs a CUDA
+            # backward on its own device thread, not counted here), and the
             # garbage collector's [full collections, ms in all collections] in it
             out["step_cpu_s"].append(round(time.thread_time() - self.c0, 4))
             out["step_gc"].append([gc_clock.full, round(gc_clock.seconds * 1000, 2)])

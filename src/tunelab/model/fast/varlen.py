@@ -1,25 +1,32 @@
 """Variable-length attention for packed rows: each sample attends within itself only, through FlashAttention's
-varlen kernel (opt-in, TUNELAB_VARLEN=1: not measured on a GPU yet).
+varlen kernel (on by default with `packing: true` on the fast path; TUNELAB_VARLEN=0 keeps the masked SDPA path).
 
     if enabled() and cfg.packing: install(model)       # fast path (__init__.py): "varlen-attention" when it took
     Collator(pad_id, 8, varlen=True)                   # packed batches then carry cu_seq_lens_q / cu_seq_lens_k
 
 Packed rows (`packing: true`) hold several samples, their position ids restarting at 0. transformers' SDPA path
 keeps the samples apart with a block-diagonal mask built from the position ids; SDPA's flash kernel takes no mask,
-so the memory-efficient kernel runs over every row's whole [length x length] score matrix, most of it masked
-(an alpaca-like row of 1,024 tokens holds ~3.4 samples: ~70% of the causal scores cross a sample boundary). Here
-the collator writes each batch's sample boundaries on the CPU (`boundaries`: the cumulative lengths over the
-flattened rows, transformers' `cu_seq_lens_q` convention; no GPU sync), and the attention runs over the flattened
-[rows x length] tokens in torch's own FlashAttention-2 varlen kernel (`torch.ops.aten._flash_attention_forward`,
-differentiable, grouped-query heads native): causal within each sample, only each sample's own scores computed.
-A row's padding tail is one more "sample" (the collator gives it position ids 0, 1, ...), attended by nothing
-real. The maximum length passed to the kernel is the row length (an upper bound sizes its grid; the true maximum
-would be one more integer that changes every batch, a recompile under torch.compile).
+so a masked kernel (cuDNN's or the memory-efficient one) runs over every row's whole [length x length] score
+matrix, most of it masked (an alpaca-like row of 1,024 tokens holds ~3.4 samples: ~70% of the causal scores cross
+a sample boundary). Here the collator writes each batch's sample boundaries on the CPU (`boundaries`: the
+cumulative lengths over the flattened rows, transformers' `cu_seq_lens_q` convention; no GPU sync), and the
+attention runs over the flattened [rows x length] tokens in torch's own FlashAttention-2 varlen kernel
+(`torch.ops.aten._flash_attention_forward`, differentiable, grouped-query heads native): causal within each
+sample, only each sample's own scores computed. A row's padding tail is one more "sample" (the collator gives it
+position ids 0, 1, ...), attended by nothing real. The maximum length passed to the kernel is the row length (an
+upper bound sizes its grid; the true maximum would be one more integer that changes every batch, a recompile
+under torch.compile).
+
+Measured on an H200 (Qwen2.5-7B QLoRA, alpaca-like packed 4 x 1024; runs 21-22 of docs/fastpath.md, two leases):
+11,548-12,187 real tok/s (3 cases) against 10,323-11,755 for the masked SDPA path (7 cases) and 10,929-11,894 for
+lease J's code (3 cases), the same losses, the same peak; so it is on by default where it applies.
 
 Where it does not apply it leaves transformers' SDPA as it was: batches without boundaries (evaluation, unpacked
-data) go through `sdpa_attention_forward` with their mask, as do sliding-window layers; off CUDA the same
-boundaries run one SDPA call per sample (the reference the CPU tests compare with, and CPU training's path).
-`install` only replaces SDPA (eager or a FlashAttention package chosen by `flash_attn` stay).
+data) go through `sdpa_attention_forward` with their mask, as do sliding-window layers and inputs the flash
+kernel does not take (fp32, a head size over 256 or not a multiple of 8); a GPU older than Ampere (compute
+capability 8.0: a T4, a V100) keeps SDPA (`install` returns False); off CUDA the same boundaries run one SDPA call
+per sample (the reference the CPU tests compare with, and CPU training's path). `install` only replaces SDPA
+(eager, or a FlashAttention package chosen by `flash_attn`, stay).
 """
 from __future__ import annotations
 
@@ -30,8 +37,27 @@ APPLIED = "varlen-attention"  # its entry in the fast path's applied list (model
 
 
 def enabled() -> bool:
-    """TUNELAB_VARLEN=1 (opt-in until a GPU A/B measures it against the masked SDPA path)."""
-    return os.environ.get("TUNELAB_VARLEN", "0") == "1"
+    """On unless TUNELAB_VARLEN=0 (the masked SDPA path: the A/B)."""
+    return os.environ.get("TUNELAB_VARLEN", "1") != "0"
+
+
+def flash_fits(query) -> bool:
+    """Whether torch's FlashAttention kernel takes these [batch, heads, length, dim] CUDA queries: fp16 / bf16, a
+    head size up to 256 and a multiple of 8."""
+    import torch
+
+    dim = query.shape[-1]
+    return query.dtype in (torch.float16, torch.bfloat16) and dim <= 256 and dim % 8 == 0
+
+
+def device_fits(device) -> bool:
+    """A CUDA device FlashAttention-2 runs on (compute capability 8.0 or newer); any other device: True (the CPU
+    takes the per-sample path)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def active(model) -> bool:
@@ -81,7 +107,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens_q is None or kwargs.get("sliding_window") is not None or query.shape[2] != key.shape[2]:
+    if (cu_seq_lens_q is None or kwargs.get("sliding_window") is not None or query.shape[2] != key.shape[2]
+            or (query.is_cuda and not flash_fits(query))):  # the mask transformers built from the position ids
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, heads, length, dim = query.shape
@@ -111,6 +138,9 @@ def install(model) -> bool:
     """Switch the model's SDPA attention to NAME; False (nothing changed) when it does not use SDPA."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    param = next(base.parameters(), None)
+    if param is not None and not device_fits(param.device):  # a T4 / V100: no FlashAttention-2 kernel
         return False
     register()
     if hasattr(base, "set_attn_implementation"):
