@@ -33,3 +33,28 @@ def test_packed_rows_mask_each_samples_first_label_and_restart_positions():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert "attention_mask" not in batch and batch["num_tokens"] == 5
     assert torch.equal(batch["loss_rows"], torch.tensor([0, 1, 3]))
+
+
+def test_pack_length_pads_packed_rows_to_the_capacity_only(monkeypatch):
+    """Collator(pack_length=N): packed batches are N tokens wide whatever their longest row (the padding: pad ids,
+    -100 labels, position ids 0, 1, ... as one more segment; the real-token count and loss rows unchanged);
+    unpacked batches keep padding to their longest sample. pack_full_rows() reads TUNELAB_PACK_FULL (off unless 1)."""
+    from tunelab.data.collator import pack_full_rows
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 2]},
+            {"input_ids": [8, 9], "labels": [-100, 9], "position_ids": [0, 0]}]
+    short = Collator(0, 8)(rows)
+    full = Collator(0, 8, pack_length=16)(rows)
+    assert short["input_ids"].shape == (2, 8) and full["input_ids"].shape == (2, 16)
+    assert full["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
+    assert full["labels"][1].tolist() == [-100, 9] + [-100] * 14
+    assert full["position_ids"][1].tolist() == [0, 0] + list(range(14))
+    assert full["num_tokens"] == short["num_tokens"] == 5
+    # loss rows index the flattened shifted [rows x (length - 1)] positions: the same targets at the wider stride
+    assert short["loss_rows"].tolist() == [0, 1, 7] and full["loss_rows"].tolist() == [0, 1, 15]
+    plain = Collator(0, 8, pack_length=16)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    assert plain["input_ids"].shape == (1, 8) and "position_ids" not in plain
+    monkeypatch.delenv("TUNELAB_PACK_FULL", raising=False)
+    assert not pack_full_rows()
+    monkeypatch.setenv("TUNELAB_PACK_FULL", "1")
+    assert pack_full_rows()

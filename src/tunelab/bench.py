@@ -53,6 +53,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  full-clock figure)
   +varlen / +novarlen  appended: packed rows' attention per sample through FlashAttention's varlen kernel, or
                  the masked SDPA path (model/fast/varlen.py; TUNELAB_VARLEN=1 / 0; default on; with :alpaca-packed)
+  +packfull      appended: packed batches padded to the rows' capacity (one static shape for the compiled layers;
+                 data/collator.py pack_full_rows; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -276,7 +278,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from transformers import TrainerCallback
 
     from tunelab.config.resolve import resolve
-    from tunelab.data.collator import Collator, PackedSet
+    from tunelab.data.collator import Collator, PackedSet, pack_full_rows
     from tunelab.data.processing import EncodedSet
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
@@ -292,7 +294,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         kernels.CHUNK_BUDGET_BYTES = int(budget.group(1)) << 20
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
-    collator = Collator(0, 8)
+    # +packfull: packed batches padded to the rows' capacity (TUNELAB_PACK_FULL=1, as `tunelab train` reads it)
+    if "+packfull" in variant:
+        os.environ["TUNELAB_PACK_FULL"] = "1"
+    collator = Collator(0, 8, pack_length=pack_to if pack_to and pack_full_rows() else None)
     cfg = _bench_config(model_dir, variant, method).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch,
                                                             packing=bool(pack_to))
     resolved = resolve(cfg)

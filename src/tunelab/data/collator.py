@@ -31,6 +31,13 @@ def loss_fields(labels, attention_mask=None) -> dict:
     return {"loss_rows": rows, "num_tokens": n}
 
 
+def pack_full_rows() -> bool:
+    """TUNELAB_PACK_FULL=1: packed batches padded to cutoff_len (one static shape; opt-in until a GPU A/B)."""
+    import os
+
+    return os.environ.get("TUNELAB_PACK_FULL", "0") == "1"
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     if not multiple:
         return n
@@ -44,9 +51,14 @@ class Collator:
     and the evaluation set of the same run yields plain samples.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, varlen: bool = False):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, varlen: bool = False,
+                 pack_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        # packed batches padded to exactly this many tokens (the rows' capacity, cutoff_len), not to their longest
+        # row: one shape for every packed batch, so compiled layers keep one static graph (opt-in:
+        # pack_full_rows(); LLaMA-Factory pads its packed rows to the cutoff too)
+        self.pack_length = pack_length
         # packed batches also carry their sample boundaries (cu_seq_lens_q / _k: model/fast/varlen.py) when the
         # model's attention reads them
         self.varlen = varlen
@@ -56,6 +68,8 @@ class Collator:
 
         packed = "position_ids" in features[0]
         length = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        if packed and self.pack_length:
+            length = max(length, self.pack_length)
         ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
         extra = torch.zeros((len(features), length), dtype=torch.long)  # attention mask, or position ids
