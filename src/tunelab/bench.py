@@ -294,7 +294,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         kernels.CHUNK_BUDGET_BYTES = int(budget.group(1)) << 20
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
-    # +packfull: packed batches padded to the rows' capacity (TUNELAB_PACK_FULL=1, as `tunelab train` reads it)
+    # +packfull: packed batches padded to the rows' capacity (TUNELAB_PACK_FULL=1, which `tunelab train` reads too)
     if "+packfull" in variant:
         os.environ["TUNELAB_PACK_FULL"] = "1"
     collator = Collator(0, 8, pack_length=pack_to if pack_to and pack_full_rows() else None)
