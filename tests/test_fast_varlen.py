@@ -108,21 +108,31 @@ def _loss_and_grads(model, batch):
     return logits.detach(), loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def _pair(dtype=torch.float32, device="cpu"):
+    """The tiny model and its copy with the varlen attention installed, the two rows collated without and with the
+    boundaries (on `device`), their lengths, and the mask of their real tokens (the padding tails differ)."""
+    lengths, feats = _rows()
+    base = _tiny(dtype=dtype).to(device)
+    fast = copy.deepcopy(base)
+    assert varlen.install(fast)
+
+    def on(batch):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    masked, packed = on(Collator(0, 8)(feats)), on(Collator(0, 8, varlen=True)(feats))
+    real = torch.zeros_like(masked["labels"], dtype=torch.bool)
+    for r, row in enumerate(lengths):
+        real[r, :sum(row)] = True
+    return base, fast, masked, packed, lengths, feats, real
+
+
 def test_packed_rows_per_sample_equal_the_masked_sdpa_path_and_each_sample_alone():
     """The per-sample path (CPU) against transformers' SDPA with its block-diagonal mask from the position ids:
     logits, loss and every gradient; and each sample's logits against the sample run alone."""
-    lengths, feats = _rows()
-    base = _tiny()
-    fast = copy.deepcopy(base)
-    assert varlen.install(fast)
-    masked_batch = Collator(0, 8)(feats)
-    varlen_batch = Collator(0, 8, varlen=True)(feats)
+    base, fast, masked_batch, varlen_batch, lengths, feats, real = _pair()
     ref_logits, ref_loss, ref_grads = _loss_and_grads(base, masked_batch)
     logits, loss, grads = _loss_and_grads(fast, varlen_batch)
-    starts = torch.zeros_like(masked_batch["labels"], dtype=torch.bool)  # real tokens (the padding tail differs)
-    for r, row in enumerate(lengths):
-        starts[r, :sum(row)] = True
-    assert torch.allclose(logits[starts], ref_logits[starts], atol=1e-5)
+    assert torch.allclose(logits[real], ref_logits[real], atol=1e-5)
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for name, g in ref_grads.items():
         assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name
@@ -156,12 +166,7 @@ def test_batches_without_boundaries_keep_sdpa_with_their_mask():
 def test_flash_varlen_equals_masked_sdpa_on_gpu():
     """FlashAttention's varlen kernel (bf16, grouped-query heads) against the masked SDPA path: loss within 1e-2
     relative, every gradient within 3e-2 relative (norm of the difference over the norm)."""
-    lengths, feats = _rows()
-    base = _tiny(dtype=torch.bfloat16).cuda()
-    fast = copy.deepcopy(base)
-    assert varlen.install(fast)
-    masked = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8)(feats).items()}
-    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8, varlen=True)(feats).items()}
+    base, fast, masked, packed, _, _, _ = _pair(torch.bfloat16, "cuda")
     _, ref_loss, ref_grads = _loss_and_grads(base, masked)
     _, loss, grads = _loss_and_grads(fast, packed)
     assert abs(loss.item() - ref_loss.item()) <= 1e-2 * abs(ref_loss.item())
@@ -177,15 +182,7 @@ def test_fp32_packed_batches_take_the_masked_sdpa_path_on_gpu(monkeypatch):
     the same logits as the model without the varlen attention, the flash kernel never called."""
     calls = []
     monkeypatch.setattr(varlen, "_flash", lambda *a: calls.append(True))
-    lengths, feats = _rows()
-    base = _tiny().cuda()
-    fast = copy.deepcopy(base)
-    assert varlen.install(fast)
-    masked = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8)(feats).items()}
-    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, 8, varlen=True)(feats).items()}
+    base, fast, masked, packed, _, _, real = _pair(torch.float32, "cuda")
     ref_logits, _, _ = _loss_and_grads(base, masked)
     logits, _, _ = _loss_and_grads(fast, packed)
-    real = torch.zeros_like(masked["labels"], dtype=torch.bool)
-    for r, row in enumerate(lengths):
-        real[r, :sum(row)] = True
     assert not calls and torch.allclose(logits[real], ref_logits[real], atol=1e-5)
