@@ -128,3 +128,28 @@ def test_gpu_sampler_reads_nvidia_smi_lines_and_summarises_the_timed_windows(tmp
     none.close()
     off = GpuSampler(command="")  # TUNELAB_BENCH_GPU_SAMPLE=0: nothing started
     assert off.proc is None and off.summary([(0, 1e12)]) is None
+
+
+def test_host_clock_counts_every_thread_in_process_time():
+    """bench.HostClock: lap() gives (wall, this thread's CPU, the process's CPU) since reset(); CPU burnt by
+    another thread (as autograd's CUDA device thread runs the backward) shows in the process figure only."""
+    import threading
+    import time
+
+    from tunelab.bench import HostClock
+
+    def burn(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    clock = HostClock()
+    worker = threading.Thread(target=burn, args=(0.3,))
+    worker.start()
+    worker.join()
+    wall, thread, process = clock.lap()
+    assert thread < 0.1 and process >= 0.3 and wall >= 0.3
+    clock.reset()
+    burn(0.2)
+    wall, thread, process = clock.lap()
+    assert thread >= 0.2 and process >= thread and wall >= 0.2

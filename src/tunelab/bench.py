@@ -46,8 +46,11 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
-  Each case also reports per step the training thread's CPU time (step_cpu_s: the forward and the optimizer;
-                 not the backward, which autograd runs on its own CUDA device thread) and the garbage collector's [full collections, ms] (step_gc), and over the timed
+  Each case also reports per step the training thread's CPU time (step_cpu_s: the forward and the optimizer,
+                 and its wait for the GPU at the step's end; not the backward, which autograd runs on its own CUDA
+                 device thread), the time by which the host had queued the step's work (step_issue_s: near the
+                 step time, the host is the bound) with the whole process's CPU time by then (step_proc_cpu_s, all
+                 threads), the garbage collector's [full collections, ms] (step_gc), and over the timed
                  steps the GPU's median SM clock and power and the share of samples at its power cap (gpu;
                  nvidia-smi sampled every 0.5 s, TUNELAB_BENCH_GPU_SAMPLE=0: not; the matmul rate MFU divides by is a
                  full-clock figure)
@@ -349,7 +352,9 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
     collator.varlen = varlen.active(model)  # as `tunelab train`
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
-                           "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": []}
+                           "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": [],
+                           "step_issue_s": [], "step_proc_cpu_s": []}
+    host_clock = HostClock()
     gc_clock = GcClock()  # the time the cyclic garbage collector takes inside each step (a source of step jitter?)
     windows: list[tuple[float, float]] = []  # each step's (start, end) on perf_counter, for the GPU's samples
     profile_dir = os.environ.get("TUNELAB_BENCH_PROFILE")  # a folder: profile step 6 into <variant>.txt there
@@ -365,10 +370,16 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
             gc_clock.reset()
+            host_clock.reset()
             self.c0 = time.thread_time()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            # before waiting for the GPU: when the host had queued the step's work, and the CPU time of all the
+            # process's threads by then (autograd's CUDA device thread, which runs the backward, included)
+            issued, _, proc = host_clock.lap()
+            out["step_issue_s"].append(round(issued, 4))
+            out["step_proc_cpu_s"].append(round(proc, 4))
             torch.cuda.synchronize()
             out["times"].append(time.perf_counter() - self.t0)
             windows.append((self.t0, time.perf_counter()))
@@ -512,6 +523,24 @@ class GpuSampler:
                 "power_capped_share": round(sum(bool(s[3] & self.SW_POWER_CAP) for s in inside) / n, 3),
                 "thermal_or_hw_slowdown_share": round(
                     sum(bool(s[3] & (self.HW_SLOWDOWN | self.SW_THERMAL)) for s in inside) / n, 3)}
+
+
+class HostClock:
+    """Wall time, this thread's CPU time and the whole process's CPU time (every thread) since reset(); lap()
+    returns the three deltas in seconds. The bench reads it at a step's end before waiting for the GPU: a step
+    whose work was all queued (step_issue_s) well before its end (the step time) is bound by the GPU; one queued
+    up to its end, by the host. Process CPU time counts spin-waits too (CUDA synchronisation spins by default
+    when CPU cores outnumber the GPUs' contexts)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._t = (time.perf_counter(), time.thread_time(), time.process_time())
+
+    def lap(self) -> tuple[float, float, float]:
+        now = (time.perf_counter(), time.thread_time(), time.process_time())
+        return tuple(b - a for a, b in zip(self._t, now))
 
 
 class GcClock:
