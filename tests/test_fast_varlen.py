@@ -79,17 +79,20 @@ def test_install_only_replaces_sdpa_and_is_on_by_default(monkeypatch):
 
 
 def test_flash_fits_and_device_fits(monkeypatch):
-    """The flash kernel's inputs: fp16 / bf16, head size <= 256 and a multiple of 8; its devices: compute
-    capability 8.0 or newer (anything off CUDA: the per-sample path, so True); install leaves SDPA on a GPU that
-    does not fit."""
+    """The flash kernel's inputs: fp16 / bf16, head size <= 256 and a multiple of 8; its devices: NVIDIA compute
+    capability 8.0 or newer, not ROCm (anything off CUDA: the per-sample path, so True); install leaves SDPA when
+    any of the model's devices does not fit."""
     q = torch.zeros(1, 2, 4, 128)
     assert [varlen.flash_fits(q.to(d)) for d in (torch.bfloat16, torch.float16, torch.float32)] == [True, True, False]
     assert [varlen.flash_fits(torch.zeros(1, 2, 4, d, dtype=torch.bfloat16)) for d in (64, 256, 264, 100)] == [
         True, True, False, False]
     assert varlen.device_fits(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "hip", None)
     for capability, fits in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert varlen.device_fits(torch.device("cuda", 0)) is fits
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # a ROCm build: the masked path
+    assert varlen.device_fits(torch.device("cuda", 0)) is False
     monkeypatch.setattr(varlen, "device_fits", lambda device: False)
     model = _tiny()
     assert varlen.install(model) is False and model.config._attn_implementation == "sdpa"

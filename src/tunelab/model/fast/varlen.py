@@ -24,9 +24,9 @@ lease J's code (3 cases), the same losses, the same peak; so it is on by default
 Where it does not apply it leaves transformers' SDPA as it was: batches without boundaries (evaluation, unpacked
 data) go through `sdpa_attention_forward` with their mask, as do sliding-window layers and inputs the flash
 kernel does not take (fp32, a head size over 256 or not a multiple of 8); a GPU older than Ampere (compute
-capability 8.0: a T4, a V100) keeps SDPA (`install` returns False); off CUDA the same boundaries run one SDPA call
-per sample (the reference the CPU tests compare with, and CPU training's path). `install` only replaces SDPA
-(eager, or a FlashAttention package chosen by `flash_attn`, stay).
+capability 8.0: a T4, a V100), or a ROCm build, keeps SDPA (`install` returns False); off CUDA the same
+boundaries run one SDPA call per sample (the reference the CPU tests compare with, and CPU training's path).
+`install` only replaces SDPA (eager, or a FlashAttention package chosen by `flash_attn`, stay).
 """
 from __future__ import annotations
 
@@ -51,12 +51,15 @@ def flash_fits(query) -> bool:
 
 
 def device_fits(device) -> bool:
-    """A CUDA device FlashAttention-2 runs on (compute capability 8.0 or newer); any other device: True (the CPU
-    takes the per-sample path)."""
+    """A CUDA device FlashAttention-2's varlen kernel runs on: an NVIDIA GPU of compute capability 8.0 or newer (a
+    ROCm build is left on the masked path: its varlen support is not checked here); any other device: True (the
+    CPU takes the per-sample path)."""
     import torch
 
     if getattr(device, "type", str(device)) != "cuda":
         return True
+    if getattr(torch.version, "hip", None):
+        return False
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -139,8 +142,7 @@ def install(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
         return False
-    param = next(base.parameters(), None)
-    if param is not None and not device_fits(param.device):  # a T4 / V100: no FlashAttention-2 kernel
+    if not all(device_fits(d) for d in {p.device for p in base.parameters()}):  # a T4 / V100: no FlashAttention-2
         return False
     register()
     if hasattr(base, "set_attn_implementation"):
