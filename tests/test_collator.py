@@ -38,8 +38,8 @@ def test_packed_rows_mask_each_samples_first_label_and_restart_positions():
 def test_pack_length_pads_packed_rows_to_the_capacity_only(monkeypatch):
     """Collator(pack_length=N): packed batches are N tokens wide whatever their longest row (the padding: pad ids,
     -100 labels, position ids 0, 1, ... as one more segment; the real-token count and loss rows unchanged);
-    unpacked batches keep padding to their longest sample. pack_full_rows() reads TUNELAB_PACK_FULL (off unless 1)."""
-    from tunelab.data.collator import pack_full_rows
+    unpacked batches keep padding to their longest sample. full_pack_length() reads TUNELAB_PACK_FULL (off unless 1)."""
+    from tunelab.data.collator import full_pack_length
 
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 2]},
             {"input_ids": [8, 9], "labels": [-100, 9], "position_ids": [0, 0]}]
@@ -55,6 +55,6 @@ def test_pack_length_pads_packed_rows_to_the_capacity_only(monkeypatch):
     plain = Collator(0, 8, pack_length=16)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
     assert plain["input_ids"].shape == (1, 8) and "position_ids" not in plain
     monkeypatch.delenv("TUNELAB_PACK_FULL", raising=False)
-    assert not pack_full_rows()
+    assert full_pack_length(1024) is None
     monkeypatch.setenv("TUNELAB_PACK_FULL", "1")
-    assert pack_full_rows()
+    assert full_pack_length(1024) == 1024 and full_pack_length(None) is None

@@ -57,7 +57,7 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +varlen / +novarlen  appended: packed rows' attention per sample through FlashAttention's varlen kernel, or
                  the masked SDPA path (model/fast/varlen.py; TUNELAB_VARLEN=1 / 0; default on; with :alpaca-packed)
   +packfull      appended: packed batches padded to the rows' capacity (one static shape for the compiled layers;
-                 data/collator.py pack_full_rows; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
+                 data/collator.py full_pack_length; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -281,7 +281,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from transformers import TrainerCallback
 
     from tunelab.config.resolve import resolve
-    from tunelab.data.collator import Collator, PackedSet, pack_full_rows
+    from tunelab.data.collator import Collator, PackedSet, full_pack_length
     from tunelab.data.processing import EncodedSet
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
@@ -297,10 +297,6 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         kernels.CHUNK_BUDGET_BYTES = int(budget.group(1)) << 20
     data = EncodedSet([s["input_ids"] for s in samples], [s["labels"] for s in samples])
     train_set = PackedSet(data, pack_to) if pack_to else data
-    # +packfull: packed batches padded to the rows' capacity (TUNELAB_PACK_FULL=1, which `tunelab train` reads too)
-    if "+packfull" in variant:
-        os.environ["TUNELAB_PACK_FULL"] = "1"
-    collator = Collator(0, 8, pack_length=pack_to if pack_to and pack_full_rows() else None)
     cfg = _bench_config(model_dir, variant, method).replace(max_steps=len(train_set) // batch, per_device_train_batch_size=batch,
                                                             packing=bool(pack_to))
     resolved = resolve(cfg)
@@ -319,7 +315,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("groupgu", "TUNELAB_GROUP_GATE_UP"), ("celoss", "TUNELAB_CE_TRITON"),
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
                       ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
-                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("varlen", "TUNELAB_VARLEN")):
+                      ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("varlen", "TUNELAB_VARLEN"),
+                      ("packfull", "TUNELAB_PACK_FULL")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
@@ -350,7 +347,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     load_s = time.perf_counter() - t_load
     from tunelab.model.fast import varlen
 
-    collator.varlen = varlen.active(model)  # as `tunelab train`
+    # as `tunelab train` builds it (+packfull above: TUNELAB_PACK_FULL, read here)
+    collator = Collator(0, 8, varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": [],
                            "step_issue_s": [], "step_proc_cpu_s": []}
@@ -371,7 +369,6 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                 self.prof.__enter__()
             gc_clock.reset()
             host_clock.reset()
-            self.c0 = time.thread_time()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -386,7 +383,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
             # the host's share: the training thread's CPU time in the step (its forward and optimizer: autograd runs a CUDA
             # backward on its own device thread, not counted here), and the
             # garbage collector's [full collections, ms in all collections] in it
-            out["step_cpu_s"].append(round(time.thread_time() - self.c0, 4))
+            out["step_cpu_s"].append(round(host_clock.lap()[1], 4))
             out["step_gc"].append([gc_clock.full, round(gc_clock.seconds * 1000, 2)])
             # step 1 also holds compilation's transients: the steady peak (of the later steps) is kept beside it
             out["step_peaks"][-1] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

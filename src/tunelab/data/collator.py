@@ -31,11 +31,13 @@ def loss_fields(labels, attention_mask=None) -> dict:
     return {"loss_rows": rows, "num_tokens": n}
 
 
-def pack_full_rows() -> bool:
-    """TUNELAB_PACK_FULL=1: packed batches padded to cutoff_len (one static shape; opt-in until a GPU A/B)."""
+def full_pack_length(capacity: int | None) -> int | None:
+    """The Collator's pack_length for packed rows of `capacity` tokens (cutoff_len; None: no packing): the capacity
+    when TUNELAB_PACK_FULL=1 (one static shape; opt-in until a GPU A/B), else None (each batch padded to its
+    longest row)."""
     import os
 
-    return os.environ.get("TUNELAB_PACK_FULL", "0") == "1"
+    return capacity if capacity and os.environ.get("TUNELAB_PACK_FULL", "0") == "1" else None
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -57,7 +59,7 @@ class Collator:
         self.pad_to_multiple_of = pad_to_multiple_of
         # packed batches padded to exactly this many tokens (the rows' capacity, cutoff_len), not to their longest
         # row: one shape for every packed batch, so compiled layers keep one static graph (opt-in:
-        # pack_full_rows(); LLaMA-Factory pads its packed rows to the cutoff too)
+        # full_pack_length(); LLaMA-Factory pads its packed rows to the cutoff too)
         self.pack_length = pack_length
         # packed batches also carry their sample boundaries (cu_seq_lens_q / _k: model/fast/varlen.py) when the
         # model's attention reads them

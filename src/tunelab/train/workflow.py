@@ -401,7 +401,7 @@ def peak_memory() -> dict[str, float]:
 
 def train_sft(cfg: Config) -> dict[str, Any]:
     """The training part of a run (do_train). Returns the final metrics (also written to all_results.json)."""
-    from tunelab.data.collator import Collator, PackedSet, pack_full_rows
+    from tunelab.data.collator import Collator, PackedSet, full_pack_length
     from tunelab.data.processing import build_datasets
     from tunelab.data.template import get_template, template_mismatch_warning
     from tunelab.model.fast.varlen import active as varlen_active
@@ -473,7 +473,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         train_dataset=train_set,
         eval_dataset=data.eval,
         data_collator=Collator(pad_id, pad_multiple, varlen=varlen_active(model),
-                               pack_length=cfg.cutoff_len if cfg.packing and pack_full_rows() else None),
+                               pack_length=full_pack_length(cfg.cutoff_len if cfg.packing else None)),
         processing_class=tokenizer,
         callbacks=[log_callback := LogCallback(output_dir), GradientHealthCallback()],
         loss_impl=loss_impl,
