@@ -21,11 +21,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _base(model_type: str, dtype=torch.float32):
+def _base(model_type: str, dtype=torch.float32, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512)
     cls, config = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "llama": (LlamaForCausalLM, LlamaConfig),
                    "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[model_type]
@@ -33,10 +33,10 @@ def _base(model_type: str, dtype=torch.float32):
     return cls(config(**shapes, **extra)).to(dtype)
 
 
-def _peft(model_type: str, device="cpu", quantized=False, dtype=torch.bfloat16):
+def _peft(model_type: str, device="cpu", quantized=False, dtype=torch.bfloat16, layers=2, grouped=False):
     from peft import LoraConfig, get_peft_model
 
-    model = _base(model_type, dtype)
+    model = _base(model_type, dtype, layers)
     if quantized:
         from tunelab.model.tiny import quantize_decoder_linears_nf4
 
@@ -49,6 +49,10 @@ def _peft(model_type: str, device="cpu", quantized=False, dtype=torch.bfloat16):
         if "lora_" in n:  # B nonzero: every gradient is live
             p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).mul(0.05).to(device)
     patch_lora_layers(model)
+    if grouped:  # gate and up as one function (4-bit bases), as the fast path installs them
+        from tunelab.model.fast.group import group_gate_up
+
+        assert group_gate_up(model) == layers
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.base_model.model.enable_input_require_grads()
     model.train()
@@ -319,3 +323,118 @@ def test_the_opaque_ops_form_switch(env, custom):
     assert out.returncode == 0, out.stderr[-2000:]
     want = "['tunelab::dequantize_4bit', 'tunelab::two_products']" if custom else "[]"
     assert out.stdout.strip().splitlines()[-1] == want
+
+
+def test_the_kept_gate_up_layers_and_their_setting(monkeypatch):
+    from tunelab.errors import ConfigError
+    from tunelab.model.fast import split
+
+    assert split.keep_layers(28, 3) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert split.keep_layers(28, 2) == list(range(1, 28, 2)) and split.keep_layers(4, 1) == [0, 1, 2, 3]
+    assert split.keep_layers(28, 0) == [] and split.keep_layers(2, 5) == [1]
+    monkeypatch.delenv("TUNELAB_KEEP_GATE_UP", raising=False)
+    assert split.keep_every() == 0
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "3")
+    assert split.keep_every() == 3
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "yes")
+    with pytest.raises(ConfigError, match="TUNELAB_KEEP_GATE_UP='yes': expected a whole number of layers"):
+        split.keep_every()
+
+
+def _keep_pair(device, every, compiled=False):
+    """A split model (4-bit, gate/up grouped, 4 layers) without kept outputs and one keeping them every `every`
+    layers: (their steppers, how many layers keep)."""
+    models = [_peft("qwen2", device, quantized=True, layers=4, grouped=True) for _ in range(2)]
+    assert offload_checkpoints(models[0], compiled=compiled, split_min_tokens=0, fused_first=True, keep_every=0) == 4
+    assert offload_checkpoints(models[1], compiled=compiled, split_min_tokens=0, fused_first=True,
+                               keep_every=every) == 4
+    assert split_layers(models[1]) == 4
+    from tunelab.model.fast.offload import kept_layers
+
+    layers = models[1].base_model.model.model.layers
+    return [_stepper(m, device) for m in models], kept_layers(models[1]), [m._tunelab_keep_gu for m in layers]
+
+
+def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(monkeypatch):
+    """The backward of a layer that kept gate/up's output replays it (lora.LoraGroupReplay) instead of the pair's
+    GEMM: the same loss and gradients bit for bit on the CPU (the first pass made it from the same rows), two
+    dequantizes fewer a kept layer, and a model without the grouped pair (16-bit) keeps none."""
+    (step_split, step_keep), kept, where = _keep_pair("cpu", every=2)
+    assert kept == 2 and where == [None, "host", None, "device"]  # the last layer and every 2nd below it
+    uses = collections.Counter()
+    dense = lora_mod.dense_weight
+    monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.update([tuple(w.shape)]) or dense(w, qs, dt))
+    loss_split, grads_split = step_split()
+    per_step_split = sum(uses.values())
+    replays = collections.Counter()
+    replay = lora_mod.LoraGroupReplay.forward
+    monkeypatch.setattr(lora_mod.LoraGroupReplay, "forward",
+                        staticmethod(lambda ctx, *a: replays.update(["replay"]) or replay(ctx, *a)))
+    for _ in range(2):  # the second step reuses the stash
+        uses.clear()
+        loss, grads = step_keep()
+        assert loss == loss_split
+        assert len(grads) == len(grads_split) == 4 * 7 * 2
+        for g, gs in zip(grads, grads_split):
+            assert torch.equal(g, gs)
+        # per layer and step: first pass 7, split recompute 5 (3 where gate/up's output was kept), grad x 7
+        assert per_step_split == 4 * 19 and sum(uses.values()) == 4 * 19 - 2 * 2
+    assert replays["replay"] == 2 * 2
+    model16 = _peft("qwen2", layers=4)
+    assert offload_checkpoints(model16, split_min_tokens=0, fused_first=True, keep_every=1) == 4
+    from tunelab.model.fast.offload import kept_layers
+
+    assert kept_layers(model16) == 0  # 16-bit gate and up stay two projections: no pair output to keep
+
+
+def test_kept_gate_up_outputs_compile_without_breaks_cpu():
+    """Under a compiling backend the kept layers' first pass (first_pass_keep) is one graph returning gate/up's
+    output too, no graph break, and training matches eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tunelab.model.fast import offload
+    from tunelab.model.fast.compile import compile_counters
+
+    (step_split, _), _, _ = _keep_pair("cpu", every=2)
+    loss_eager, grads_eager = step_split()
+    torch._dynamo.reset()
+    saved = offload._Compiled.fns, offload._Compiled.backend
+    boxed = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731 (AOTAutograd's graphs, run eagerly)
+    offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=boxed, bw_compiler=boxed)
+    try:
+        (_, step_keep), kept, _ = _keep_pair("cpu", every=2, compiled=True)
+        assert kept == 2
+        before = compile_counters()
+        for _ in range(2):
+            loss, grads = step_keep()
+            assert abs(loss - loss_eager) < 1e-3 * loss_eager
+            for g, ge in zip(grads, grads_eager):
+                assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
+        after = compile_counters()
+    finally:
+        offload._Compiled.fns, offload._Compiled.backend = saved
+        torch._dynamo.reset()
+    assert after["graph_breaks"] == before["graph_breaks"]
+    # first pass with and without the kept output, the attention half, the MLP half (the layers not kept)
+    assert after["unique_graphs"] - before["unique_graphs"] == 4
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kept_gate_up_outputs_on_gpu_train_like_the_recompute(compiled):
+    """On CUDA the kept outputs go to pinned host memory on their own stream and come back prefetched (the last
+    layer's stays on the GPU): eager, the same gradients bit for bit as recomputing them; compiled, within inductor's
+    rounding."""
+    (step_split, step_keep), kept, where = _keep_pair("cuda", every=1, compiled=compiled)
+    assert kept == 4 and where == ["host", "host", "host", "device"]
+    loss_split, grads_split = step_split()
+    for _ in range(3):  # later steps reuse the stash and its pinned buffers
+        loss, grads = step_keep()
+        for g, gs in zip(grads, grads_split):
+            if compiled:
+                assert (g.float() - gs.float()).norm() < 3e-2 * gs.float().norm()
+            else:
+                assert torch.equal(g, gs)
+        assert loss == loss_split if not compiled else abs(loss - loss_split) < 1e-3 * loss_split

@@ -44,6 +44,9 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  term added over grad x (lora.dense_below; TUNELAB_BELOW=1 / 0; default off)
   +augpad<N>     appended: the augmented GEMM's rank-r columns padded to a multiple of N (lora.AUGMENT_PAD;
                  TUNELAB_AUGMENT_PAD; default 8): +augpad64 makes 7B gate/up's augmented width 3,648, not 3,600
+  +keepgu<N>     appended: the checkpoint offload keeps gate/up's output from the first pass for the last layer and
+                 every Nth below it, so their backward skips the pair's GEMM (split.keep_layers; TUNELAB_KEEP_GATE_UP;
+                 +keepgu0: none, the default)
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
   Each case also reports per step the training thread's CPU time (step_cpu_s: the forward and the optimizer,
@@ -338,6 +341,9 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
         os.environ["TUNELAB_AUGMENT_PAD"] = augpad.group(1)
         lora.AUGMENT_PAD = int(augpad.group(1))
+    keepgu = re.search(r"\+keepgu(\d+)\b", variant)
+    if keepgu:  # read when the offload is installed (split.keep_every)
+        os.environ["TUNELAB_KEEP_GATE_UP"] = keepgu.group(1)
     sdpa = re.search(r"\+sdpa(cudnn|flash|efficient|default)\b", variant)
     if sdpa:  # read when the fast path is installed (model/fast/attention.py)
         os.environ["TUNELAB_SDPA_FIRST"] = sdpa.group(1)

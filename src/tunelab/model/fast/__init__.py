@@ -306,7 +306,7 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         applied.append("host-embedding")
         what.append(f"input embedding in host memory ({moved / 2**30:.2f} GiB off the GPU)")
     if offloaded:
-        from tunelab.model.fast.offload import split_layers
+        from tunelab.model.fast.offload import kept_layers, split_layers
 
         applied.append(f"offload({offloaded} layers)")
         what.append(f"checkpoints of {offloaded} layers in host memory")
@@ -314,6 +314,10 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         if split:
             applied.append(f"split-recompute({split} layers)")
             what.append(f"{split} layers recomputed without their o and down products")
+        kept = kept_layers(model)
+        if kept:
+            applied.append(f"keep-gate-up({kept} layers)")
+            what.append(f"{kept} layers keep gate/up's output for the backward (TUNELAB_KEEP_GATE_UP)")
     if compiled:
         from tunelab.model.fast.compile import compile_decoder_layers
 

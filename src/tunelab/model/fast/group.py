@@ -38,19 +38,41 @@ def enabled() -> bool:
     return os.environ.get("TUNELAB_GROUP_GATE_UP", "1") != "0"
 
 
-def _grouped_forward(self, x):
+def pair_args(mlp):
+    """(gate's fused arguments, up's) when a call of this grouped MLP now is the pair's fused case (no bias, one
+    scale and compute dtype), else None."""
     from tunelab.model.fast import Passes, fused_args
+
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if not hasattr(mlp, "_tunelab_mlp_forward") or not Passes.fused_now() or gate._tunelab_skip or up._tunelab_skip:
+        return None
+    first, second = fused_args(gate), fused_args(up)
+    if (first is not None and second is not None and first[2] is None and second[2] is None
+            and first[5] == second[5] and first[6] == second[6]):
+        return first, second
+    return None
+
+
+def act_of(mlp, gu, pair):
+    """down's input from the pair's output gu [..., gate's out + up's out]: act(g) * u, the MLP's own arithmetic."""
+    g, u = gu.split([pair[0][4].shape[0], pair[1][4].shape[0]], dim=-1)
+    return mlp.act_fn(g) * u
+
+
+def pair_output(mlp, x):
+    """(gu, the pair's arguments) for input x, gu gate's and up's outputs side by side, when the call is the fused
+    case now, else None (split.first_pass_keep: the checkpoint offload keeps gu for the backward)."""
     from tunelab.model.fast.lora import lora_pair
 
-    gate, up = self.gate_proj, self.up_proj
-    if Passes.fused_now() and not (gate._tunelab_skip or up._tunelab_skip):
-        first, second = fused_args(gate), fused_args(up)
-        if (first is not None and second is not None and first[2] is None and second[2] is None
-                and first[5] == second[5] and first[6] == second[6]):
-            gu = lora_pair(x, first, second)
-            g, u = gu.split([first[4].shape[0], second[4].shape[0]], dim=-1)
-            return self.down_proj(self.act_fn(g) * u)
-    return self._tunelab_mlp_forward(x)
+    pair = pair_args(mlp)
+    return None if pair is None else (lora_pair(x, *pair), pair)
+
+
+def _grouped_forward(self, x):
+    made = pair_output(self, x)
+    if made is None:
+        return self._tunelab_mlp_forward(x)
+    return self.down_proj(act_of(self, *made))
 
 
 def group_gate_up(model) -> int:

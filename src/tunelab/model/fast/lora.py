@@ -320,19 +320,55 @@ class LoraGroup(torch.autograd.Function):
         return grad_x, grad_a, grad_bd, None, None, None, None, None, None, None, None, None
 
 
-def lora_group(x, *projections):
-    """x [..., in] -> [..., sum of outs]: two or three projections' outputs side by side; each projection: its
-    (weight, quant_state, bias, lora_a, lora_b, scale, dtype) as fast.fused_args gives them (one scale and one
-    compute dtype among them, biases on all or none: the caller checks)."""
+class LoraGroupReplay(LoraGroup):
+    """LoraGroup whose forward does not compute: it returns the output a no-grad first pass made from the same input
+    (`kept`, in bias's place: the replayed groups have none) and saves what LoraGroup's backward needs (x and
+    x @ A^T, a [tokens, r] GEMM). The checkpoint offload keeps gate/up's output for some layers
+    (split.first_pass_keep) so that their recompute skips the pair's GEMM; the backward is LoraGroup's."""
+
+    @staticmethod
+    def forward(ctx, x, a, bd, kept, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
+        in_dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        xa = torch.mm(x2, a.t())  # as the forward made it (the same GEMM on the same rows)
+        ctx.kept = False
+        ctx.save_for_backward(x2, xa, a, bd)
+        ctx.parts = ((w1, qs1), (w2, qs2)) if w3 is None else ((w1, qs1), (w2, qs2), (w3, qs3))
+        ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
+        return kept.view(*x.shape[:-1], kept.shape[-1])
+
+
+def _group_args(projections):
+    """LoraGroup's arguments after x and before the weights: (a stacked, bd the block diagonal of the Bs, the stacked
+    biases or None), in the compute dtype, then the weights and quant states."""
     if len(projections) not in (2, 3):
         raise ValueError(f"lora_group takes two or three projections, not {len(projections)}")
-    scale, dtype = projections[0][5], projections[0][6]
+    dtype = projections[0][6]
     a = torch.cat([p[3].to(dtype) for p in projections])  # [sum of r, in]
     bd = torch.block_diag(*[p[4].to(dtype) for p in projections])  # [sum of outs, sum of r]
     bias = None if projections[0][2] is None else torch.cat([p[2].to(dtype) for p in projections])
     (w1, qs1), (w2, qs2) = projections[0][:2], projections[1][:2]
     w3, qs3 = projections[2][:2] if len(projections) == 3 else (None, None)
-    return LoraGroup.apply(x, a, bd, bias, w1, qs1, w2, qs2, w3, qs3, float(scale), dtype)
+    return a, bd, bias, (w1, qs1, w2, qs2, w3, qs3)
+
+
+def lora_group(x, *projections):
+    """x [..., in] -> [..., sum of outs]: two or three projections' outputs side by side; each projection: its
+    (weight, quant_state, bias, lora_a, lora_b, scale, dtype) as fast.fused_args gives them (one scale and one
+    compute dtype among them, biases on all or none: the caller checks)."""
+    a, bd, bias, weights = _group_args(projections)
+    return LoraGroup.apply(x, a, bd, bias, *weights, float(projections[0][5]), projections[0][6])
+
+
+def lora_pair_replay(x, first, second, kept):
+    """lora_pair's output for input x without computing it: `kept`, what lora_pair(x, first, second) returned in a
+    no-grad pass over the same x; its backward is lora_pair's (LoraGroupReplay)."""
+    a, bd, bias, weights = _group_args((first, second))
+    if bias is not None:
+        raise ValueError("lora_pair_replay covers projections without a bias (the caller checks)")
+    return LoraGroupReplay.apply(x, a, bd, kept, *weights, float(first[5]), first[6])
 
 
 def lora_pair(x, first, second):

@@ -28,56 +28,82 @@ from typing import Any
 
 
 class HostStash:
-    """Layer inputs on the host, in forward order; backward takes them back in reverse order, prefetching."""
+    """Layer inputs on the host, in forward order; backward takes them back in reverse order, prefetching.
+
+    Big slots (push(big=True): gate/up's kept outputs, split.keep_layers) travel on a stream of their own, so that
+    the small slots' copies never queue behind them, and each is brought back as soon as the backward passes the big
+    slot above it (the layers between give it time to arrive: at most two big slots on the device at once, the one
+    in use and the next); a slot pushed with on_device=True stays on the GPU (the last layer's: its backward comes
+    first)."""
 
     def __init__(self):
         import torch
 
         self.cuda = torch.cuda.is_available()
         self.stream = torch.cuda.Stream() if self.cuda else None
-        self.host: list[Any] = []  # per slot: pinned host copy (or the tensor itself off CUDA)
+        self.big_stream = torch.cuda.Stream() if self.cuda else None
+        self.host: list[Any] = []  # per slot: pinned host copy (or the tensor itself off CUDA / kept on the device)
         self.back: dict[int, tuple[Any, Any]] = {}  # slot -> (device tensor, ready event), prefetched
+        self.big: list[int] = []  # the big slots, ascending
+        self.resident: set[int] = set()  # the slots kept on the device
 
-    def push(self, t) -> int:
+    def reset(self) -> None:
+        self.host.clear()
+        self.big.clear()
+        self.resident.clear()
+
+    def push(self, t, big: bool = False, on_device: bool = False) -> int:
         import torch
 
-        if not t.is_cuda:
+        slot = len(self.host)
+        if big:
+            self.big.append(slot)
+        if not t.is_cuda or on_device:
             self.host.append(t.detach())
-            return len(self.host) - 1
+            if t.is_cuda:
+                self.resident.add(slot)
+            return slot
+        stream = self.big_stream if big else self.stream
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream())  # t is complete
-        with torch.cuda.stream(self.stream):
+        stream.wait_stream(torch.cuda.current_stream())  # t is complete
+        with torch.cuda.stream(stream):
             host.copy_(t.detach(), non_blocking=True)
-        t.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        t.record_stream(stream)  # its memory is not reused before the copy has read it
         self.host.append(host)
-        return len(self.host) - 1
+        return slot
 
-    def _fetch(self, slot: int, device) -> None:
+    def _fetch(self, slot: int, device, stream) -> None:
         import torch
 
-        if slot < 0 or slot in self.back or self.host[slot] is None:
+        if slot < 0 or slot in self.back or self.host[slot] is None or slot in self.resident:
             return
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             t = self.host[slot].to(device, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record(self.stream)
+            ready.record(stream)
         self.back[slot] = (t, ready)
 
     def pop(self, slot: int, device):
-        """The input of `slot` on `device`; starts bringing back the one before it."""
+        """The tensor of `slot` on `device`; starts bringing back the one before it (and the next big slot below)."""
         import torch
 
-        if not self.cuda or device.type != "cuda":
+        if not self.cuda or device.type != "cuda" or slot in self.resident:
             t, self.host[slot] = self.host[slot], None
-            return t
-        self._fetch(slot, device)
-        t, ready = self.back.pop(slot)
-        self.host[slot] = None
-        torch.cuda.current_stream().wait_event(ready)
-        t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
-        self._fetch(slot - 1, device)
+            self.resident.discard(slot)
+        else:
+            big = set(self.big)
+            self._fetch(slot, device, self.big_stream if slot in big else self.stream)
+            t, ready = self.back.pop(slot)
+            self.host[slot] = None
+            torch.cuda.current_stream().wait_event(ready)
+            t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
+            if slot - 1 not in big:
+                self._fetch(slot - 1, device, self.stream)
+            below = [s for s in self.big if s < slot]
+            if below:
+                self._fetch(below[-1], device, self.big_stream)
         if slot == 0:
-            self.host.clear()
+            self.reset()
         return t
 
 
@@ -92,11 +118,17 @@ def _build():
             # the fast path covers dropout 0 only
             ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _devices()]
             ctx.slot = stash.push(hidden)
+            ctx.slot_gu = None
             with torch.no_grad(), _first_pass(fused_first):
                 if split is None:
                     return run(hidden)
-                out, h2 = split.first(hidden)  # split.py: h2, the residual after attention, is kept too
+                if split.keep is None:
+                    out, h2 = split.first(hidden)  # split.py: h2, the residual after attention, is kept too
+                else:  # and gate/up's output, for the MLP half's replay (split.keep_layers)
+                    out, h2, gu = split.first_keep(hidden)
             ctx.slot_h2 = stash.push(h2)
+            if split.keep is not None and gu is not None:
+                ctx.slot_gu = stash.push(gu, big=True, on_device=split.keep == "device")
             return out
 
         @staticmethod
@@ -110,12 +142,16 @@ def _build():
                 def get_x():
                     return ctx.stash.pop(ctx.slot, ctx.device)
 
-                grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp)
+                # gu (kept layers): popped into the call, not held here (split_backward drops it after the MLP half)
+                grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp,
+                                      None if ctx.slot_gu is None else ctx.stash.pop(ctx.slot_gu, ctx.device))
                 if grad is not None:
                     return None, None, grad, None, None
                 del h2  # o or down left the fused case since the forward: the whole layer is recomputed
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
+                if ctx.slot_gu is not None:
+                    ctx.stash.pop(ctx.slot_gu, ctx.device)
             hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
             with forward_mode(ctx.autocast), recomputing():
                 out = ctx.run(hidden)
@@ -166,6 +202,12 @@ def _first(layer, kwargs, hidden):
     return first_pass(layer, kwargs, hidden)
 
 
+def _first_keep(layer, kwargs, hidden):
+    from tunelab.model.fast.split import first_pass_keep
+
+    return first_pass_keep(layer, kwargs, hidden)
+
+
 def _attn(layer, kwargs, hidden):
     from tunelab.model.fast.split import attn_input
 
@@ -207,18 +249,21 @@ def _compiled(fn):
     return call
 
 
-_EAGER = {"call": _call, "first": _first, "attn": _attn, "mlp": _mlp}
+_EAGER = {"call": _call, "first": _first, "first_keep": _first_keep, "attn": _attn, "mlp": _mlp}
 _COMPILED = {name: _compiled(fn) for name, fn in _EAGER.items()}  # made once, not at each layer call
 
 
 class _Split:
-    """A layer's split.py parts for the offload: the first pass returning h2, the two halves for the backward."""
+    """A layer's split.py parts for the offload: the first pass returning h2 (and gate/up's output where the layer
+    keeps it: keep "host" or "device", else None), the two halves for the backward."""
 
     def __init__(self, layer, kwargs, compiled: bool):
         fns = _COMPILED if compiled else _EAGER
         first, attn, mlp = fns["first"], fns["attn"], fns["mlp"]
         self.layer = layer
+        self.keep = getattr(layer, "_tunelab_keep_gu", None)
         self.first = functools.partial(first, layer, kwargs)
+        self.first_keep = functools.partial(fns["first_keep"], layer, kwargs)
         self.attn = functools.partial(attn, layer, kwargs)
         self.mlp = functools.partial(mlp, layer, kwargs)
 
@@ -253,7 +298,7 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
         if kwargs or len(args) != 1 or not torch.is_tensor(args[0]) or not args[0].requires_grad:
             return fallback(run, *args, **kwargs)
         if stash.host and stash.host[0] is None:  # a new step after a finished backward
-            stash.host.clear()
+            stash.reset()
         parts = None
         if split_min_tokens is not None and args[0].numel() >= split_min_tokens * args[0].shape[-1]:
             layer_kwargs = _layer_kwargs(run, layer)
@@ -267,14 +312,17 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
 
 
 def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None,
-                        split_min_tokens: int | None = None) -> int:
+                        split_min_tokens: int | None = None, keep_every: int | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
     split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
     TUNELAB_SPLIT_MIN_TOKENS: split.py says why); fused_first: the first pass through the fused projections
     (default: on; TUNELAB_FUSED_FIRST_PASS=0: PEFT's no-grad path; run 12 measured the fused pass slower with the
-    custom_op form of the opaque ops, run 14 faster with the Library form: docs/fastpath.md). Returns how many layers
-    were routed; `split_layers(model)` says how many can split."""
+    custom_op form of the opaque ops, run 14 faster with the Library form: docs/fastpath.md); keep_every: split
+    layers whose MLP is the grouped gate/up pair keep its output from the (fused) first pass, the last layer and every
+    keep_every-th below it (split.keep_layers; default TUNELAB_KEEP_GATE_UP, 0: none), so their backward skips the
+    pair's GEMM. Returns how many layers were routed; `split_layers(model)` says how many can split,
+    `kept_layers(model)` how many keep gate/up's output."""
     import os
 
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -287,20 +335,29 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         split_min_tokens = split_mod.min_tokens()
     if fused_first is None:
         fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "1") != "0"
+    if keep_every is None:
+        keep_every = split_mod.keep_every()
     stash = HostStash()
-    count = 0
-    for module in model.modules():
-        fallback = getattr(module, "_gradient_checkpointing_func", None)
-        if not isinstance(module, GradientCheckpointingLayer) or fallback is None or not module.gradient_checkpointing:
-            continue
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+              and getattr(m, "_gradient_checkpointing_func", None) is not None]
+    keep = split_mod.keep_layers(len(layers), keep_every) if split and fused_first else []
+    for index, module in enumerate(layers):
+        fallback = module._gradient_checkpointing_func
         splits = split and split_mod.split_plan(module)
         module._tunelab_split = splits
+        # gate/up's output kept from the first pass (split.keep_layers): grouped MLPs of split layers only
+        kept = splits and index in keep and hasattr(module.mlp, "_tunelab_mlp_forward")
+        module._tunelab_keep_gu = None if not kept else "device" if index == len(layers) - 1 else "host"
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
             stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first)
-        count += 1
-    return count
+    return len(layers)
 
 
 def split_layers(model) -> int:
     """How many offloaded layers recompute without their o and down products (split.py)."""
     return sum(1 for m in model.modules() if getattr(m, "_tunelab_split", False))
+
+
+def kept_layers(model) -> int:
+    """How many offloaded layers keep gate/up's output from the first pass for their backward (split.keep_layers)."""
+    return sum(1 for m in model.modules() if getattr(m, "_tunelab_keep_gu", None))

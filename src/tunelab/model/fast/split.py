@@ -63,6 +63,28 @@ def min_tokens() -> int:
     return int(raw)
 
 
+def keep_every() -> int:
+    """TUNELAB_KEEP_GATE_UP: every how many layers the offload keeps gate/up's output from the first pass for the
+    backward (keep_layers; 0: none, the default until measured); a value that is not a whole number >= 0 is a
+    ConfigError."""
+    raw = os.environ.get("TUNELAB_KEEP_GATE_UP", "0")
+    if not raw.strip().isdigit():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"TUNELAB_KEEP_GATE_UP={raw!r}: expected a whole number of layers >= 0 (0: off; N: the "
+                          "last layer and every Nth one below it keep gate/up's output)")
+    return int(raw)
+
+
+def keep_layers(n: int, every: int) -> list[int]:
+    """The layer indices (of n, ascending) whose gate/up output the offload keeps: the last layer and every
+    `every`-th below it (every 0: none). Spaced so that one layer's copy to the host (at 7B, 4 x 1024: 310 MB, ~6 ms
+    over PCIe, longer than a layer's forward) is done before the next kept layer's starts, and in backward each
+    kept layer's copy back has the layers between to arrive in; the last layer's stays on the GPU (its backward
+    comes first, right after the forward)."""
+    return [] if every <= 0 else list(range(n - 1, -1, -every))[::-1]
+
+
 def split_plan(layer) -> bool:
     """Whether `layer` is one whose backward can skip the o and down products (checked at install time; the fused
     case of both projections is checked again at each call, `_fused`)."""
@@ -91,6 +113,33 @@ def first_pass(layer, kwargs, x):
     h = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
     h2 = x + h
     return h2 + layer.mlp(layer.post_attention_layernorm(h2)), h2
+
+
+def first_pass_keep(layer, kwargs, x):
+    """first_pass, also returning gate/up's output gu (None when the MLP's call was not the grouped pair's fused
+    case): (out, h2, gu). The same arithmetic as first_pass, op for op (group._grouped_forward's MLP)."""
+    from tunelab.model.fast.group import act_of, pair_output
+
+    h = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
+    h2 = x + h
+    n2 = layer.post_attention_layernorm(h2)
+    made = pair_output(layer.mlp, n2)
+    if made is None:
+        return h2 + layer.mlp(n2), h2, None
+    return h2 + layer.mlp.down_proj(act_of(layer.mlp, *made)), h2, made[0]
+
+
+def mlp_replay(layer, h2, gu):
+    """The MLP half up to down's input from gu, gate/up's output kept from the first pass: the norm is recomputed
+    (its backward and the pair's need it), the pair's GEMM is not (lora.lora_pair_replay); None when the pair is not
+    the fused case now (the caller then recomputes)."""
+    from tunelab.model.fast.group import act_of, pair_args
+    from tunelab.model.fast.lora import lora_pair_replay
+
+    pair = pair_args(layer.mlp)
+    if pair is None:
+        return None
+    return act_of(layer.mlp, lora_pair_replay(layer.post_attention_layernorm(h2), *pair, gu), pair)
 
 
 def attn_input(layer, kwargs, x):
@@ -159,12 +208,13 @@ class recomputing:
         Passes.recompute = self.before
 
 
-def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
+def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp, gu=None):
     """grad of the layer input from grad_out, recomputing the two halves without o's and down's products, or None
     (before anything ran) when o or down is not the fused case now: the caller then recomputes the whole layer.
     get_x(): the layer input, back on the device (fetched after the MLP half); h2: the residual after attention;
     autocast: the forward's (device, enabled, dtype) list; run_attn(x) / run_mlp(h2): attn_input / mlp_input
-    (compiled or not) bound to the layer and its kwargs."""
+    (compiled or not) bound to the layer and its kwargs; gu: gate/up's output kept from the first pass
+    (first_pass_keep), or None: the MLP half then replays it (mlp_replay) instead of recomputing gate and up."""
     import torch
 
     def recompute(run, inp, module):
@@ -176,13 +226,20 @@ def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp):
             finally:
                 module._tunelab_skip = False
 
+    def replay(inp, kept):
+        inp = inp.detach().requires_grad_(True)
+        with forward_mode(autocast), recomputing():
+            act = mlp_replay(layer, inp, kept)
+        return (inp, act) if act is not None else recompute(run_mlp, inp, layer.mlp.down_proj)
+
     with forward_mode(autocast):
         fused = _fused(layer)  # inside the forward's autocast: the compute dtype is its
     if fused is None:
         return None
     o_args, down_args = fused
     # the projections' backwards run as LoraLinear.backward does: outside autocast, in the dtypes they name
-    h2, act = recompute(run_mlp, h2, layer.mlp.down_proj)
+    h2, act = recompute(run_mlp, h2, layer.mlp.down_proj) if gu is None else replay(h2, gu)
+    del gu  # (the replay's autograd graph holds it until its backward below)
     grad_act = _projection_backward(down_args, act.detach(), grad_out)
     torch.autograd.backward([act], [grad_act.to(act.dtype)])
     grad_h2 = grad_out + h2.grad  # the residual's share and the MLP's
