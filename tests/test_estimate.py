@@ -321,6 +321,30 @@ def test_offload_estimate_rows_by_hand(monkeypatch):
     assert estimate(s, Setup(batch=2, seq=16, grad_ckpt=False, offload=True)).phases == estimate(s, Setup(batch=2, seq=16, grad_ckpt=False)).phases
 
 
+def test_kept_gate_up_outputs_by_hand(monkeypatch):
+    """TUNELAB_KEEP_GATE_UP (split.keep_layers, opt-in): the last layer's [tokens, 2I] output on the GPU at the loss,
+    two in backward (in use, arriving), the other kept layers' in pinned host memory; only where the split applies
+    (4-bit QLoRA under the offload, from split.MIN_TOKENS tokens)."""
+    monkeypatch.delenv("TUNELAB_KEEP_DENSE", raising=False)
+    monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
+    s = model_shape(Q7)
+    u = Setup(method="qlora", batch=4, seq=1024, compiled=True, offload=True)
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "0")
+    off = estimate(s, u)
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "3")
+    kept = estimate(s, u)
+    one = 4096 * 2 * 18944 * 2
+    assert one == 310_378_496 == T.r512(one)
+    assert kept.phases["loss"] - off.phases["loss"] == one
+    assert kept.phases["backward"] - off.phases["backward"] == 2 * one
+    assert kept.host_pinned - off.host_pinned == 9 * one  # 10 layers kept (27, 24, ..., 0), the last on the GPU
+    small = Setup(method="qlora", batch=1, seq=1024, compiled=True, offload=True)  # 1,024 tokens: no split
+    assert estimate(s, small).phases == (monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "0") or estimate(s, small)).phases
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "3")
+    lora = Setup(method="lora", batch=4, seq=1024, compiled=True, offload=True)  # 16-bit gate/up: not grouped
+    assert estimate(s, lora).phases == (monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "0") or estimate(s, lora)).phases
+
+
 def test_host_embedding_takes_the_table_off_the_gpu():
     """The table (bf16 V x H, 1,089,994,752 B at 7B) leaves the weights row and every moment; a named row says so."""
     s = model_shape(Q7)
