@@ -74,6 +74,35 @@ def _stepper(model, device, seed=3):
     return step
 
 
+def _train_compiled(make, loss_eager, grads_eager, compiler=None):
+    """Two steps of the stepper make() returns, its offloaded layers compiled with AOTAutograd's graphs run eagerly
+    (compiler: the graphs' compiler, to read their ops), each within the compiled-vs-eager bounds of the eager
+    step's (loss_eager, grads_eager); returns what dynamo counted meanwhile (distinct graphs, graph breaks)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tunelab.model.fast import offload
+    from tunelab.model.fast.compile import compile_counters
+
+    compiler = compiler or (lambda gm, _: make_boxed_func(gm.forward))
+    torch._dynamo.reset()
+    saved = offload._Compiled.fns, offload._Compiled.backend
+    offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+    try:
+        step = make()
+        before = compile_counters()
+        for _ in range(2):
+            loss, grads = step()
+            assert abs(loss - loss_eager) < 1e-3 * loss_eager
+            for g, ge in zip(grads, grads_eager):  # AOTAutograd's decompositions round some bf16 steps apart
+                assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
+        after = compile_counters()
+    finally:
+        offload._Compiled.fns, offload._Compiled.backend = saved
+        torch._dynamo.reset()
+    return {k: after[k] - before[k] for k in ("unique_graphs", "graph_breaks")}
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
 def test_first_pass_is_the_layers_own_forward(model_type):
     model = _base(model_type)
@@ -251,10 +280,6 @@ def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
     and the two halves each trace as one graph for both layers, with no graph break (the skip flags and the
     first-pass switch are guarded, not breaks), and train like eager."""
     from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    from tunelab.model.fast import offload
-    from tunelab.model.fast.compile import compile_counters
 
     ops = collections.Counter()
 
@@ -264,25 +289,15 @@ def test_the_split_parts_compile_as_graphs_without_breaks_cpu():
 
     eager, compiled = _peft("qwen2"), _peft("qwen2")
     offload_checkpoints(eager)
-    torch._dynamo.reset()
-    saved = offload._Compiled.fns, offload._Compiled.backend
-    offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=count, bw_compiler=count)
-    try:
+    loss_eager, grads_eager = _stepper(eager, "cpu")()
+
+    def make():
         assert offload_checkpoints(compiled, compiled=True, split_min_tokens=0, fused_first=True) == 2
         assert split_layers(compiled) == 2
-        loss_eager, grads_eager = _stepper(eager, "cpu")()
-        before = compile_counters()
-        for _ in range(2):
-            loss, grads = _stepper(compiled, "cpu")()
-            assert abs(loss - loss_eager) < 1e-3 * loss_eager
-            for g, ge in zip(grads, grads_eager):  # AOTAutograd's decompositions round some bf16 steps apart
-                assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
-        after = compile_counters()
-    finally:
-        offload._Compiled.fns, offload._Compiled.backend = saved
-        torch._dynamo.reset()
-    assert after["graph_breaks"] == before["graph_breaks"]
-    assert after["unique_graphs"] - before["unique_graphs"] == 3  # first pass, attention half, MLP half
+        return _stepper(compiled, "cpu")
+
+    made = _train_compiled(make, loss_eager, grads_eager, count)
+    assert made == {"unique_graphs": 3, "graph_breaks": 0}  # first pass, attention half, MLP half
     # the products: first pass 7 (no grad, fused_first), attention half q/k/v (o skipped) and MLP half gate/up (down skipped),
     # each half's backward its own grad x; o's and down's backward run eager (lora_backward), outside the graphs
     assert ops["tunelab.two_products.default"] == 7 + 3 + 2 + 3 + 2
@@ -390,34 +405,16 @@ def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(monkeypatch)
 def test_kept_gate_up_outputs_compile_without_breaks_cpu():
     """Under a compiling backend the kept layers' first pass (first_pass_keep) is one graph returning gate/up's
     output too, no graph break, and training matches eager."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    from tunelab.model.fast import offload
-    from tunelab.model.fast.compile import compile_counters
-
     (step_split, _), _, _ = _keep_pair("cpu", every=2)
     loss_eager, grads_eager = step_split()
-    torch._dynamo.reset()
-    saved = offload._Compiled.fns, offload._Compiled.backend
-    boxed = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731 (AOTAutograd's graphs, run eagerly)
-    offload._Compiled.fns, offload._Compiled.backend = {}, aot_autograd(fw_compiler=boxed, bw_compiler=boxed)
-    try:
+
+    def make():
         (_, step_keep), kept, _ = _keep_pair("cpu", every=2, compiled=True)
         assert kept == 2
-        before = compile_counters()
-        for _ in range(2):
-            loss, grads = step_keep()
-            assert abs(loss - loss_eager) < 1e-3 * loss_eager
-            for g, ge in zip(grads, grads_eager):
-                assert (g.float() - ge.float()).norm() < 2e-2 * ge.float().norm()
-        after = compile_counters()
-    finally:
-        offload._Compiled.fns, offload._Compiled.backend = saved
-        torch._dynamo.reset()
-    assert after["graph_breaks"] == before["graph_breaks"]
+        return step_keep
+
     # first pass with and without the kept output, the attention half, the MLP half (the layers not kept)
-    assert after["unique_graphs"] - before["unique_graphs"] == 4
+    assert _train_compiled(make, loss_eager, grads_eager) == {"unique_graphs": 4, "graph_breaks": 0}
 
 
 @gpu

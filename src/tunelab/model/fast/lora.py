@@ -270,6 +270,17 @@ def _augment(x2, xa, bd, scale):
     return torch.cat([x2, xa], dim=1), tail
 
 
+def _group_inputs(ctx, x, a, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
+    """LoraGroup's forward prologue: (x's rows in `dtype`, x @ A^T, the (weight, quant state) parts), with what its
+    backward reads set on ctx."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != dtype:
+        x2 = x2.to(dtype)
+    ctx.parts = ((w1, qs1), (w2, qs2)) if w3 is None else ((w1, qs1), (w2, qs2), (w3, qs3))
+    ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, x.dtype, x.shape
+    return x2, torch.mm(x2, a.t()), ctx.parts
+
+
 class LoraGroup(torch.autograd.Function):
     """Two or three LoRA projections of the same input (gate and up; q, k and v) as one function: one GEMM for their
     x @ A^T (A stacked, a [sum of r, in]), then one GEMM for all base products and rank-r products (the stacked
@@ -283,12 +294,7 @@ class LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, bd, bias, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
-        in_dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        parts = ((w1, qs1), (w2, qs2)) if w3 is None else ((w1, qs1), (w2, qs2), (w3, qs3))
-        xa = torch.mm(x2, a.t())
+        x2, xa, parts = _group_inputs(ctx, x, a, w1, qs1, w2, qs2, w3, qs3, scale, dtype)
         if AUGMENT:
             x_aug, tail = _augment(x2, xa, bd, scale)
             w = dense_group(parts, dtype, tail)  # [W; ...] with scale B (and zero columns) to the right
@@ -298,8 +304,6 @@ class LoraGroup(torch.autograd.Function):
             y = two_products(x2, w.t(), bias, xa, bd.t(), scale)
         ctx.kept = keep_dense()
         ctx.save_for_backward(x2, xa, a, bd, *((w,) if ctx.kept else ()))
-        ctx.parts = parts
-        ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -328,15 +332,9 @@ class LoraGroupReplay(LoraGroup):
 
     @staticmethod
     def forward(ctx, x, a, bd, kept, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
-        in_dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        xa = torch.mm(x2, a.t())  # as the forward made it (the same GEMM on the same rows)
+        x2, xa, _ = _group_inputs(ctx, x, a, w1, qs1, w2, qs2, w3, qs3, scale, dtype)  # xa: as the forward made it
         ctx.kept = False
         ctx.save_for_backward(x2, xa, a, bd)
-        ctx.parts = ((w1, qs1), (w2, qs2)) if w3 is None else ((w1, qs1), (w2, qs2), (w3, qs3))
-        ctx.scale, ctx.dtype, ctx.in_dtype, ctx.x_shape = scale, dtype, in_dtype, x.shape
         return kept.view(*x.shape[:-1], kept.shape[-1])
 
 
