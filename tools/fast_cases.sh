@@ -70,6 +70,27 @@ peer() {  # peer NAME WANT VARIANT SHAPES...: Unsloth / the plain stack through 
   echo "rc=$? at ${SECONDS}s" | tee -a $L; grep '^{' $OUT/$name.out | tee -a $L | sed "s/^/{\"peer\": \"$name\", \"r\": /; s/$/}/" >> $OUT/all.jsonl
   { echo "== $name"; tail -c 1500 $OUT/$name.err; } >> $OUT/errs.txt; rm -f $OUT/$name.out $OUT/$name.err
 }
+link_probe() {  # the host link's copy rate: one 310 MB tensor (7B gate/up's output at 4 x 1024), pinned, each way
+  # alone and both ways at once (runs 25 and 28; run 25's own copy had the second host buffer unpinned)
+  timeout 60 python3 - <<'PY' 2>&1 | tee -a $L
+import torch, time
+n = 4096 * 37888  # bf16 elements of one gate/up output at 4 x 1024 (7B)
+d = torch.empty(n, dtype=torch.bfloat16, device="cuda"); h = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+for name, dst, src in (("d2h", h, d), ("h2d", d, h)):
+    for _ in range(2): dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(5): dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
+    print(f"pcie {name}: {2 * n / dt / 1e9:.1f} GB/s, {dt * 1e3:.2f} ms for {2 * n / 1e6:.0f} MB")
+s1, s2 = torch.cuda.Stream(), torch.cuda.Stream(); d2 = torch.empty_like(d); h2 = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(5):
+    with torch.cuda.stream(s1): h.copy_(d, non_blocking=True)
+    with torch.cuda.stream(s2): d2.copy_(h2, non_blocking=True)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
+print(f"pcie both ways at once: {2 * n / dt / 1e9:.1f} GB/s each")
+PY
+}
 nvidia-smi --query-gpu=name,memory.used,clocks.sm,temperature.gpu --format=csv,noheader | tee -a $L
 python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)" | tee -a $L
 (timeout 150 python3 - > /tmp/build.txt 2>&1 <<'EOF'

@@ -10,24 +10,7 @@
 OUT=${1:-${OUT:?}}; export OUT
 END=${END:-560}
 source "$(dirname "$0")/fast_cases.sh"
-timeout 60 python3 - <<'PY' 2>&1 | tee -a $L
-import torch, time
-n = 4096 * 37888  # bf16 elements of one gate/up output at 4 x 1024 (7B)
-d = torch.empty(n, dtype=torch.bfloat16, device="cuda"); h = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
-for name, dst, src in (("d2h", h, d), ("h2d", d, h)):
-    for _ in range(2): dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(5): dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
-    print(f"pcie {name}: {2 * n / dt / 1e9:.1f} GB/s, {dt * 1e3:.2f} ms for {2 * n / 1e6:.0f} MB")
-s1, s2 = torch.cuda.Stream(), torch.cuda.Stream(); d2 = torch.empty_like(d); h2 = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
-torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(5):
-    with torch.cuda.stream(s1): h.copy_(d, non_blocking=True)
-    with torch.cuda.stream(s2): d2.copy_(h2, non_blocking=True)
-torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
-print(f"pcie both ways at once: {2 * n / dt / 1e9:.1f} GB/s each")
-PY
+link_probe
 gpu_tests gpu_tests 110 tests/test_fast_split.py
 wait $BUILD; tail -2 /tmp/build.txt | tee -a $L
 for r in 1 2; do
