@@ -153,3 +153,15 @@ def test_host_clock_counts_every_thread_in_process_time():
     burn(0.2)
     wall, thread, process = clock.lap()
     assert thread >= 0.2 and process >= thread and wall >= 0.2
+
+
+def test_host_link_probe_is_none_off_cuda_and_two_rates_on_it():
+    import torch
+
+    from tunelab.bench import host_link
+
+    rates = host_link(mib=8, reps=1)
+    if not torch.cuda.is_available():
+        assert rates is None
+    else:
+        assert set(rates) == {"d2h", "h2d"} and all(r > 0 for r in rates.values())

@@ -49,7 +49,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  +keepgu0: none, the default)
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
-  Each case also reports per step the training thread's CPU time (step_cpu_s: the forward and the optimizer,
+  Each case also reports the host link's copy rate before its first step (host_link_gb_s: d2h / h2d over a
+                 pinned 256 MiB buffer; the offload's copies ride it), and per step the training thread's CPU time (step_cpu_s: the forward and the optimizer,
                  and its wait for the GPU at the step's end; not the backward, which autograd runs on its own CUDA
                  device thread), the time by which the host had queued the step's work (step_issue_s: near the
                  step time, the host is the bound) with the whole process's CPU time by then (step_proc_cpu_s, all
@@ -439,6 +440,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         loss_impl = "plain" if "plainloss" in variant else select_loss(model)
         trainer = TunelabTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                                  callbacks=[Timer()], loss_impl=loss_impl)
+    out["host_link_gb_s"] = host_link()  # before step 1 (its peaks are reset at the train's start)
     # TUNELAB_BENCH_GPU_SAMPLE=0: no nvidia-smi beside the case (the A/B of whether sampling itself costs a step)
     sampler = GpuSampler(command="" if os.environ.get("TUNELAB_BENCH_GPU_SAMPLE", "1") == "0" else "nvidia-smi")
     try:
@@ -460,6 +462,33 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         out["dynamo"] = compile_counters()
     del trainer, model
     return out
+
+
+def host_link(mib: int = 256, reps: int = 3):
+    """The host link's copy rate now, {"d2h": GB/s, "h2d": GB/s} over `reps` copies of one pinned `mib` MiB buffer
+    each way (the checkpoint offload's copies ride it; runs 25-26 saw cases of one lease differ by the link's load,
+    shared with the host's other GPUs), or None off CUDA. Its device buffer is freed and returned to the driver."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = mib * 2**20
+    device = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    rates = {}
+    for name, dst, src in (("d2h", host, device), ("h2d", device, host)):
+        dst.copy_(src, non_blocking=True)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates[name] = round(reps * n / (time.perf_counter() - start) / 1e9, 1)
+    del device, host
+    torch.cuda.empty_cache()
+    return rates
 
 
 class GpuSampler:
