@@ -322,10 +322,12 @@ def test_offload_estimate_rows_by_hand(monkeypatch):
 
 
 def test_kept_gate_up_outputs_by_hand(monkeypatch):
-    """TUNELAB_KEEP_GATE_UP (split.keep_layers, opt-in): the last layer's [tokens, 2I] output on the GPU at the loss,
-    two in backward (in use, arriving), the other kept layers' in pinned host memory; only where the split applies
-    (4-bit QLoRA under the offload, from split.MIN_TOKENS tokens)."""
+    """TUNELAB_KEEP_GATE_UP (split.keep_plan, opt-in): the last layer's [tokens, 2I] output on the GPU at the loss,
+    two in backward (in use, arriving), the other kept layers' in pinned host memory; with
+    TUNELAB_KEEP_GATE_UP_ON_GPU=K the last K on the GPU; only where the split applies (4-bit QLoRA under the
+    offload, from split.MIN_TOKENS tokens)."""
     monkeypatch.delenv("TUNELAB_KEEP_DENSE", raising=False)
+    monkeypatch.delenv("TUNELAB_KEEP_GATE_UP_ON_GPU", raising=False)
     monkeypatch.delenv("TUNELAB_SPLIT_MIN_TOKENS", raising=False)
     s = model_shape(Q7)
     u = Setup(method="qlora", batch=4, seq=1024, compiled=True, offload=True)
@@ -338,6 +340,16 @@ def test_kept_gate_up_outputs_by_hand(monkeypatch):
     assert kept.phases["loss"] - off.phases["loss"] == one
     assert kept.phases["backward"] - off.phases["backward"] == 2 * one
     assert kept.host_pinned - off.host_pinned == 9 * one  # 10 layers kept (27, 24, ..., 0), the last on the GPU
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP_ON_GPU", "2")  # the last two on the GPU, 24, 21, ..., 0 on the host
+    both = estimate(s, u)
+    assert both.phases["loss"] - off.phases["loss"] == 2 * one
+    assert both.phases["backward"] - off.phases["backward"] == 3 * one
+    assert both.host_pinned - off.host_pinned == 9 * one
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "0")
+    gpu_only = estimate(s, u)
+    assert gpu_only.phases["backward"] - off.phases["backward"] == 2 * one and gpu_only.host_pinned == off.host_pinned
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP_ON_GPU", "0")
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "3")
     small = Setup(method="qlora", batch=1, seq=1024, compiled=True, offload=True)  # 1,024 tokens: no split
     assert estimate(s, small).phases == (monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "0") or estimate(s, small)).phases
     monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "3")

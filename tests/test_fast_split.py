@@ -354,15 +354,25 @@ def test_the_kept_gate_up_layers_and_their_setting(monkeypatch):
     monkeypatch.setenv("TUNELAB_KEEP_GATE_UP", "yes")
     with pytest.raises(ConfigError, match="TUNELAB_KEEP_GATE_UP='yes': expected a whole number of layers"):
         split.keep_every()
+    # the plan: the last K layers on the GPU, every Nth below the last in host memory
+    assert split.keep_plan(8, 3, 0) == {1: "host", 4: "host", 7: "device"}
+    assert split.keep_plan(8, 3, 2) == {1: "host", 4: "host", 6: "device", 7: "device"}
+    assert split.keep_plan(8, 0, 2) == {6: "device", 7: "device"} and split.keep_plan(8, 0, 0) == {}
+    monkeypatch.delenv("TUNELAB_KEEP_GATE_UP_ON_GPU", raising=False)
+    assert split.keep_on_gpu() == 0
+    monkeypatch.setenv("TUNELAB_KEEP_GATE_UP_ON_GPU", "-1")
+    with pytest.raises(ConfigError, match="TUNELAB_KEEP_GATE_UP_ON_GPU='-1': expected a whole number of layers"):
+        split.keep_on_gpu()
 
 
-def _keep_pair(device, every, compiled=False):
+def _keep_pair(device, every, compiled=False, on_gpu=0):
     """A split model (4-bit, gate/up grouped, 4 layers) without kept outputs and one keeping them every `every`
-    layers: (their steppers, how many layers keep)."""
+    layers (and the last `on_gpu` on the GPU): (their steppers, how many layers keep, where each layer keeps)."""
     models = [_peft("qwen2", device, quantized=True, layers=4, grouped=True) for _ in range(2)]
-    assert offload_checkpoints(models[0], compiled=compiled, split_min_tokens=0, fused_first=True, keep_every=0) == 4
+    assert offload_checkpoints(models[0], compiled=compiled, split_min_tokens=0, fused_first=True, keep_every=0,
+                               keep_on_gpu=0) == 4
     assert offload_checkpoints(models[1], compiled=compiled, split_min_tokens=0, fused_first=True,
-                               keep_every=every) == 4
+                               keep_every=every, keep_on_gpu=on_gpu) == 4
     assert split_layers(models[1]) == 4
     from tunelab.model.fast.offload import kept_layers
 
@@ -370,12 +380,14 @@ def _keep_pair(device, every, compiled=False):
     return [_stepper(m, device) for m in models], kept_layers(models[1]), [m._tunelab_keep_gu for m in layers]
 
 
-def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(monkeypatch):
+@pytest.mark.parametrize("every, on_gpu, want", [(2, 0, [None, "host", None, "device"]),
+                                                  (0, 2, [None, None, "device", "device"])])
+def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(every, on_gpu, want, monkeypatch):
     """The backward of a layer that kept gate/up's output replays it (lora.LoraGroupReplay) instead of the pair's
     GEMM: the same loss and gradients bit for bit on the CPU (the first pass made it from the same rows), two
     dequantizes fewer a kept layer, and a model without the grouped pair (16-bit) keeps none."""
-    (step_split, step_keep), kept, where = _keep_pair("cpu", every=2)
-    assert kept == 2 and where == [None, "host", None, "device"]  # the last layer and every 2nd below it
+    (step_split, step_keep), kept, where = _keep_pair("cpu", every=every, on_gpu=on_gpu)
+    assert kept == 2 and where == want  # every 2nd below the last (host), or the last two on the GPU
     uses = collections.Counter()
     dense = lora_mod.dense_weight
     monkeypatch.setattr(lora_mod, "dense_weight", lambda w, qs, dt: uses.update([tuple(w.shape)]) or dense(w, qs, dt))
@@ -421,11 +433,11 @@ def test_kept_gate_up_outputs_compile_without_breaks_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True])
 def test_kept_gate_up_outputs_on_gpu_train_like_the_recompute(compiled):
-    """On CUDA the kept outputs go to pinned host memory on their own stream and come back prefetched (the last
-    layer's stays on the GPU): eager, the same gradients bit for bit as recomputing them; compiled, within inductor's
+    """On CUDA the kept outputs go to pinned host memory on their own stream and come back prefetched past the
+    ones kept on the GPU (the last two layers' here): eager, the same gradients bit for bit as recomputing them; compiled, within inductor's
     rounding."""
-    (step_split, step_keep), kept, where = _keep_pair("cuda", every=1, compiled=compiled)
-    assert kept == 4 and where == ["host", "host", "host", "device"]
+    (step_split, step_keep), kept, where = _keep_pair("cuda", every=2, compiled=compiled, on_gpu=2)
+    assert kept == 3 and where == [None, "host", "device", "device"]
     loss_split, grads_split = step_split()
     for _ in range(3):  # later steps reuse the stash and its pinned buffers
         loss, grads = step_keep()

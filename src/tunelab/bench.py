@@ -47,6 +47,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +keepgu<N>     appended: the checkpoint offload keeps gate/up's output from the first pass for the last layer and
                  every Nth below it, so their backward skips the pair's GEMM (split.keep_layers; TUNELAB_KEEP_GATE_UP;
                  +keepgu0: none, the default)
+  +keepgpu<K>    appended: the last K layers keep gate/up's output on the GPU (no copies; split.keep_plan;
+                 TUNELAB_KEEP_GATE_UP_ON_GPU; default 0)
   +blockrows / +noblockrows  appended: the NF4 kernel's strided store (the stacked gate/up weight) per block with
                  a constant divisor, or per element (nf4_triton.BLOCK_ROWS; TUNELAB_NF4_BLOCK_ROWS=1 / 0; default on)
   Each case also reports the host link's copy rate before its first step (host_link_gb_s: d2h / h2d over a
@@ -342,9 +344,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
 
         os.environ["TUNELAB_AUGMENT_PAD"] = augpad.group(1)
         lora.AUGMENT_PAD = int(augpad.group(1))
-    keepgu = re.search(r"\+keepgu(\d+)\b", variant)
-    if keepgu:  # read when the offload is installed (split.keep_every)
-        os.environ["TUNELAB_KEEP_GATE_UP"] = keepgu.group(1)
+    for flag, env in (("keepgu", "TUNELAB_KEEP_GATE_UP"), ("keepgpu", "TUNELAB_KEEP_GATE_UP_ON_GPU")):
+        number = re.search(rf"\+{flag}(\d+)\b", variant)
+        if number:  # read when the offload is installed (split.keep_every, split.keep_on_gpu)
+            os.environ[env] = number.group(1)
     sdpa = re.search(r"\+sdpa(cudnn|flash|efficient|default)\b", variant)
     if sdpa:  # read when the fast path is installed (model/fast/attention.py)
         os.environ["TUNELAB_SDPA_FIRST"] = sdpa.group(1)

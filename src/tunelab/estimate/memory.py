@@ -261,13 +261,16 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
                                                    " (Liger's saved set: inductor fuses the same)" if compiled else "")),
         Row("temporaries", "gradient temporaries", temp), dequant,
         Row("grads", "gradients (fp32), so far", 4 * grads_one_layer)]
-    if _kept_gate_up(shape, u):  # split.keep_layers (opt-in): the last layer's output stays on the GPU through the
-        # loss; in backward one is in use and the next arrives from the host (HostStash's big slots)
+    on_gpu, on_host = _kept_gate_up(shape, u)
+    if on_gpu:  # split.keep_plan (opt-in): the last layers' outputs stay on the GPU through the loss; in backward
+        # those, and where some are in host memory the next one arriving (HostStash's big slots)
         one = T.r512(n * 2 * shape.intermediate * b)
-        moments["loss"].append(Row("kept", "kept gate/up output of the last layer (TUNELAB_KEEP_GATE_UP)", one,
-                                   "N x 2I"))
-        moments["backward"].append(Row("kept", "kept gate/up outputs: the one in use and the next arriving "
-                                               "(TUNELAB_KEEP_GATE_UP)", 2 * one, "2 x N x 2I"))
+        moments["loss"].append(Row("kept", f"kept gate/up outputs of the last {on_gpu} layer(s) (TUNELAB_KEEP_GATE_UP)",
+                                   on_gpu * one, f"{on_gpu} x N x 2I"))
+        held = on_gpu + (1 if on_host else 0)
+        moments["backward"].append(Row("kept", "kept gate/up outputs: those on the GPU" +
+                                       (" and the next arriving" if on_host else "") + " (TUNELAB_KEEP_GATE_UP)",
+                                       held * one, f"{held} x N x 2I"))
     if u.method in ("full", "freeze"):
         last = [Row("activations", "activations: one checkpoint left", T.r512(b * n * shape.hidden)),
                 Row("recompute", "activations: first layer recomputed", recompute), Row("temporaries", "gradient temporaries", temp), dequant,
@@ -278,15 +281,18 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
     return moments
 
 
-def _kept_gate_up(shape: ModelShape, u: Setup) -> int:
-    """How many layers keep gate/up's output for the backward (model.fast.split.keep_layers: TUNELAB_KEEP_GATE_UP,
-    opt-in): split layers of a 4-bit QLoRA under the offload, whose gate and up are one grouped pair."""
+def _kept_gate_up(shape: ModelShape, u: Setup) -> tuple[int, int]:
+    """How many layers keep gate/up's output for the backward on the GPU and in host memory (model.fast.split.keep_plan:
+    TUNELAB_KEEP_GATE_UP and TUNELAB_KEEP_GATE_UP_ON_GPU, opt-in): split layers of a 4-bit QLoRA under the offload,
+    whose gate and up are one grouped pair."""
     from tunelab.model.fast import split
 
     if not (u.offload and u.grad_ckpt and not u.plain and u.method == "qlora" and u.bits == 4
             and _splits(shape, u.batch * u.seq)):
-        return 0
-    return len(split.keep_layers(shape.layers, split.keep_every()))
+        return 0, 0
+    plan = split.keep_plan(shape.layers, split.keep_every(), split.keep_on_gpu())
+    on_gpu = sum(1 for where in plan.values() if where == "device")
+    return on_gpu, len(plan) - on_gpu
 
 
 def _splits(shape: ModelShape, tokens: int) -> bool:
@@ -326,7 +332,6 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     host = (T.checkpoint_bytes(shape, n, b) if u.offload and u.grad_ckpt and not u.plain else 0)
     if host and _splits(shape, n):
         host *= 2  # the split recompute (model.fast.split) also keeps each layer's h2, the same size, on the host
-        keep = _kept_gate_up(shape, u)
-        host += max(0, keep - 1) * n * 2 * shape.intermediate * b  # the kept gate/up outputs but the last layer's
+        host += _kept_gate_up(shape, u)[1] * n * 2 * shape.intermediate * b  # the kept gate/up outputs off the GPU
     host += T.sixteen_bit_rest(shape, b)["embeddings"] if u.host_embedding_on() and not u.plain and not shape.tied else 0
     return Estimate(shape, u, static + moments[phase], phase, phases, peak, reserved, smi, trainable, warnings, plan, host)

@@ -113,7 +113,7 @@ class HostStash:
             t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
             if slot - 1 not in big:
                 self._fetch(slot - 1, device, self.stream)
-            below = [s for s in self.big if s < slot]
+            below = [s for s in self.big if s < slot and s not in self.resident]  # the next one to copy back
             if below:
                 self._fetch(below[-1], device, self.big_stream)
         if slot == 0:
@@ -326,7 +326,8 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
 
 
 def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None,
-                        split_min_tokens: int | None = None, keep_every: int | None = None) -> int:
+                        split_min_tokens: int | None = None, keep_every: int | None = None,
+                        keep_on_gpu: int | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
     split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
@@ -335,7 +336,8 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     custom_op form of the opaque ops, run 14 faster with the Library form: docs/fastpath.md); keep_every: split
     layers whose MLP is the grouped gate/up pair keep its output from the (fused) first pass, the last layer and every
     keep_every-th below it (split.keep_layers; default TUNELAB_KEEP_GATE_UP, 0: none), so their backward skips the
-    pair's GEMM. Returns how many layers were routed; `split_layers(model)` says how many can split,
+    pair's GEMM; keep_on_gpu: the last that many such layers keep it on the GPU (split.keep_plan; default
+    TUNELAB_KEEP_GATE_UP_ON_GPU, 0: none). Returns how many layers were routed; `split_layers(model)` says how many can split,
     `kept_layers(model)` how many keep gate/up's output."""
     import os
 
@@ -351,17 +353,19 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         fused_first = os.environ.get("TUNELAB_FUSED_FIRST_PASS", "1") != "0"
     if keep_every is None:
         keep_every = split_mod.keep_every()
+    if keep_on_gpu is None:
+        keep_on_gpu = split_mod.keep_on_gpu()
     stash = HostStash()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
-    keep = split_mod.keep_layers(len(layers), keep_every) if split and fused_first else []
+    keep = split_mod.keep_plan(len(layers), keep_every, keep_on_gpu) if split and fused_first else {}
     for index, module in enumerate(layers):
         fallback = module._gradient_checkpointing_func
         splits = split and split_mod.split_plan(module)
         module._tunelab_split = splits
         # gate/up's output kept from the first pass (split.keep_layers): grouped MLPs of split layers only
         kept = splits and index in keep and hasattr(module.mlp, "_tunelab_mlp_forward")
-        module._tunelab_keep_gu = None if not kept else "device" if index == len(layers) - 1 else "host"
+        module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
             stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first)
     return len(layers)

@@ -63,6 +63,31 @@ def min_tokens() -> int:
     return int(raw)
 
 
+def _whole(name: str, what: str) -> int:
+    raw = os.environ.get(name, "0")
+    if not raw.strip().isdigit():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r}: expected a whole number of layers >= 0 ({what})")
+    return int(raw)
+
+
+def keep_on_gpu() -> int:
+    """TUNELAB_KEEP_GATE_UP_ON_GPU: how many of the last layers keep gate/up's output on the GPU for the backward (no
+    copies: each costs one [tokens, 2I] buffer from its forward to its backward; at 7B 4 x 1024 310 MB, at 2 x 4096
+    620 MB); 0, the default: none. Opt-in, not yet measured (tools/fast_run28.sh)."""
+    return _whole("TUNELAB_KEEP_GATE_UP_ON_GPU", "0: off; K: the last K layers keep gate/up's output on the GPU")
+
+
+def keep_plan(n: int, every: int, on_gpu: int) -> dict[int, str]:
+    """Layer index -> "device" or "host" for the layers (of n) that keep gate/up's output: the last `on_gpu` on the
+    GPU, and keep_layers(n, every) (the last layer on the GPU, the others in host memory)."""
+    plan = {i: "host" for i in keep_layers(n, every)}
+    for i in range(max(0, n - max(on_gpu, 1 if plan else 0)), n):
+        plan[i] = "device"
+    return plan
+
+
 def keep_every() -> int:
     """TUNELAB_KEEP_GATE_UP: every how many layers the offload keeps gate/up's output from the first pass for the
     backward (keep_layers; 0: none, the default); a value that is not a whole number >= 0 is a ConfigError.
@@ -75,13 +100,7 @@ def keep_every() -> int:
     (+0.48 GiB at 4 x 1024, +0.97 at 2 x 4096: still under Unsloth's), ~2 GiB more reserved, and the kept outputs
     in pinned host memory (2.8 GiB at 4 x 1024). The 50-step parity held with it (lease T: losses within 0.028%
     of the plain path's, gradient norms within 0.14%)."""
-    raw = os.environ.get("TUNELAB_KEEP_GATE_UP", "0")
-    if not raw.strip().isdigit():
-        from tunelab.errors import ConfigError
-
-        raise ConfigError(f"TUNELAB_KEEP_GATE_UP={raw!r}: expected a whole number of layers >= 0 (0: off; N: the "
-                          "last layer and every Nth one below it keep gate/up's output)")
-    return int(raw)
+    return _whole("TUNELAB_KEEP_GATE_UP", "0: off; N: the last layer and every Nth one below it keep gate/up's output")
 
 
 def keep_layers(n: int, every: int) -> list[int]:
