@@ -414,6 +414,61 @@ def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(every, on_gp
     assert kept_layers(model16) == 0  # 16-bit gate and up stay two projections: no pair output to keep
 
 
+def test_the_stash_brings_every_slot_back_ahead_and_at_most_two_kept_outputs():
+    """HostStash's order on CUDA, driven on the CPU with its copies recorded instead of run: the offload's pops of a
+    6-layer backward (per layer h2, then gate/up's output, then the input), layers 1 and 3 keeping their outputs on
+    the host, 4 and 5 on the GPU. Every slot but the first popped was on its way back before it was asked for (the
+    h2 of a layer whose kept output lies between it and the layer above too: the form of runs 25-26 missed that),
+    each kept output from the backward's first pop below the kept layer above it (at most two on the device: the one
+    about to be used and the next), on the big stream, and the small copies never queue behind it."""
+    from types import SimpleNamespace
+
+    from tunelab.model.fast.offload import HostStash
+
+    fetched = []  # (slot, stream) in the order the copies back were started
+
+    class Recorded(HostStash):
+        def __init__(self):
+            super().__init__()
+            self.cuda, self.stream, self.big_stream = True, "small", "big"
+
+        def _fetch(self, slot, device, stream):
+            if slot < 0 or slot in self.back or self.host[slot] is None or slot in self.resident:
+                return
+            fetched.append((slot, stream))
+            self.back[slot] = (self.host[slot], None)
+
+        @staticmethod
+        def _arrive(t, ready):
+            pass
+
+    stash, device = Recorded(), SimpleNamespace(type="cuda")
+    slots = {}
+    for layer, keep in enumerate((None, "host", None, "host", "device", "device")):
+        slots[layer] = [stash.push(torch.full((1,), float(10 * layer + part))) for part in (0, 1)]
+        if keep:
+            slots[layer].append(stash.push(torch.full((1,), float(10 * layer + 2)), big=True))
+            if keep == "device":
+                stash.resident.add(slots[layer][2])  # (a CUDA tensor pushed with on_device=True)
+    assert slots == {0: [0, 1], 1: [2, 3, 4], 2: [5, 6], 3: [7, 8, 9], 4: [10, 11, 12], 5: [13, 14, 15]}
+    host_kept = {4, 9}
+    waited, in_flight = [], []
+    for layer in range(5, -1, -1):
+        for part in (1, 2, 0):  # h2, gate/up's output, the input: the offload's backward order
+            if part < len(slots[layer]):
+                slot = slots[layer][part]
+                waited.append(slot not in stash.back and slot not in stash.resident)
+                assert stash.pop(slot, device).item() == 10 * layer + part
+                in_flight.append(len(host_kept & set(stash.back)))
+    assert waited == [True] + [False] * 15  # only the first slot popped waited for its copy
+    assert fetched[:3] == [(14, "small"), (13, "small"), (9, "big")]  # layer 3's output from the first pop on
+    # layer 1's output from layer 3's first pop (its h2, slot 8) on, while layer 3's output is about to be used
+    assert fetched[3:8] == [(11, "small"), (10, "small"), (8, "small"), (7, "small"), (4, "big")]
+    assert max(in_flight) == 2
+    assert all(stream == ("big" if slot in host_kept else "small") for slot, stream in fetched)
+    assert stash.host == [] and stash.big == [] and stash.back == {}  # reset after slot 0
+
+
 def test_kept_gate_up_outputs_compile_without_breaks_cpu():
     """Under a compiling backend the kept layers' first pass (first_pass_keep) is one graph returning gate/up's
     output too, no graph break, and training matches eager."""

@@ -97,10 +97,16 @@ class HostStash:
                 ready.record(stream)
         self.back[slot] = (t, ready)
 
-    def pop(self, slot: int, device):
-        """The tensor of `slot` on `device`; starts bringing back the one before it (and the next big slot below)."""
+    @staticmethod
+    def _arrive(t, ready) -> None:
+        """This stream waits for t's copy back (`ready`) and owns t from here."""
         import torch
 
+        torch.cuda.current_stream().wait_event(ready)
+        t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
+
+    def pop(self, slot: int, device):
+        """The tensor of `slot` on `device`; starts bringing back the one before it (and the next big slot below)."""
         if not self.cuda or device.type != "cuda" or slot in self.resident:
             t, self.host[slot] = self.host[slot], None
             self.resident.discard(slot)
@@ -109,10 +115,11 @@ class HostStash:
             self._fetch(slot, device, self.big_stream if slot in big else self.stream)
             t, ready = self.back.pop(slot)
             self.host[slot] = None
-            torch.cuda.current_stream().wait_event(ready)
-            t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
-            if slot - 1 not in big:
-                self._fetch(slot - 1, device, self.stream)
+            self._arrive(t, ready)
+            before = slot - 1  # the next small slot below (a layer below keeping its gate/up output has its big
+            while before in big:  # slot between: run 25-26's form skipped, so h2 came back only when asked for)
+                before -= 1
+            self._fetch(before, device, self.stream)
             below = [s for s in self.big if s < slot and s not in self.resident]  # the next one to copy back
             if below:
                 self._fetch(below[-1], device, self.big_stream)
