@@ -99,7 +99,8 @@ def keep_every() -> int:
     host link, shared with the host's other GPUs, is the suspect). It costs one or two [tokens, 2I] buffers of peak
     (+0.48 GiB at 4 x 1024, +0.97 at 2 x 4096: still under Unsloth's), ~2 GiB more reserved, and the kept outputs
     in pinned host memory (2.8 GiB at 4 x 1024). The 50-step parity held with it (lease T: losses within 0.028%
-    of the plain path's, gradient norms within 0.14%)."""
+    of the plain path's, gradient norms within 0.14%). Those runs had a prefetch defect since fixed (below each
+    kept layer the next h2 came back only when asked for: ~1.5% of the step at N=3; docs/fastpath.md)."""
     return _whole("TUNELAB_KEEP_GATE_UP", "0: off; N: the last layer and every Nth one below it keep gate/up's output")
 
 
