@@ -48,9 +48,12 @@ class HostStash:
         self.resident: set[int] = set()  # the slots kept on the device
 
     def reset(self) -> None:
+        """Empty, for the next step (after slot 0's pop, or a forward after a finished backward): a copy back started
+        and never taken (none in the offload's own order) is dropped rather than handed to a later step's slot."""
         self.host.clear()
         self.big.clear()
         self.resident.clear()
+        self.back.clear()
 
     def push(self, t, big: bool = False, on_device: bool = False) -> int:
         import torch
