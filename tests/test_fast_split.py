@@ -467,6 +467,11 @@ def test_the_stash_brings_every_slot_back_ahead_and_at_most_two_kept_outputs():
     assert max(in_flight) == 2
     assert all(stream == ("big" if slot in host_kept else "small") for slot, stream in fetched)
     assert stash.host == [] and stash.big == [] and stash.back == {}  # reset after slot 0
+    stash.push(torch.zeros(1)), stash.push(torch.ones(1))
+    stash.pop(1, device)  # starts bringing slot 0 back; a step that never takes it: reset drops the copy
+    assert list(stash.back) == [0]
+    stash.reset()
+    assert stash.back == {} and stash.host == []
 
 
 def test_kept_gate_up_outputs_compile_without_breaks_cpu():
