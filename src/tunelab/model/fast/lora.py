@@ -333,8 +333,7 @@ class LoraGroupReplay(LoraGroup):
     @staticmethod
     def forward(ctx, x, a, bd, kept, w1, qs1, w2, qs2, w3, qs3, scale, dtype):
         x2, xa, _ = _group_inputs(ctx, x, a, w1, qs1, w2, qs2, w3, qs3, scale, dtype)  # xa: as the forward made it
-        ctx.kept = False
-        ctx.save_for_backward(x2, xa, a, bd)
+        ctx.save_for_backward(x2, xa, a, bd)  # no dense weight kept: the backward dequantizes
         return kept.view(*x.shape[:-1], kept.shape[-1])
 
 

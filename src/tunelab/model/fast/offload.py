@@ -30,10 +30,10 @@ from typing import Any
 class HostStash:
     """Layer inputs on the host, in forward order; backward takes them back in reverse order, prefetching.
 
-    Big slots (push(big=True): gate/up's kept outputs, split.keep_layers) travel on a stream of their own, so that
+    Big slots (push(big=True): gate/up's kept outputs, split.keep_plan) travel on a stream of their own, so that
     the small slots' copies never queue behind them, and each is brought back as soon as the backward passes the big
     slot above it (the layers between give it time to arrive: at most two big slots on the device at once, the one
-    in use and the next); a slot pushed with on_device=True stays on the GPU (the last layer's: its backward comes
+    in use and the next); a slot pushed with on_device=True stays on the GPU (the last layers': their backward comes
     first)."""
 
     def __init__(self):
@@ -148,7 +148,7 @@ def _build():
                     return run(hidden)
                 if split.keep is None:
                     out, h2 = split.first(hidden)  # split.py: h2, the residual after attention, is kept too
-                else:  # and gate/up's output, for the MLP half's replay (split.keep_layers)
+                else:  # and gate/up's output, for the MLP half's replay (split.keep_plan)
                     out, h2, gu = split.first_keep(hidden)
             ctx.slot_h2 = stash.push(h2)
             if split.keep is not None and gu is not None:
@@ -373,7 +373,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         fallback = module._gradient_checkpointing_func
         splits = split and split_mod.split_plan(module)
         module._tunelab_split = splits
-        # gate/up's output kept from the first pass (split.keep_layers): grouped MLPs of split layers only
+        # gate/up's output kept from the first pass (split.keep_plan): grouped MLPs of split layers only
         kept = splits and index in keep and hasattr(module.mlp, "_tunelab_mlp_forward")
         module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
@@ -387,5 +387,5 @@ def split_layers(model) -> int:
 
 
 def kept_layers(model) -> int:
-    """How many offloaded layers keep gate/up's output from the first pass for their backward (split.keep_layers)."""
+    """How many offloaded layers keep gate/up's output from the first pass for their backward (split.keep_plan)."""
     return sum(1 for m in model.modules() if getattr(m, "_tunelab_keep_gu", None))

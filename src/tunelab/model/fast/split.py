@@ -51,32 +51,30 @@ def enabled() -> bool:
 MIN_TOKENS = 2048
 
 
+def _whole(name: str, default: int, expected: str) -> int:
+    """The environment's whole number `name` (>= 0), `default` when unset; anything else is a ConfigError saying
+    what was expected."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r}: expected {expected}")
+    return int(raw)
+
+
 def min_tokens() -> int:
     """TUNELAB_SPLIT_MIN_TOKENS or MIN_TOKENS; a value that is not a whole number >= 0 is a ConfigError."""
-    raw = os.environ.get("TUNELAB_SPLIT_MIN_TOKENS")
-    if raw is None:
-        return MIN_TOKENS
-    if not raw.strip().isdigit():
-        from tunelab.errors import ConfigError
-
-        raise ConfigError(f"TUNELAB_SPLIT_MIN_TOKENS={raw!r}: expected a whole number of tokens (rows x length) >= 0")
-    return int(raw)
-
-
-def _whole(name: str, what: str) -> int:
-    raw = os.environ.get(name, "0")
-    if not raw.strip().isdigit():
-        from tunelab.errors import ConfigError
-
-        raise ConfigError(f"{name}={raw!r}: expected a whole number of layers >= 0 ({what})")
-    return int(raw)
+    return _whole("TUNELAB_SPLIT_MIN_TOKENS", MIN_TOKENS, "a whole number of tokens (rows x length) >= 0")
 
 
 def keep_on_gpu() -> int:
     """TUNELAB_KEEP_GATE_UP_ON_GPU: how many of the last layers keep gate/up's output on the GPU for the backward (no
     copies: each costs one [tokens, 2I] buffer from its forward to its backward; at 7B 4 x 1024 310 MB, at 2 x 4096
     620 MB); 0, the default: none. Opt-in, not yet measured (tools/fast_run28.sh)."""
-    return _whole("TUNELAB_KEEP_GATE_UP_ON_GPU", "0: off; K: the last K layers keep gate/up's output on the GPU")
+    return _whole("TUNELAB_KEEP_GATE_UP_ON_GPU", 0, "a whole number of layers >= 0 (0: off; K: the last K layers "
+                  "keep gate/up's output on the GPU)")
 
 
 def keep_plan(n: int, every: int, on_gpu: int) -> dict[int, str]:
@@ -101,12 +99,13 @@ def keep_every() -> int:
     in pinned host memory (2.8 GiB at 4 x 1024). The 50-step parity held with it (lease T: losses within 0.028%
     of the plain path's, gradient norms within 0.14%). Those runs had a prefetch defect since fixed (below each
     kept layer the next h2 came back only when asked for: ~1.5% of the step at N=3; docs/fastpath.md)."""
-    return _whole("TUNELAB_KEEP_GATE_UP", "0: off; N: the last layer and every Nth one below it keep gate/up's output")
+    return _whole("TUNELAB_KEEP_GATE_UP", 0, "a whole number of layers >= 0 (0: off; N: the last layer and every Nth "
+                  "one below it keep gate/up's output)")
 
 
 def keep_layers(n: int, every: int) -> list[int]:
-    """The layer indices (of n, ascending) whose gate/up output the offload keeps: the last layer and every
-    `every`-th below it (every 0: none). Spaced so that one layer's copy to the host (at 7B, 4 x 1024: 310 MB, ~6 ms
+    """The layer indices (of n, ascending) whose gate/up output the offload keeps in host memory, with the last layer
+    (kept on the GPU: keep_plan): the last layer and every `every`-th below it (every 0: none). Spaced so that one layer's copy to the host (at 7B, 4 x 1024: 310 MB, ~6 ms
     over PCIe, longer than a layer's forward) is done before the next kept layer's starts, and in backward each
     kept layer's copy back has the layers between to arrive in; the last layer's stays on the GPU (its backward
     comes first, right after the forward)."""
@@ -242,7 +241,7 @@ def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp, gu=N
     get_x(): the layer input, back on the device (fetched after the MLP half); h2: the residual after attention;
     autocast: the forward's (device, enabled, dtype) list; run_attn(x) / run_mlp(h2): attn_input / mlp_input
     (compiled or not) bound to the layer and its kwargs; gu: gate/up's output kept from the first pass
-    (first_pass_keep), or None: the MLP half then replays it (mlp_replay) instead of recomputing gate and up."""
+    (first_pass_keep), which the MLP half then replays (mlp_replay) instead of recomputing gate and up, or None."""
     import torch
 
     def recompute(run, inp, module):
@@ -254,20 +253,19 @@ def split_backward(layer, get_x, h2, grad_out, autocast, run_attn, run_mlp, gu=N
             finally:
                 module._tunelab_skip = False
 
-    def replay(inp, kept):
-        inp = inp.detach().requires_grad_(True)
-        with forward_mode(autocast), recomputing():
-            act = mlp_replay(layer, inp, kept)
-        return (inp, act) if act is not None else recompute(run_mlp, inp, layer.mlp.down_proj)
-
     with forward_mode(autocast):
         fused = _fused(layer)  # inside the forward's autocast: the compute dtype is its
     if fused is None:
         return None
     o_args, down_args = fused
     # the projections' backwards run as LoraLinear.backward does: outside autocast, in the dtypes they name
-    h2, act = recompute(run_mlp, h2, layer.mlp.down_proj) if gu is None else replay(h2, gu)
+    act = None
+    if gu is not None:  # mlp_replay: None when the pair left the fused case (then recomputed below)
+        h2_in, act = recompute(lambda h, kept=gu: mlp_replay(layer, h, kept), h2, layer.mlp.down_proj)
     del gu  # (the replay's autograd graph holds it until its backward below)
+    if act is None:
+        h2_in, act = recompute(run_mlp, h2, layer.mlp.down_proj)
+    h2 = h2_in
     grad_act = _projection_backward(down_args, act.detach(), grad_out)
     torch.autograd.backward([act], [grad_act.to(act.dtype)])
     grad_h2 = grad_out + h2.grad  # the residual's share and the MLP's
