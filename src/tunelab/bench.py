@@ -322,7 +322,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
                       ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
                       ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("varlen", "TUNELAB_VARLEN"),
-                      ("packfull", "TUNELAB_PACK_FULL")):
+                      ("packfull", "TUNELAB_PACK_FULL"), ("graphs", "TUNELAB_LAYER_GRAPHS")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:
@@ -463,6 +463,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         from tunelab.model.fast.compile import compile_counters
 
         out["dynamo"] = compile_counters()
+    graphs = getattr(model, "_tunelab_layer_graphs", None)  # set by the offload on the model the loader returns
+    if graphs is not None:  # the CUDA graphs' pool (model/fast/graphs.py): replays allocate nothing, so the peaks
+        out["graph_captures"] = graphs.captures  # above miss it; the result adds it to them (an upper bound)
+        out["graph_pool_gib"] = round(graphs.pool_bytes() / 2**30, 3)
     del trainer, model
     return out
 
@@ -625,7 +629,9 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     times = run.pop("times")
     peaks = [p for p in run.get("step_peaks", []) if p is not None]
     # tunelab's cases reset the peak at each step: the overall peak is the largest step's
-    peak = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
+    # the CUDA graphs' pool (model/fast/graphs.py), which the allocator's peaks do not see during replays, added
+    pool = run.get("graph_pool_gib", 0.0)
+    peak = max(peaks + [torch.cuda.max_memory_allocated() / 2**30]) + pool
     reserved = torch.cuda.max_memory_reserved() / 2**30
     gc.collect()
     torch.cuda.empty_cache()
@@ -648,7 +654,7 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     return {"variant": variant, "arch": arch, "method": method, "batch": batch, "seq": seq, "steps": len(times),
             "median_step_s": round(step, 4), "tokens_per_s": tokens_per_s, "peak_gib": round(peak, 2),
             "reserved_gib": round(reserved, 2),
-            "steady_peak_gib": round(max(peaks[3:]), 2) if len(peaks) > 3 else None, "mfu": mfu, "matmul_tflops": matmul_tflops, "profile": profile or "full",
+            "steady_peak_gib": round(max(peaks[3:]) + pool, 2) if len(peaks) > 3 else None, "mfu": mfu, "matmul_tflops": matmul_tflops, "profile": profile or "full",
             "step_times": [round(t, 4) for t in times],
             "losses": [round(x, 5) for x in run.pop("losses")],
             "grad_norms": [None if x is None else round(float(x), 5) for x in run.pop("grad_norms")], **run}

@@ -136,13 +136,18 @@ def _build():
 
     class OffloadedCheckpoint(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, run, stash, hidden, split=None, fused_first=False):
-            ctx.run, ctx.stash, ctx.device, ctx.split = run, stash, hidden.device, split
+        def forward(ctx, run, stash, hidden, split=None, fused_first=False, graph=None):
+            ctx.run, ctx.stash, ctx.device, ctx.split, ctx.graph = run, stash, hidden.device, split, graph
             # the recompute must see the forward's autocast (backward runs without it); no RNG state is kept:
             # the fast path covers dropout 0 only
             ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _devices()]
             ctx.slot = stash.push(hidden)
             ctx.slot_gu = None
+            if split is None and graph is not None:  # graphs.py: the first pass replayed as a CUDA graph
+                graphs, layer, layer_run = graph
+                out = graphs.forward(layer, _COMPILED["call"], layer_run, hidden, lambda: _first_pass(fused_first))
+                if out is not None:
+                    return out
             with torch.no_grad(), _first_pass(fused_first):
                 if split is None:
                     return run(hidden)
@@ -170,19 +175,24 @@ def _build():
                 grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp,
                                       None if ctx.slot_gu is None else ctx.stash.pop(ctx.slot_gu, ctx.device))
                 if grad is not None:
-                    return None, None, grad, None, None
+                    return None, None, grad, None, None, None
                 del h2  # o or down left the fused case since the forward: the whole layer is recomputed
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
                 if ctx.slot_gu is not None:
                     ctx.stash.pop(ctx.slot_gu, ctx.device)
             hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
+            if ctx.graph is not None and split is None and grads[0] is not None and all(g is None for g in grads[1:]):
+                graphs, layer, layer_run = ctx.graph  # graphs.py: the recompute and backward replayed
+                grad = graphs.backward(layer, _COMPILED["call"], layer_run, hidden, grads[0], ctx.autocast)
+                if grad is not None:
+                    return None, None, grad, None, None, None
             with forward_mode(ctx.autocast), recomputing():
                 out = ctx.run(hidden)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o) and o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            return None, None, hidden.grad, None, None
+            return None, None, hidden.grad, None, None, None
 
     return OffloadedCheckpoint
 
@@ -305,14 +315,17 @@ def _layer_kwargs(run, layer):
 
 
 def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None,
-                            split_min_tokens: int | None = None, fused_first: bool = False):
+                            split_min_tokens: int | None = None, fused_first: bool = False, graphs=None,
+                            graph_max_tokens: int = 0):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
     (`run`) runs through torch.compile, once without grad (the first pass) and once with it (the recompute); the
     checkpoint itself stays eager (dynamo cannot trace the host copies' side effects). split (with `layer`, the
     decoder layer this is installed on; None: off): split.py's recompute without o's and down's products for calls
     of at least that many tokens (rows x length);
-    fused_first: the first pass through the fused projections instead of PEFT's no-grad path."""
+    fused_first: the first pass through the fused projections instead of PEFT's no-grad path; graphs (a
+    graphs.LayerGraphs, with `layer` and `compiled`): calls under graph_max_tokens tokens that take the full
+    recompute replay CUDA graphs of the compiled calls."""
     import torch
 
     if _Fn.fn is None:
@@ -328,16 +341,21 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
             layer_kwargs = _layer_kwargs(run, layer)
             if layer_kwargs is not None:
                 parts = _Split(layer, layer_kwargs, compiled)
+        graph = None
+        if (graphs is not None and compiled and parts is None and layer is not None
+                and args[0].numel() < graph_max_tokens * args[0].shape[-1]
+                and _layer_kwargs(run, layer) is not None):
+            graph = (graphs, layer, run)
         if compiled:
             run = functools.partial(_COMPILED["call"], run)
-        return _Fn.fn.apply(run, stash, args[0], parts, fused_first)
+        return _Fn.fn.apply(run, stash, args[0], parts, fused_first, graph)
 
     return checkpoint
 
 
 def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None,
                         split_min_tokens: int | None = None, keep_every: int | None = None,
-                        keep_on_gpu: int | None = None) -> int:
+                        keep_on_gpu: int | None = None, layer_graphs: bool | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
     split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
@@ -347,7 +365,9 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     layers whose MLP is the grouped gate/up pair keep its output from the (fused) first pass, the last layer and every
     keep_every-th below it (split.keep_layers; default TUNELAB_KEEP_GATE_UP, 0: none), so their backward skips the
     pair's GEMM; keep_on_gpu: the last that many such layers keep it on the GPU (split.keep_plan; default
-    TUNELAB_KEEP_GATE_UP_ON_GPU, 0: none). Returns how many layers were routed; `split_layers(model)` says how many can split,
+    TUNELAB_KEEP_GATE_UP_ON_GPU, 0: none); layer_graphs: with `compiled`, the calls that take the full recompute
+    (under split_min_tokens tokens, or every call when the split is off) replay CUDA graphs (graphs.py; default
+    TUNELAB_LAYER_GRAPHS, off). Returns how many layers were routed; `split_layers(model)` says how many can split,
     `kept_layers(model)` how many keep gate/up's output."""
     import os
 
@@ -365,6 +385,15 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         keep_every = split_mod.keep_every()
     if keep_on_gpu is None:
         keep_on_gpu = split_mod.keep_on_gpu()
+    if layer_graphs is None:
+        from tunelab.model.fast import graphs as graphs_mod
+
+        layer_graphs = graphs_mod.enabled()
+    graphs = None
+    if layer_graphs and compiled:
+        from tunelab.model.fast.graphs import LayerGraphs
+
+        graphs = LayerGraphs()
     stash = HostStash()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
@@ -377,7 +406,9 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         kept = splits and index in keep and hasattr(module.mlp, "_tunelab_mlp_forward")
         module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
-            stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first)
+            stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first, graphs,
+            split_min_tokens if splits else 1 << 62)
+    model._tunelab_layer_graphs = graphs
     return len(layers)
 
 

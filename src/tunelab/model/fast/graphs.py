@@ -1,0 +1,347 @@
+"""CUDA graphs over the offloaded layers' compiled calls, for steps too small to keep the GPU busy (a host lever).
+
+    graphs = LayerGraphs()                                   # one per model: static buffers and one memory pool
+    out = graphs.forward(layer, run, hidden, first_pass)     # None: not (yet) graphed, the caller runs the call
+    grad = graphs.backward(layer, run, hidden, grad_out, autocast)   # the same; fills the LoRA parameters' .grad
+
+At 1 x 1024 tokens the 7B step is bound by the host (docs/fastpath.md: kernels busy 95 of 414 ms in run 22's
+profile): per layer and step the offload makes three compiled calls (the first pass, the recompute, the backward),
+each costing the Python of inductor's wrapper (~1 ms a call under the profiler), dynamo's guards and the
+dequantize ops' launches. Here each layer's first pass and its recompute-plus-backward are captured once per shape
+as CUDA graphs and replayed: a layer then costs the host a few launches (the inputs copied into static buffers,
+the replay, the outputs copied out), whatever the graph holds.
+
+How, and what it costs:
+* A call is captured the second time its signature is seen for that layer (the first runs the compiled call as
+  before and compiles it); the signature is the hidden states' shape / dtype / strides, the layer's keyword
+  tensors' (position embeddings, mask, ...), its other keyword values, autocast and the offload's switches. At most
+  MAX_SIGNATURES per layer; further signatures run uncaptured.
+* Each capture runs its body once on a side stream first (lazy initialisation outside the capture), then captures
+  it into one memory pool that every layer's graphs share (they replay one at a time on one stream, so one layer's
+  intermediates may reuse another's). The pool's memory is reserved for the graphs; `pool_bytes()` reports it and
+  the bench adds it to the peak it reports (replays allocate nothing, so max_memory_allocated alone would miss it).
+* Inputs: the hidden states and the gradient from above are copied into static buffers (shared by all layers of
+  one shape); the keyword tensors into shared static buffers, copied only when a call passes a different tensor
+  than the last one copied (all layers of a step pass the same position embeddings). Outputs: the layer output and
+  the input gradient are copied inside the graph into shared static buffers and cloned out (the next layer's
+  replay overwrites them); the LoRA gradients stay in the graph's own tensors and become the parameters' .grad
+  (no copy) when .grad is None, or are added to it (one _foreach_add_); a .grad still aliasing a graph's tensor
+  when its graph replays again (gradient accumulation without zeroing to None) is cloned first.
+* What it needs (checked before capture; otherwise the call runs uncaptured): CUDA, the compiled layer, one tensor
+  output, keyword tensors that are dense and need no gradient, keyword values that are None / bool / int / float /
+  str. Dropout must be 0 (the fast path's own condition: no random state is captured).
+
+TUNELAB_LAYER_GRAPHS=1 turns it on for the offload's full-recompute calls (below split.min_tokens() tokens, where the
+split recompute is off); 0, the default: off. Opt-in until measured on the GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_SIGNATURES = 4  # per layer: packed or padded batches of changing lengths would otherwise capture without end
+EMULATE = False  # tests: "capture" and "replay" rerun the body (the same data flow through the static buffers) off CUDA
+
+
+def enabled() -> bool:
+    raw = os.environ.get("TUNELAB_LAYER_GRAPHS", "0")
+    if raw not in ("0", "1"):
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"TUNELAB_LAYER_GRAPHS={raw!r}: expected 0 (off) or 1 (CUDA graphs over the offloaded "
+                          "layers' calls below the split recompute's threshold)")
+    return raw == "1"
+
+
+_SIMPLE = (type(None), bool, int, float, str)
+_OTHER = object()  # a keyword value the graphs do not cover
+
+
+def _leaves(kwargs):
+    """(name or (name, index), value) for each keyword value, tuples and lists of tensors / simple values opened
+    one level (transformers passes the position embeddings as (cos, sin)); _OTHER for anything else."""
+    import torch
+
+    for name, value in sorted(kwargs.items()):
+        items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+        for i, item in items:
+            ok = torch.is_tensor(item) or isinstance(item, _SIMPLE)
+            yield (name if i is None else (name, i)), (item if ok else _OTHER)
+
+
+def _dense(t) -> bool:
+    import torch
+
+    return torch.empty_like(t).stride() == t.stride() and not t.requires_grad
+
+
+class _Replay:
+    """One captured body: CUDA graph capture into `pool` (or, under EMULATE, the body itself run again)."""
+
+    def __init__(self, body, pool, device):
+        import torch
+
+        self.body = body
+        if EMULATE:
+            body()
+            self.graph = None
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            body()  # lazy initialisation (cuBLAS workspaces, Triton's first launch) outside the capture
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin(pool=pool)
+            try:
+                body()
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    def replay(self):
+        if self.graph is None:
+            self.body()
+        else:
+            self.graph.replay()
+
+
+class LayerGraphs:
+    """The captured calls of one model's offloaded layers, their shared static buffers and memory pool."""
+
+    def __init__(self):
+        self.pool = None
+        self.static: dict[tuple, Any] = {}  # (role, shape, dtype, strides, device) -> buffer
+        self.kw: dict[tuple, list] = {}  # keyword tensors' buffers: key -> [buffer, last source, its version]
+        self.failed: set[int] = set()  # id(layer) whose capture failed: uncaptured from then on
+        self.captures = 0
+
+    # -- signatures and static inputs
+    def _signature(self, layer, run, hidden, extra) -> tuple | None:
+        import torch
+
+        kwargs = getattr(run, "keywords", None)
+        if kwargs is None or id(layer) in self.failed or not hidden.is_cuda and not EMULATE:
+            return None
+        parts = []
+        for path, value in _leaves(kwargs):
+            if value is _OTHER:
+                return None
+            if torch.is_tensor(value):
+                if not _dense(value):
+                    return None
+                parts.append((path, tuple(value.shape), value.dtype, value.stride(), value.device))
+            else:
+                parts.append((path, value))
+        return (tuple(hidden.shape), hidden.dtype, hidden.stride(), hidden.device, tuple(parts), extra)
+
+    def _buffer(self, role, like):
+        import torch
+
+        key = (role, tuple(like.shape), like.dtype, like.stride(), like.device)
+        if key not in self.static:
+            self.static[key] = torch.empty_like(like)
+        return self.static[key]
+
+    def _static_run(self, run):
+        """`run` (transformers' partial of the layer's forward) over the shared keyword buffers, and a function
+        that copies a call's keyword tensors into them (only those not already there)."""
+        import functools
+
+        import torch
+
+        bound, feeds = {}, []
+        for name, value in run.keywords.items():
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            made = []
+            for i, item in enumerate(items):
+                if torch.is_tensor(item):
+                    key = ((name, i), tuple(item.shape), item.dtype, item.stride(), item.device)
+                    if key not in self.kw:
+                        self.kw[key] = [torch.empty_like(item), None, -1]
+                    made.append(self.kw[key][0])
+                    feeds.append((name, i, self.kw[key]))
+                else:
+                    made.append(item)
+            bound[name] = type(value)(made) if isinstance(value, (tuple, list)) else made[0]
+        static = functools.partial(run.func, *run.args, **bound)
+
+        def feed(call_run):
+            with torch.no_grad():
+                for name, i, entry in feeds:
+                    src = call_run.keywords[name]
+                    src = src[i] if isinstance(src, (tuple, list)) else src
+                    if entry[1] is not src or entry[2] != src._version:
+                        entry[0].copy_(src)
+                        entry[1], entry[2] = src, src._version
+
+        return static, feed
+
+    def _pool(self):
+        import torch
+
+        if self.pool is None and not EMULATE:
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.pool
+
+    def _capture(self, layer, body, device):
+        try:
+            return _Replay(body, self._pool(), device)
+        except Exception as exc:  # noqa: BLE001 - a call that cannot be captured runs uncaptured, with a warning
+            self.failed.add(id(layer))
+            logger.warning("fast path: a decoder layer's call could not be captured as a CUDA graph (%s: %s); it "
+                           "runs uncaptured", type(exc).__name__, str(exc).strip().splitlines()[0][:200]
+                           if str(exc).strip() else "")
+            return None
+
+    def _entry(self, layer, sig, make):
+        """The layer's captured call for `sig`: None the first time a signature is seen (the caller runs it: the
+        compile happens there) and past MAX_SIGNATURES; made by make() the second time."""
+        table = layer.__dict__.setdefault("_tunelab_graphs", {})
+        if sig not in table:
+            if len(table) >= MAX_SIGNATURES:
+                return None
+            table[sig] = "seen"
+            return None
+        if table[sig] == "seen":
+            table[sig] = make() or "uncaptured"
+            if table[sig] != "uncaptured":
+                self.captures += 1
+        entry = table[sig]
+        return None if entry == "uncaptured" else entry
+
+    # -- the two calls
+    def forward(self, layer, call, run, hidden, first_ctx):
+        """The layer's no-grad first pass `call(run, hidden)` (the compiled function and transformers' partial),
+        replayed; None when it is not captured (yet)."""
+        import torch
+
+        from tunelab.model.fast import Passes
+
+        sig = self._signature(layer, run, hidden, ("forward", Passes.first_pass, _autocast_now()))
+        if sig is None:
+            return None
+
+        def make():
+            static, feed = self._static_run(run)
+            x = self._buffer("x", hidden)
+            feed(run)
+            with torch.no_grad():
+                x.copy_(hidden)
+                probe = call(static, x)  # the output's form, and the compile for the static inputs (no capture)
+            if not torch.is_tensor(probe):
+                return None
+            out = self._buffer("out", probe)
+            del probe
+
+            def body():
+                with torch.no_grad(), first_ctx():
+                    out.copy_(call(static, x))
+
+            replay = self._capture(layer, body, hidden.device)
+            return None if replay is None else (replay, feed, x, out)
+
+        entry = self._entry(layer, sig, make)
+        if entry is None:
+            return None
+        replay, feed, x, out = entry
+        feed(run)
+        with torch.no_grad():
+            x.copy_(hidden)
+        replay.replay()
+        return out.clone()
+
+    def backward(self, layer, call, run, hidden, grad_out, autocast):
+        """The layer's recompute and backward from `hidden` (its input, back from the host) and `grad_out`,
+        replayed: returns the input's gradient and fills the layer's LoRA parameters' .grad; None when not
+        captured (yet)."""
+        import torch
+
+        from tunelab.model.fast.split import forward_mode, recomputing
+
+        sig = self._signature(layer, run, hidden, ("backward", tuple(autocast), tuple(grad_out.shape),
+                                                   grad_out.dtype, grad_out.stride()))
+        if sig is None:
+            return None
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def make():
+            static, feed = self._static_run(run)
+            x = self._buffer("x", hidden)
+            g_out = self._buffer("grad_out", grad_out)
+            g_x = self._buffer("grad_x", hidden)
+            held: dict[str, Any] = {}
+
+            def body():
+                with forward_mode(autocast), recomputing():
+                    leaf = x.detach().requires_grad_(True)
+                    out = call(static, leaf)
+                    if not torch.is_tensor(out):
+                        raise TypeError(f"the layer returned {type(out).__name__}, not one tensor")
+                    grads = torch.autograd.grad(out, [leaf, *params], g_out, allow_unused=True)
+                g_x.copy_(grads[0])
+                if EMULATE and "grads" in held:  # as a replay does: into the captured tensors
+                    for old, new in zip(held["grads"], grads[1:]):
+                        if old is not None:
+                            old.copy_(new)
+                else:
+                    held["grads"] = grads[1:]  # live in the pool: each replay rewrites them
+
+            feed(run)
+            with torch.no_grad():
+                x.copy_(hidden)
+                g_out.copy_(grad_out)
+            replay = self._capture(layer, body, hidden.device)
+            return None if replay is None else (replay, feed, x, g_out, g_x, held)
+
+        entry = self._entry(layer, sig, make)
+        if entry is None:
+            return None
+        replay, feed, x, g_out, g_x, held = entry
+        for p, g in zip(params, held["grads"]):  # a .grad still aliasing this graph's tensor keeps its value
+            if g is not None and p.grad is g:
+                p.grad = g.clone()
+        feed(run)
+        with torch.no_grad():
+            x.copy_(hidden)
+            g_out.copy_(grad_out)
+        replay.replay()
+        into, add = [], []
+        for p, g in zip(params, held["grads"]):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                into.append(p.grad)
+                add.append(g)
+        if into:
+            torch._foreach_add_(into, add)
+        return g_x.clone()
+
+    def pool_bytes(self) -> int:
+        """Bytes of the device memory the graphs' pool holds (its segments; 0 before any capture)."""
+        import torch
+
+        if self.pool is None:
+            return 0
+        total = 0
+        for seg in torch.cuda.memory._snapshot()["segments"]:
+            if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool):
+                total += seg["total_size"]
+        return total
+
+
+def _autocast_now() -> tuple:
+    import torch
+
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
+
+
+def graphed_layers(model) -> int:
+    """How many layers have at least one captured call (after a step has run)."""
+    return sum(1 for m in model.modules()
+               if any(e not in ("seen", "uncaptured") for e in getattr(m, "__dict__", {}).get("_tunelab_graphs", {}).values()))
