@@ -167,7 +167,7 @@ def test_a_failed_capture_leaves_the_layer_uncaptured(compiled_backend, monkeypa
     assert "could not be captured as a CUDA graph (RuntimeError: operation not permitted" in caplog.text
 
 
-@pytest.mark.parametrize("raw, on", [(None, False), ("0", False), ("1", True)])
+@pytest.mark.parametrize("raw, on", [(None, True), ("0", False), ("1", True)])
 def test_enabled_reads_the_environment(monkeypatch, raw, on):
     if raw is None:
         monkeypatch.delenv("TUNELAB_LAYER_GRAPHS", raising=False)

@@ -314,7 +314,7 @@ def apply_fast_path(model, cfg, resolved) -> list[str]:
         if split:
             applied.append(f"split-recompute({split} layers)")
             what.append(f"{split} layers recomputed without their o and down products")
-        if getattr(model, "_tunelab_layer_graphs", None) is not None:  # graphs.py (TUNELAB_LAYER_GRAPHS=1)
+        if getattr(model, "_tunelab_layer_graphs", None) is not None:  # graphs.py (on by default; TUNELAB_LAYER_GRAPHS=0: off)
             applied.append(f"layer-graphs({offloaded} layers)")
             what.append(f"CUDA graphs over {offloaded} layers' calls that take the full recompute")
         kept = kept_layers(model)

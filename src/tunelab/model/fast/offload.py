@@ -367,7 +367,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     pair's GEMM; keep_on_gpu: the last that many such layers keep it on the GPU (split.keep_plan; default
     TUNELAB_KEEP_GATE_UP_ON_GPU, 0: none); layer_graphs: with `compiled`, the calls that take the full recompute
     (under split_min_tokens tokens, or every call when the split is off) replay CUDA graphs (graphs.py; default
-    TUNELAB_LAYER_GRAPHS, off). Returns how many layers were routed; `split_layers(model)` says how many can split,
+    TUNELAB_LAYER_GRAPHS, on). Returns how many layers were routed; `split_layers(model)` says how many can split,
     `kept_layers(model)` how many keep gate/up's output."""
     import os
 
