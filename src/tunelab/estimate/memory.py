@@ -278,6 +278,15 @@ def activation_moments(shape: ModelShape, u: Setup, trainable: int) -> dict[str,
         moments["backward_end"] = last
     moments["step"] = [Row("grads", "gradients (fp32)", 4 * trainable),
                        Row("temporaries", "optimizer step temporaries", T.optimizer_step_temp(u.optim, trainable))]
+    if compiled and offload and _graphs(shape, n):  # model.fast.graphs: the recompute and backward replay as CUDA
+        # graphs whose intermediates live in one pool reserved for the whole run (every layer's graphs share it and
+        # replay one at a time): the backward's transients become one row held at every moment
+        pooled = [r for r in moments["backward"] if r.key in ("recompute", "temporaries", "dequant")]
+        pool = Row("graphs", "CUDA graphs' pool: the layer's recompute and backward (layer graphs)",
+                   sum(r.bytes for r in pooled), "reserved for the graphs at every moment; TUNELAB_LAYER_GRAPHS=0: off")
+        moments["backward"] = [r for r in moments["backward"] if r not in pooled] + [pool]
+        moments["loss"].append(pool)
+        moments["step"].append(pool)
     return moments
 
 
@@ -303,6 +312,14 @@ def _splits(shape: ModelShape, tokens: int) -> bool:
     return split.enabled() and shape.family in ARCHITECTURES and tokens >= split.min_tokens()
 
 
+def _graphs(shape: ModelShape, tokens: int) -> bool:
+    """Whether the offload's layer graphs apply, as model.fast.offload decides it: on (model.fast.graphs's switch),
+    for calls under the split recompute's threshold, split or not, for the families the fast path covers."""
+    from tunelab.model.fast import ARCHITECTURES, graphs, split
+
+    return graphs.enabled() and shape.family in ARCHITECTURES and tokens < split.min_tokens()
+
+
 def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     """The breakdown at the peak moment, the peak allocated, reserved and nvidia-smi figures."""
     u.check(shape)
@@ -326,6 +343,9 @@ def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:
     reserved = peak + int(RESERVED_FIXED) + (int(RESERVED_LOGITS * 4 * u.batch * u.seq * shape.vocab) if u.plain else 0)
     if u.offload and u.grad_ckpt and not u.plain:
         reserved += int(RESERVED_OFFLOAD)
+    # the layer graphs' warm-up (the signature's first sighting) runs on the capture stream, whose freed blocks the
+    # caching allocator keeps apart from the default stream's: about one more pool's worth held reserved
+    reserved += sum(r.bytes for r in moments["step"] if r.key == "graphs")
     smi = reserved + int(CUDA_CONTEXT) + (state if paged else 0)
     warnings = [shape.warning] if shape.warning else []
     b, n = u.compute_bytes, u.batch * u.seq

@@ -31,8 +31,8 @@ How, and what it costs:
   output, keyword tensors that are dense and need no gradient, keyword values that are None / bool / int / float /
   str. Dropout must be 0 (the fast path's own condition: no random state is captured).
 
-On by default for the offload's full-recompute calls (below split.min_tokens() tokens, where the split recompute is
-off; every call when TUNELAB_SPLIT_RECOMPUTE=0); TUNELAB_LAYER_GRAPHS=0 turns it off. Measured on the H200 (7B
+On by default for the offload's calls below split.min_tokens() tokens (the host-bound steps, which take the full
+recompute; larger calls are not graphed, the split recompute on or off); TUNELAB_LAYER_GRAPHS=0 turns it off. Measured on the H200 (7B
 QLoRA 1 x 1024, docs/fastpath.md "Runs 28-32"): 8,344-8,602 tok/s against 2,689-3,122 without, at 5.86 GiB with the
 pool counted (4.98 without).
 """
