@@ -1,6 +1,7 @@
 """The collator's exact tensors (padding, masks, CPU-side loss rows and token counts) and packing's bins and labels."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunelab.data.collator import Collator, PackedSet, pack_samples
@@ -58,3 +59,25 @@ def test_pack_length_pads_packed_rows_to_the_capacity_only(monkeypatch):
     assert full_pack_length(1024) is None
     monkeypatch.setenv("TUNELAB_PACK_FULL", "1")
     assert full_pack_length(1024) == 1024 and full_pack_length(None) is None
+
+
+def test_pad_multiple_reads_the_environment_and_pads_to_it(monkeypatch):
+    """pad_multiple(device): 8 on CUDA and none elsewhere by default; TUNELAB_PAD_MULTIPLE=N on any device; anything
+    but a whole number >= 1 is a ConfigError naming the variable. A batch padded to 64 keeps its real tokens, mask
+    and loss rows (the padding masked)."""
+    from tunelab.data.collator import pad_multiple
+    from tunelab.errors import ConfigError
+
+    monkeypatch.delenv("TUNELAB_PAD_MULTIPLE", raising=False)
+    assert pad_multiple("cuda") == 8 and pad_multiple("cpu") is None
+    monkeypatch.setenv("TUNELAB_PAD_MULTIPLE", "64")
+    assert pad_multiple("cuda") == 64 and pad_multiple("cpu") == 64
+    batch = Collator(0, pad_multiple("cuda"))([{"input_ids": list(range(1, 71)), "labels": [-100] * 10 + list(range(11, 71))},
+                                               {"input_ids": [7, 8, 9], "labels": [-100, 8, 9]}])
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum(1).tolist() == [70, 3] and batch["num_tokens"] == 73
+    assert batch["loss_rows"].tolist() == list(range(9, 69)) + [127, 128]
+    for bad in ("0", "eight", "-8", "8.0"):
+        monkeypatch.setenv("TUNELAB_PAD_MULTIPLE", bad)
+        with pytest.raises(ConfigError, match="TUNELAB_PAD_MULTIPLE"):
+            pad_multiple("cuda")

@@ -64,6 +64,10 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  the masked SDPA path (model/fast/varlen.py; TUNELAB_VARLEN=1 / 0; default on; with :alpaca-packed)
   +packfull      appended: packed batches padded to the rows' capacity (one static shape for the compiled layers;
                  data/collator.py full_pack_length; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
+  +pad<N>        appended: padded batches' lengths rounded up to a multiple of N, not 8 (data/collator.py
+                 pad_multiple; TUNELAB_PAD_MULTIPLE; with :alpaca): fewer distinct shapes for the layer graphs
+  +splitmin<N>   appended: the split recompute from N tokens a step, not 2,048, and the layer graphs below N
+                 (split.min_tokens; TUNELAB_SPLIT_MIN_TOKENS)
   +sdpa<name>    appended: SDPA tries that backend first: +sdpacudnn, +sdpaflash, +sdpaefficient, +sdpadefault
                  (model/fast/attention.py; TUNELAB_SDPA_FIRST)
   +lorafirst     appended: each projection's rank-r product first, added by the big GEMM's epilogue
@@ -287,7 +291,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from transformers import TrainerCallback
 
     from tunelab.config.resolve import resolve
-    from tunelab.data.collator import Collator, PackedSet, full_pack_length
+    from tunelab.data.collator import Collator, PackedSet, full_pack_length, pad_multiple
     from tunelab.data.processing import EncodedSet
     from tunelab.model.kernels import select_loss
     from tunelab.model.loader import load_model
@@ -348,6 +352,10 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
         number = re.search(rf"\+{flag}(\d+)\b", variant)
         if number:  # read when the offload is installed (split.keep_every, split.keep_on_gpu)
             os.environ[env] = number.group(1)
+    for flag, env in (("pad", "TUNELAB_PAD_MULTIPLE"), ("splitmin", "TUNELAB_SPLIT_MIN_TOKENS")):
+        number = re.search(rf"\+{flag}(\d+)\b", variant)
+        if number:  # read by the collator below (data/collator.py pad_multiple) and per call (split.min_tokens)
+            os.environ[env] = number.group(1)
     sdpa = re.search(r"\+sdpa(cudnn|flash|efficient|default)\b", variant)
     if sdpa:  # read when the fast path is installed (model/fast/attention.py)
         os.environ["TUNELAB_SDPA_FIRST"] = sdpa.group(1)
@@ -358,7 +366,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from tunelab.model.fast import varlen
 
     # as `tunelab train` builds it (+packfull above: TUNELAB_PACK_FULL, read here)
-    collator = Collator(0, 8, varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
+    collator = Collator(0, pad_multiple("cuda"), varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": [],
                            "step_issue_s": [], "step_proc_cpu_s": []}

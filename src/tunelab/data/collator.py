@@ -40,6 +40,24 @@ def full_pack_length(capacity: int | None) -> int | None:
     return capacity if capacity and os.environ.get("TUNELAB_PACK_FULL", "0") == "1" else None
 
 
+def pad_multiple(device: str) -> int | None:
+    """The multiple each unpacked batch's length is padded up to: 8 on CUDA (tensor-core friendly shapes, as
+    LLaMA-Factory pads), none elsewhere; TUNELAB_PAD_MULTIPLE=N overrides it on any device (coarser multiples give
+    padded batches fewer distinct lengths: fewer compiled shapes and layer graph signatures, for more padding). The
+    padding is masked out of attention and loss, so the training is the same up to rounding."""
+    import os
+
+    raw = os.environ.get("TUNELAB_PAD_MULTIPLE")
+    if raw is None:
+        return 8 if device == "cuda" else None
+    if not raw.isdigit() or int(raw) < 1:
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"TUNELAB_PAD_MULTIPLE={raw!r}: expected a whole number >= 1 (the multiple each padded "
+                          "batch's length is rounded up to)")
+    return int(raw)
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     if not multiple:
         return n

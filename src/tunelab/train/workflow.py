@@ -401,7 +401,7 @@ def peak_memory() -> dict[str, float]:
 
 def train_sft(cfg: Config) -> dict[str, Any]:
     """The training part of a run (do_train). Returns the final metrics (also written to all_results.json)."""
-    from tunelab.data.collator import Collator, PackedSet, full_pack_length
+    from tunelab.data.collator import Collator, PackedSet, full_pack_length, pad_multiple
     from tunelab.data.processing import build_datasets
     from tunelab.data.template import get_template, template_mismatch_warning
     from tunelab.model.fast.varlen import active as varlen_active
@@ -460,7 +460,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
 
     # 3. trainer
-    pad_multiple = 8 if resolved.device == "cuda" else None
+    pad_to = pad_multiple(resolved.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing:
         train_set = PackedSet(data.train, cfg.cutoff_len)
@@ -472,7 +472,7 @@ def train_sft(cfg: Config) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=data.eval,
-        data_collator=Collator(pad_id, pad_multiple, varlen=varlen_active(model),
+        data_collator=Collator(pad_id, pad_to, varlen=varlen_active(model),
                                pack_length=full_pack_length(cfg.cutoff_len if cfg.packing else None)),
         processing_class=tokenizer,
         callbacks=[log_callback := LogCallback(output_dir), GradientHealthCallback()],
