@@ -81,7 +81,7 @@ def test_replayed_steps_equal_the_uncaptured_offload_bit_for_bit(compiled_backen
     for table in _tables(graphed):
         assert len(table) == 2 and all(entry not in ("seen", "uncaptured") for entry in table.values())
     # the static buffers are shared by both layers: hidden states, output, gradient in and out (one shape each)
-    assert sorted(key[0] for key in graphs.static) == ["grad_out", "grad_x", "out", "x"]
+    assert sorted(key[0] for key in graphs.static) == ["grad_out", "grad_x", "out0", "x"]
 
 
 def test_gradients_accumulate_across_replays_without_zeroing(compiled_backend, monkeypatch):
@@ -110,7 +110,7 @@ def test_gradients_accumulate_across_replays_without_zeroing(compiled_backend, m
 
 def test_a_new_shape_is_seen_then_captured_up_to_the_limit(compiled_backend, monkeypatch):
     monkeypatch.setattr(graphs_mod, "EMULATE", True)
-    monkeypatch.setattr(graphs_mod, "MAX_SIGNATURES", 2)  # forward and backward of one shape fill it
+    monkeypatch.setattr(graphs_mod, "MAX_SIGNATURES", 1)  # one shape per kind of call (forward, backward)
     _, graphed = _pair()
     for seq in (24, 24, 16, 16):
         ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(seq))
@@ -118,6 +118,102 @@ def test_a_new_shape_is_seen_then_captured_up_to_the_limit(compiled_backend, mon
             graphed(input_ids=ids, labels=ids).loss.backward()
     assert graphed._tunelab_layer_graphs.captures == 4  # length 24 only: length 16 ran uncaptured
     assert all(len(table) == 2 for table in _tables(graphed))
+
+
+def test_shapes_share_the_layers_gradient_buffers(compiled_backend, monkeypatch):
+    """Two shapes captured (the default limit holds both): each layer's backward graphs copy their LoRA gradients
+    into one set of buffers per layer, and steps alternating the shapes equal the uncaptured offload's."""
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+    plain, graphed = _pair()
+    params = {m: [p for p in m.parameters() if p.requires_grad] for m in (plain, graphed)}
+
+    def step(model, seq):
+        for p in params[model]:
+            p.grad = None
+        ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params[model]]
+
+    for seq in (24, 16, 24, 16, 24, 16):
+        loss_p, grads_p = step(plain, seq)
+        loss_g, grads_g = step(graphed, seq)
+        assert loss_g == loss_p and all(torch.equal(a, b) for a, b in zip(grads_g, grads_p))
+    graphs = graphed._tunelab_layer_graphs
+    assert graphs.captures == 8  # 2 layers x 2 shapes x (first pass, backward)
+    layers = graphed.base_model.model.model.layers
+    assert len(graphs.grads) == 2 and all(len(graphs.grads[id(m)]) == 14 for m in layers)  # 7 x (A, B) a layer
+
+
+def _split_pair(min_tokens=0):
+    plain, graphed = _peft("qwen2", grouped=False), _peft("qwen2", grouped=False)
+    for model, on in ((plain, False), (graphed, True)):
+        assert offload_checkpoints(model, compiled=True, split=True, fused_first=True, split_min_tokens=min_tokens,
+                                   layer_graphs=on, split_graphs=on) == 2
+        assert offload.split_layers(model) == 2
+    return plain, graphed
+
+
+def test_split_calls_replayed_equal_the_uncaptured_split_bit_for_bit(compiled_backend, monkeypatch):
+    """TUNELAB_SPLIT_GRAPHS: the split recompute's first pass (out and h2) and its backward (split_backward, whose
+    LoRA gradients go to .grad) captured per layer and shape, with new ids and padding each step; the stash brings
+    both of a layer's slots back ahead (HostStash.ahead 2)."""
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+    plain, graphed = _split_pair()
+    step_plain, step_graphed = _varying_stepper(plain), _varying_stepper(graphed)
+    graphs = graphed._tunelab_layer_graphs
+    for n in range(4):
+        loss_p, grads_p = step_plain()
+        loss_g, grads_g = step_graphed()
+        assert loss_g == loss_p
+        assert all(torch.equal(a, b) for a, b in zip(grads_g, grads_p))
+        assert graphs.captures == (0 if n == 0 else 4)
+    kinds = sorted(sig[-1][0] for table in _tables(graphed) for sig in table)
+    assert kinds == ["split-backward"] * 2 + ["split-forward"] * 2
+    assert sorted({key[0] for key in graphs.static}) == ["grad_out", "grad_x", "h2", "out0", "out1", "x"]
+
+
+def test_split_graphs_accumulate_and_follow_the_threshold(compiled_backend, monkeypatch):
+    """Accumulation over two micro-batches of two shapes: one at the split (48 tokens), one below (32: the full
+    recompute's graphs); the third round replays both."""
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+    plain, graphed = _split_pair(min_tokens=40)
+    long = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    short = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def accumulate(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            for batch in (long, short):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(input_ids=batch, labels=batch).loss.backward()
+        return [p.grad.clone() for p in params]
+
+    want, got = accumulate(plain), accumulate(graphed)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    kinds = sorted(sig[-1][0] for table in _tables(graphed) for sig in table)
+    assert kinds == ["backward"] * 2 + ["forward"] * 2 + ["split-backward"] * 2 + ["split-forward"] * 2
+    assert graphed._tunelab_layer_graphs.captures == 8
+
+
+def test_split_graphs_off_by_default(compiled_backend, monkeypatch):
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+    monkeypatch.delenv("TUNELAB_SPLIT_GRAPHS", raising=False)
+    model = _peft("qwen2")
+    assert offload_checkpoints(model, compiled=True, split=True, fused_first=True, split_min_tokens=0,
+                               layer_graphs=True) == 2
+    step = _stepper(model, "cpu")
+    for _ in range(3):
+        step()
+    assert model._tunelab_layer_graphs.captures == 0
+    monkeypatch.setenv("TUNELAB_SPLIT_GRAPHS", "2")
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="TUNELAB_SPLIT_GRAPHS='2'"):
+        graphs_mod.split_enabled()
 
 
 def test_graphs_only_below_the_split_threshold(compiled_backend, monkeypatch):

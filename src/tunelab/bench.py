@@ -64,6 +64,8 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
                  the masked SDPA path (model/fast/varlen.py; TUNELAB_VARLEN=1 / 0; default on; with :alpaca-packed)
   +packfull      appended: packed batches padded to the rows' capacity (one static shape for the compiled layers;
                  data/collator.py full_pack_length; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
+  +splitgraphs / +nosplitgraphs  appended: the split recompute's calls replayed as CUDA graphs too, or not
+                 (model/fast/graphs.py split_enabled; TUNELAB_SPLIT_GRAPHS=1 / 0; default off)
   +pad<N>        appended: padded batches' lengths rounded up to a multiple of N, not 8 (data/collator.py
                  pad_multiple; TUNELAB_PAD_MULTIPLE; with :alpaca): fewer distinct shapes for the layer graphs
   +splitmin<N>   appended: the split recompute from N tokens a step, not 2,048, and the layer graphs below N
@@ -326,7 +328,8 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
                       ("augment", "TUNELAB_PAIR_AUGMENT"), ("groupqkv", "TUNELAB_GROUP_QKV"),
                       ("keepdense", "TUNELAB_KEEP_DENSE"), ("below", "TUNELAB_BELOW"),
                       ("blockrows", "TUNELAB_NF4_BLOCK_ROWS"), ("varlen", "TUNELAB_VARLEN"),
-                      ("packfull", "TUNELAB_PACK_FULL"), ("graphs", "TUNELAB_LAYER_GRAPHS")):
+                      ("packfull", "TUNELAB_PACK_FULL"), ("graphs", "TUNELAB_LAYER_GRAPHS"),
+                      ("splitgraphs", "TUNELAB_SPLIT_GRAPHS")):
         if f"+no{flag}" in variant:  # the memory levers (tunelab.model.fast.offload, .embed), forced off / on
             os.environ[env] = "0"
         elif f"+{flag}" in variant:

@@ -44,7 +44,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-MAX_SIGNATURES = 4  # per layer: packed or padded batches of changing lengths would otherwise capture without end
+MAX_SIGNATURES = 8  # shapes per layer and kind of call: padded or packed batches of changing lengths would
+# otherwise capture without end (their cost: the static inputs per shape, and per layer one capture each)
 EMULATE = False  # tests: "capture" and "replay" rerun the body (the same data flow through the static buffers) off CUDA
 
 
@@ -60,6 +61,19 @@ def enabled() -> bool:
 
 _SIMPLE = (type(None), bool, int, float, str)
 _OTHER = object()  # a keyword value the graphs do not cover
+
+
+def split_enabled() -> bool:
+    """TUNELAB_SPLIT_GRAPHS=1: the split recompute's calls (split.py: the first pass keeping h2, the two halves'
+    recompute and backward) are graphed too, at any size; 0 (the default until measured): only the full recompute's
+    calls below the split threshold are."""
+    raw = os.environ.get("TUNELAB_SPLIT_GRAPHS", "0")
+    if raw not in ("0", "1"):
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"TUNELAB_SPLIT_GRAPHS={raw!r}: expected 0 (off) or 1 (CUDA graphs over the split "
+                          "recompute's calls too)")
+    return raw == "1"
 
 
 def _leaves(kwargs):
@@ -134,6 +148,9 @@ class LayerGraphs:
         self.kw: dict[tuple, list] = {}  # keyword tensors' buffers: key -> [buffer, last source, its version]
         self.failed: set[int] = set()  # id(layer) whose capture failed: uncaptured from then on
         self.captures = 0
+        # id(layer) -> one buffer per trainable parameter (outside the pool): every backward graph of the layer,
+        # whatever its shape, copies its LoRA gradients there, so they cost one set per layer, not one per shape
+        self.grads: dict[int, list] = {}
 
     # -- signatures and static inputs
     def _signature(self, layer, run, hidden, extra) -> tuple | None:
@@ -163,8 +180,8 @@ class LayerGraphs:
         return self.static[key]
 
     def _static_run(self, run):
-        """`run` (transformers' partial of the layer's forward) over the shared keyword buffers, and a function
-        that copies a call's keyword tensors into them (only those not already there)."""
+        """`run` (transformers' partial of the layer's forward) over the shared keyword buffers, a function that
+        copies a call's keyword tensors into them (only those not already there), and the keywords so bound."""
         import functools
 
         import torch
@@ -194,7 +211,7 @@ class LayerGraphs:
                         entry[0].copy_(src)
                         entry[1], entry[2] = src, src._version
 
-        return static, feed
+        return static, feed, bound
 
     def _pool(self):
         import torch
@@ -218,7 +235,7 @@ class LayerGraphs:
         compile happens there) and past MAX_SIGNATURES; made by make() the second time."""
         table = layer.__dict__.setdefault("_tunelab_graphs", {})
         if sig not in table:
-            if len(table) >= MAX_SIGNATURES:
+            if sum(1 for other in table if other[-1][0] == sig[-1][0]) >= MAX_SIGNATURES:
                 return None
             table[sig] = "seen"
             return None
@@ -229,46 +246,54 @@ class LayerGraphs:
         entry = table[sig]
         return None if entry == "uncaptured" else entry
 
-    # -- the two calls
-    def forward(self, layer, call, run, hidden, first_ctx):
+    # -- the calls
+    def forward(self, layer, call, run, hidden, first_ctx, first=None):
         """The layer's no-grad first pass `call(run, hidden)` (the compiled function and transformers' partial),
-        replayed; None when it is not captured (yet)."""
+        replayed; None when it is not captured (yet). first (split.py's first pass, compiled: (layer, kwargs, x) ->
+        (out, h2)): that call instead, its two outputs returned."""
+        import functools
+
         import torch
 
         from tunelab.model.fast import Passes
 
-        sig = self._signature(layer, run, hidden, ("forward", Passes.first_pass, _autocast_now()))
+        sig = self._signature(layer, run, hidden, ("split-forward" if first else "forward", Passes.first_pass,
+                                                   _autocast_now()))
         if sig is None:
             return None
 
         def make():
-            static, feed = self._static_run(run)
+            static, feed, bound = self._static_run(run)
+            fn = functools.partial(first, layer, bound) if first else functools.partial(call, static)
             x = self._buffer("x", hidden)
             feed(run)
             with torch.no_grad(), first_ctx():
                 x.copy_(hidden)
-                probe = call(static, x)  # the output's form (no capture)
-            if not torch.is_tensor(probe):
+                probe = fn(x)  # the output's form (no capture)
+            probe = probe if isinstance(probe, tuple) else (probe,)
+            if not all(torch.is_tensor(t) for t in probe) or len(probe) != (2 if first else 1):
                 return None
-            out = self._buffer("out", probe)
+            outs = [self._buffer(f"out{i}", t) for i, t in enumerate(probe)]
             del probe
 
             def body():
                 with torch.no_grad(), first_ctx():
-                    out.copy_(call(static, x))
+                    made = fn(x)
+                    for buf, t in zip(outs, made if first else (made,)):
+                        buf.copy_(t)
 
             replay = self._capture(layer, body, hidden.device)
-            return None if replay is None else (replay, feed, x, out)
+            return None if replay is None else (replay, feed, x, outs)
 
         entry = self._entry(layer, sig, make)
         if entry is None:
             return None
-        replay, feed, x, out = entry
+        replay, feed, x, outs = entry
         feed(run)
         with torch.no_grad():
             x.copy_(hidden)
         replay.replay()
-        return out.clone()
+        return tuple(t.clone() for t in outs) if first else outs[0].clone()
 
     def backward(self, layer, call, run, hidden, grad_out, autocast):
         """The layer's recompute and backward from `hidden` (its input, back from the host) and `grad_out`,
@@ -285,11 +310,11 @@ class LayerGraphs:
         params = [p for p in layer.parameters() if p.requires_grad]
 
         def make():
-            static, feed = self._static_run(run)
+            static, feed, _ = self._static_run(run)
             x = self._buffer("x", hidden)
             g_out = self._buffer("grad_out", grad_out)
             g_x = self._buffer("grad_x", hidden)
-            held: dict[str, Any] = {}
+            held, written = self._grad_buffers(layer, params), []
 
             def body():
                 with forward_mode(autocast), recomputing():
@@ -299,35 +324,100 @@ class LayerGraphs:
                         raise TypeError(f"the layer returned {type(out).__name__}, not one tensor")
                     grads = torch.autograd.grad(out, [leaf, *params], g_out, allow_unused=True)
                 g_x.copy_(grads[0])
-                if EMULATE and "grads" in held:  # as a replay does: into the captured tensors
-                    for old, new in zip(held["grads"], grads[1:]):
-                        if old is not None:
-                            old.copy_(new)
-                else:
-                    held["grads"] = grads[1:]  # live in the pool: each replay rewrites them
+                _store(held, written, grads[1:])
 
             feed(run)
             with torch.no_grad():
                 x.copy_(hidden)
                 g_out.copy_(grad_out)
             replay = self._capture(layer, body, hidden.device)
-            return None if replay is None else (replay, feed, x, g_out, g_x, held)
+            return None if replay is None else (replay, feed, (x, g_out), g_x, held, written)
+
+        return self._replay_backward(layer, run, sig, make, params, (hidden, grad_out))
+
+    def backward_split(self, layer, attn, mlp, run, hidden, h2, grad_out, autocast):
+        """split.split_backward from the layer input `hidden` and h2 (both back from the host) and `grad_out`,
+        replayed: the input's gradient, the layer's LoRA parameters' .grad filled; None when not captured (yet)
+        or when o or down is not the fused case now (the caller then runs split_backward itself, which says so).
+        attn / mlp: split.py's two halves (compiled: (layer, kwargs, input) -> o's / down's input)."""
+        import functools
+
+        from tunelab.model.fast.split import _fused, forward_mode, split_backward
+
+        sig = self._signature(layer, run, hidden, ("split-backward", tuple(autocast), tuple(grad_out.shape),
+                                                   grad_out.dtype, grad_out.stride(), tuple(h2.shape), h2.stride()))
+        if sig is None:
+            return None
+        with forward_mode(autocast):
+            if _fused(layer) is None:
+                return None
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def make():
+            import torch
+
+            static, feed, bound = self._static_run(run)
+            run_attn, run_mlp = functools.partial(attn, layer, bound), functools.partial(mlp, layer, bound)
+            x = self._buffer("x", hidden)
+            h2_in = self._buffer("h2", h2)
+            g_out = self._buffer("grad_out", grad_out)
+            g_x = self._buffer("grad_x", hidden)
+            held, written = self._grad_buffers(layer, params), []
+
+            def body():
+                saved = [p.grad for p in params]  # split_backward accumulates into .grad: here into fresh ones
+                for p in params:
+                    p.grad = None
+                try:
+                    grad = split_backward(layer, lambda: x, h2_in, g_out, autocast, run_attn, run_mlp)
+                    if grad is None:
+                        raise RuntimeError("o or down left the fused case")
+                    grads = [p.grad for p in params]
+                finally:
+                    for p, g in zip(params, saved):
+                        p.grad = g
+                g_x.copy_(grad)
+                _store(held, written, grads)
+
+            feed(run)
+            with torch.no_grad():
+                x.copy_(hidden)
+                h2_in.copy_(h2)
+                g_out.copy_(grad_out)
+            replay = self._capture(layer, body, hidden.device)
+            return None if replay is None else (replay, feed, (x, h2_in, g_out), g_x, held, written)
+
+        return self._replay_backward(layer, run, sig, make, params, (hidden, h2, grad_out))
+
+    def _grad_buffers(self, layer, params) -> list:
+        """The layer's shared LoRA-gradient buffers (made outside any capture)."""
+        import torch
+
+        if id(layer) not in self.grads:
+            self.grads[id(layer)] = [torch.zeros_like(p) for p in params]
+        return self.grads[id(layer)]
+
+    def _replay_backward(self, layer, run, sig, make, params, sources):
+        """The captured backward for `sig` replayed (None: not captured, the caller runs it): this call's inputs
+        (`sources`) copied into its static buffers, the LoRA gradients from the layer's buffers into .grad (aliased when .grad is None,
+        added otherwise), the input's gradient cloned out."""
+        import torch
 
         entry = self._entry(layer, sig, make)
         if entry is None:
             return None
-        replay, feed, x, g_out, g_x, held = entry
-        for p, g in zip(params, held["grads"]):  # a .grad still aliasing this graph's tensor keeps its value
-            if g is not None and p.grad is g:
+        replay, feed, buffers, g_x, held, written = entry
+        for p, g in zip(params, held):  # a .grad still aliasing the layer's buffer keeps its value
+            if p.grad is g:
                 p.grad = g.clone()
         feed(run)
         with torch.no_grad():
-            x.copy_(hidden)
-            g_out.copy_(grad_out)
+            for buf, src in zip(buffers, sources):
+                buf.copy_(src)
         replay.replay()
         into, add = [], []
-        for p, g in zip(params, held["grads"]):
-            if g is None:
+        for p, g, w in zip(params, held, written):
+            if not w:
                 continue
             if p.grad is None:
                 p.grad = g
@@ -349,6 +439,15 @@ class LayerGraphs:
             if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool):
                 total += seg["total_size"]
         return total
+
+
+def _store(held, written, grads) -> None:
+    """A backward graph's LoRA gradients into the layer's shared buffers (copies inside the graph); `written` says
+    which parameters got one."""
+    written[:] = [g is not None for g in grads]
+    for buf, g in zip(held, grads):
+        if g is not None:
+            buf.copy_(g)
 
 
 def _autocast_now() -> tuple:

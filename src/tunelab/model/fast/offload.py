@@ -36,9 +36,10 @@ class HostStash:
     in use and the next); a slot pushed with on_device=True stays on the GPU (the last layers': their backward comes
     first)."""
 
-    def __init__(self):
+    def __init__(self, ahead: int = 1):
         import torch
 
+        self.ahead = ahead  # how many small slots below a popped one are brought back
         self.cuda = torch.cuda.is_available()
         self.stream = torch.cuda.Stream() if self.cuda else None
         self.big_stream = torch.cuda.Stream() if self.cuda else None
@@ -119,10 +120,12 @@ class HostStash:
             t, ready = self.back.pop(slot)
             self.host[slot] = None
             self._arrive(t, ready)
-            before = slot - 1  # the next small slot below (a layer below keeping its gate/up output has its big
-            while before in big:  # slot between: run 25-26's form skipped, so h2 came back only when asked for)
-                before -= 1
-            self._fetch(before, device, self.stream)
+            before = slot
+            for _ in range(self.ahead):
+                before -= 1  # the next small slot below (a layer below keeping its gate/up output has its big
+                while before in big:  # slot between: run 25-26's form skipped, so h2 came back only when asked for)
+                    before -= 1
+                self._fetch(before, device, self.stream)
             below = [s for s in self.big if s < slot and s not in self.resident]  # the next one to copy back
             if below:
                 self._fetch(below[-1], device, self.big_stream)
@@ -143,15 +146,19 @@ def _build():
             ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _devices()]
             ctx.slot = stash.push(hidden)
             ctx.slot_gu = None
-            if split is None and graph is not None:  # graphs.py: the first pass replayed as a CUDA graph
+            made = None
+            if graph is not None:  # graphs.py: the first pass replayed as a CUDA graph (split.py's, keeping h2)
                 graphs, layer, layer_run = graph
-                out = graphs.forward(layer, _COMPILED["call"], layer_run, hidden, lambda: _first_pass(fused_first))
-                if out is not None:
-                    return out
+                made = graphs.forward(layer, _COMPILED["call"], layer_run, hidden, lambda: _first_pass(fused_first),
+                                      None if split is None else _COMPILED["first"])
+                if made is not None and split is None:
+                    return made
             with torch.no_grad(), _first_pass(fused_first):
                 if split is None:
                     return run(hidden)
-                if split.keep is None:
+                if made is not None:
+                    out, h2 = made
+                elif split.keep is None:
                     out, h2 = split.first(hidden)  # split.py: h2, the residual after attention, is kept too
                 else:  # and gate/up's output, for the MLP half's replay (split.keep_plan)
                     out, h2, gu = split.first_keep(hidden)
@@ -171,12 +178,32 @@ def _build():
                 def get_x():
                     return ctx.stash.pop(ctx.slot, ctx.device)
 
+                if ctx.graph is not None and ctx.slot_gu is None:  # graphs.py: the split backward replayed
+                    graphs, layer, layer_run = ctx.graph
+                    x = get_x()  # prefetched with h2 (HostStash.ahead 2)
+                    grad = graphs.backward_split(layer, _COMPILED["attn"], _COMPILED["mlp"], layer_run, x, h2,
+                                                 grads[0], ctx.autocast)
+                    if grad is not None:
+                        return None, None, grad, None, None, None
+
+                    def get_x():  # noqa: F811 - already back
+                        return x
+
                 # gu (kept layers): popped into the call, not held here (split_backward drops it after the MLP half)
                 grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp,
                                       None if ctx.slot_gu is None else ctx.stash.pop(ctx.slot_gu, ctx.device))
                 if grad is not None:
                     return None, None, grad, None, None, None
                 del h2  # o or down left the fused case since the forward: the whole layer is recomputed
+                if ctx.graph is not None and ctx.slot_gu is None:  # x was popped above
+                    hidden = x.detach().requires_grad_(True)
+                    with forward_mode(ctx.autocast), recomputing():
+                        out = ctx.run(hidden)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o)
+                             and o.requires_grad]
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    return None, None, hidden.grad, None, None, None
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
                 if ctx.slot_gu is not None:
@@ -316,7 +343,7 @@ def _layer_kwargs(run, layer):
 
 def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None,
                             split_min_tokens: int | None = None, fused_first: bool = False, graphs=None,
-                            graph_max_tokens: int = 0):
+                            graph_max_tokens: int = 0, split_graphs: bool = False):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
     (`run`) runs through torch.compile, once without grad (the first pass) and once with it (the recompute); the
@@ -325,7 +352,8 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
     of at least that many tokens (rows x length);
     fused_first: the first pass through the fused projections instead of PEFT's no-grad path; graphs (a
     graphs.LayerGraphs, with `layer` and `compiled`): calls under graph_max_tokens tokens that take the full
-    recompute replay CUDA graphs of the compiled calls."""
+    recompute replay CUDA graphs of the compiled calls; split_graphs: the split recompute's calls too (those of
+    layers keeping gate/up's output excepted)."""
     import torch
 
     if _Fn.fn is None:
@@ -342,10 +370,11 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
             if layer_kwargs is not None:
                 parts = _Split(layer, layer_kwargs, compiled)
         graph = None
-        if (graphs is not None and compiled and parts is None and layer is not None
-                and args[0].numel() < graph_max_tokens * args[0].shape[-1]
-                and _layer_kwargs(run, layer) is not None):
-            graph = (graphs, layer, run)
+        if graphs is not None and compiled and layer is not None and _layer_kwargs(run, layer) is not None:
+            if parts is None and args[0].numel() < graph_max_tokens * args[0].shape[-1]:
+                graph = (graphs, layer, run)
+            elif parts is not None and split_graphs and parts.keep is None:
+                graph = (graphs, layer, run)
         if compiled:
             run = functools.partial(_COMPILED["call"], run)
         return _Fn.fn.apply(run, stash, args[0], parts, fused_first, graph)
@@ -355,7 +384,8 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
 
 def offload_checkpoints(model, compiled: bool = False, split: bool | None = None, fused_first: bool | None = None,
                         split_min_tokens: int | None = None, keep_every: int | None = None,
-                        keep_on_gpu: int | None = None, layer_graphs: bool | None = None) -> int:
+                        keep_on_gpu: int | None = None, layer_graphs: bool | None = None,
+                        split_graphs: bool | None = None) -> int:
     """Route every checkpointed layer of `model` (gradient checkpointing already enabled) through the offload.
     split: split.py's recompute without the o and down products, on the layers it covers, for batches of at least
     split_min_tokens tokens (defaults: on unless TUNELAB_SPLIT_RECOMPUTE=0, from 2,048 tokens or
@@ -367,8 +397,10 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     pair's GEMM; keep_on_gpu: the last that many such layers keep it on the GPU (split.keep_plan; default
     TUNELAB_KEEP_GATE_UP_ON_GPU, 0: none); layer_graphs: with `compiled`, the calls under split_min_tokens tokens
     (the host-bound steps; they take the full recompute) replay CUDA graphs (graphs.py; default
-    TUNELAB_LAYER_GRAPHS, on). Larger calls are never graphed, split or not: run 31 measured +2.2% at 7B 4 x 1024
-    with the split off and every call graphed, at 7.20 GiB with the pool against 5.53 for the split default. Returns how many layers were routed; `split_layers(model)` says how many can split,
+    TUNELAB_LAYER_GRAPHS, on). Larger calls that take the full recompute are never graphed: run 31 measured +2.2%
+    at 7B 4 x 1024 with the split off and every call graphed, at 7.20 GiB with the pool against 5.53 for the split
+    default; split_graphs: the split recompute's calls are graphed as well, at any size (graphs.split_enabled:
+    TUNELAB_SPLIT_GRAPHS, off until measured). Returns how many layers were routed; `split_layers(model)` says how many can split,
     `kept_layers(model)` how many keep gate/up's output."""
     import os
 
@@ -395,7 +427,13 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         from tunelab.model.fast.graphs import LayerGraphs
 
         graphs = LayerGraphs()
-    stash = HostStash()
+    if split_graphs is None:
+        from tunelab.model.fast import graphs as graphs_mod
+
+        split_graphs = graphs_mod.split_enabled()
+    split_graphs = bool(graphs is not None and split and split_graphs)
+    # a replayed split backward takes the layer input with h2, up front: both are brought back ahead
+    stash = HostStash(ahead=2 if split_graphs else 1)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
     keep = split_mod.keep_plan(len(layers), keep_every, keep_on_gpu) if split and fused_first else {}
@@ -408,7 +446,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
             stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first, graphs,
-            split_min_tokens)
+            split_min_tokens, split_graphs)
     model._tunelab_layer_graphs = graphs
     return len(layers)
 
