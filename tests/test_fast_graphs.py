@@ -299,3 +299,27 @@ def test_captured_layers_train_like_the_uncaptured_offload_on_gpu():
             assert (a.float() - b.float()).norm() <= 3e-2 * b.float().norm()
     graphs = graphed._tunelab_layer_graphs
     assert graphs.captures == 4 and graphs.pool_bytes() > 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_split_graphs_train_like_the_uncaptured_split_on_gpu(monkeypatch):
+    """TUNELAB_SPLIT_GRAPHS on the GPU: real captures of the split first pass and split_backward (NF4, inductor),
+    three steps, the third replayed, against the same split offload uncaptured."""
+    torch._dynamo.reset()
+    offload._Compiled.fns = {}
+    plain, graphed = _peft("qwen2", "cuda", quantized=True), _peft("qwen2", "cuda", quantized=True)
+    for model, on in ((plain, False), (graphed, True)):
+        assert offload_checkpoints(model, compiled=True, split=True, fused_first=True, split_min_tokens=0,
+                                   layer_graphs=on, split_graphs=on) == 2
+    step_plain, step_graphed = _stepper(plain, "cuda", seed=7), _stepper(graphed, "cuda", seed=7)
+    for _ in range(3):
+        loss_p, grads_p = step_plain()
+        loss_g, grads_g = step_graphed()
+        assert abs(loss_g - loss_p) <= 1e-3 * abs(loss_p)  # the bounds of the test above (capture stream's cuBLAS)
+        for a, b in zip(grads_g, grads_p):
+            assert (a.float() - b.float()).norm() <= 3e-2 * b.float().norm()
+    graphs = graphed._tunelab_layer_graphs
+    assert graphs.captures == 4 and graphs.pool_bytes() > 0
+    kinds = sorted(sig[-1][0] for table in _tables(graphed) for sig in table)
+    assert kinds == ["split-backward"] * 2 + ["split-forward"] * 2
