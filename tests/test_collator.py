@@ -70,8 +70,12 @@ def test_pad_multiple_reads_the_environment_and_pads_to_it(monkeypatch):
 
     monkeypatch.delenv("TUNELAB_PAD_MULTIPLE", raising=False)
     assert pad_multiple("cuda") == 8 and pad_multiple("cpu") is None
+    # under the layer graphs: buckets of a multiple of 64, at most 8 lengths up to the cutoff
+    assert [pad_multiple("cuda", n, graphs=True) for n in (256, 1024, 2048, 4096, 1000, 100)] == [64, 128, 256, 512,
+                                                                                                 128, 64]
+    assert pad_multiple("cuda", 1024) == 8 and pad_multiple("cpu", 1024, graphs=True) is None
     monkeypatch.setenv("TUNELAB_PAD_MULTIPLE", "64")
-    assert pad_multiple("cuda") == 64 and pad_multiple("cpu") == 64
+    assert pad_multiple("cuda") == 64 and pad_multiple("cpu") == 64 and pad_multiple("cuda", 1024, graphs=True) == 64
     batch = Collator(0, pad_multiple("cuda"))([{"input_ids": list(range(1, 71)), "labels": [-100] * 10 + list(range(11, 71))},
                                                {"input_ids": [7, 8, 9], "labels": [-100, 8, 9]}])
     assert batch["input_ids"].shape == (2, 128)

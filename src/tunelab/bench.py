@@ -287,7 +287,7 @@ def gpu_timeline(events) -> dict[str, Any]:
 
 
 def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, method: str,
-                pack_to: int | None = None) -> dict[str, Any]:
+                pack_to: int | None = None, cutoff_len: int | None = None) -> dict[str, Any]:
     """tunelab's path: its loader and TunelabTrainer (the code `tunelab train` runs), timed per optimizer step."""
     import torch
     from transformers import TrainerCallback
@@ -369,7 +369,7 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from tunelab.model.fast import varlen
 
     # as `tunelab train` builds it (+packfull above: TUNELAB_PACK_FULL, read here)
-    collator = Collator(0, pad_multiple("cuda"), varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
+    collator = Collator(0, pad_multiple("cuda", cutoff_len, graphs=getattr(model, "_tunelab_layer_graphs", None) is not None), varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": [],
                            "step_issue_s": [], "step_proc_cpu_s": []}
@@ -630,7 +630,7 @@ def run_variant(variant: str, model_dir: str, batch: int, seq: int, steps: int =
     n_steps = steps * max(1, int(seq / 250)) if packed else steps
     samples = synthetic_samples(kind, batch, seq, n_steps, vocab=150000)
     if name.startswith("plain-trainer") or name.startswith("tunelab"):
-        run = run_tunelab(model_dir, samples, batch, name, method, pack_to=seq if packed else None)
+        run = run_tunelab(model_dir, samples, batch, name, method, pack_to=seq if packed else None, cutoff_len=seq)
     elif name.startswith("plain"):
         run = run_plain(model_dir, samples, batch, "autocast" in name, method)
     else:

@@ -314,10 +314,15 @@ def _splits(shape: ModelShape, tokens: int) -> bool:
 
 def _graphs(shape: ModelShape, tokens: int) -> bool:
     """Whether the offload's layer graphs apply, as model.fast.offload decides it: on (model.fast.graphs's switch),
-    for calls under the split recompute's threshold, split or not, for the families the fast path covers."""
+    for the full recompute's calls under the split recompute's threshold and the split's under
+    graphs.split_max_tokens() (graphs.split_enabled), for the families the fast path covers."""
     from tunelab.model.fast import ARCHITECTURES, graphs, split
 
-    return graphs.enabled() and shape.family in ARCHITECTURES and tokens < split.min_tokens()
+    if not graphs.enabled() or shape.family not in ARCHITECTURES:
+        return False
+    if tokens < split.min_tokens() or not split.enabled():
+        return tokens < split.min_tokens()
+    return graphs.split_enabled() and tokens < graphs.split_max_tokens()
 
 
 def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:

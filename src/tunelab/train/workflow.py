@@ -460,7 +460,8 @@ def train_sft(cfg: Config) -> dict[str, Any]:
     logger.info("loss: %s cross-entropy", "fused linear" if loss_impl == "fused" else "plain")
 
     # 3. trainer
-    pad_to = pad_multiple(resolved.device)
+    pad_to = pad_multiple(resolved.device, cfg.cutoff_len,
+                          graphs=getattr(model, "_tunelab_layer_graphs", None) is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.packing:
         train_set = PackedSet(data.train, cfg.cutoff_len)

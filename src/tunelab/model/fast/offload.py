@@ -169,6 +169,14 @@ def _build():
 
         @staticmethod
         def backward(ctx, *grads):
+            try:
+                return OffloadedCheckpoint._backward(ctx, *grads)
+            finally:
+                if ctx.slot == 0 and ctx.graph is not None:  # the step's last layer backward
+                    ctx.graph[0].trim()
+
+        @staticmethod
+        def _backward(ctx, *grads):
             from tunelab.model.fast.split import forward_mode, recomputing, split_backward
 
             split = ctx.split
@@ -343,7 +351,7 @@ def _layer_kwargs(run, layer):
 
 def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, layer=None,
                             split_min_tokens: int | None = None, fused_first: bool = False, graphs=None,
-                            graph_max_tokens: int = 0, split_graphs: bool = False):
+                            graph_max_tokens: int = 0, split_graphs: bool = False, split_graph_max_tokens: int = 0):
     """A drop-in for transformers' `_gradient_checkpointing_func(fn, *args)`: one tensor argument (the hidden
     states) is offloaded; any other call shape goes to `fallback` (plain checkpointing). compiled: the layer
     (`run`) runs through torch.compile, once without grad (the first pass) and once with it (the recompute); the
@@ -352,8 +360,8 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
     of at least that many tokens (rows x length);
     fused_first: the first pass through the fused projections instead of PEFT's no-grad path; graphs (a
     graphs.LayerGraphs, with `layer` and `compiled`): calls under graph_max_tokens tokens that take the full
-    recompute replay CUDA graphs of the compiled calls; split_graphs: the split recompute's calls too (those of
-    layers keeping gate/up's output excepted)."""
+    recompute replay CUDA graphs of the compiled calls; split_graphs: the split recompute's calls under
+    split_graph_max_tokens too (those of layers keeping gate/up's output excepted)."""
     import torch
 
     if _Fn.fn is None:
@@ -373,7 +381,8 @@ def offloaded_checkpoint_fn(stash: HostStash, fallback, compiled: bool = False, 
         if graphs is not None and compiled and layer is not None and _layer_kwargs(run, layer) is not None:
             if parts is None and args[0].numel() < graph_max_tokens * args[0].shape[-1]:
                 graph = (graphs, layer, run)
-            elif parts is not None and split_graphs and parts.keep is None:
+            elif (parts is not None and split_graphs and parts.keep is None
+                  and args[0].numel() < split_graph_max_tokens * args[0].shape[-1]):
                 graph = (graphs, layer, run)
         if compiled:
             run = functools.partial(_COMPILED["call"], run)
@@ -399,8 +408,8 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     (the host-bound steps; they take the full recompute) replay CUDA graphs (graphs.py; default
     TUNELAB_LAYER_GRAPHS, on). Larger calls that take the full recompute are never graphed: run 31 measured +2.2%
     at 7B 4 x 1024 with the split off and every call graphed, at 7.20 GiB with the pool against 5.53 for the split
-    default; split_graphs: the split recompute's calls are graphed as well, at any size (graphs.split_enabled:
-    TUNELAB_SPLIT_GRAPHS, off until measured). Returns how many layers were routed; `split_layers(model)` says how many can split,
+    default; split_graphs: the split recompute's calls are graphed as well, below graphs.split_max_tokens()
+    tokens (graphs.split_enabled: TUNELAB_SPLIT_GRAPHS, on; TUNELAB_SPLIT_GRAPH_MAX_TOKENS, 4,096). Returns how many layers were routed; `split_layers(model)` says how many can split,
     `kept_layers(model)` how many keep gate/up's output."""
     import os
 
@@ -427,9 +436,9 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         from tunelab.model.fast.graphs import LayerGraphs
 
         graphs = LayerGraphs()
-    if split_graphs is None:
-        from tunelab.model.fast import graphs as graphs_mod
+    from tunelab.model.fast import graphs as graphs_mod
 
+    if split_graphs is None:
         split_graphs = graphs_mod.split_enabled()
     split_graphs = bool(graphs is not None and split and split_graphs)
     # a replayed split backward takes the layer input with h2, up front: both are brought back ahead
@@ -446,7 +455,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
             stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first, graphs,
-            split_min_tokens, split_graphs)
+            split_min_tokens, split_graphs, graphs_mod.split_max_tokens())
     model._tunelab_layer_graphs = graphs
     return len(layers)
 
