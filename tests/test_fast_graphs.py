@@ -227,6 +227,53 @@ def test_split_graphs_on_by_default_below_their_token_limit(compiled_backend, mo
         graphs_mod.split_max_tokens()
 
 
+def test_graphs_only_below_the_split_threshold(compiled_backend, monkeypatch):
+    """With the split graphs off, calls from split_min_tokens tokens take the split uncaptured; below, the full
+    recompute replays graphs."""
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+    model = _peft("qwen2")
+    assert offload_checkpoints(model, compiled=True, split=True, fused_first=True, split_min_tokens=40,
+                               layer_graphs=True, split_graphs=False) == 2
+    for seq in (24, 24, 24):  # 2 x 24 = 48 tokens: the split
+        ids = torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert model._tunelab_layer_graphs.captures == 0 and all(t == {} for t in _tables(model))
+    for _ in range(2):  # 2 x 16 = 32 tokens: the full recompute, captured at the second step
+        ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert model._tunelab_layer_graphs.captures == 4
+
+
+def test_no_capture_off_cuda_without_emulation(compiled_backend):
+    _, graphed = _pair()
+    step = _stepper(graphed, "cpu")
+    for _ in range(2):
+        step()
+    assert graphed._tunelab_layer_graphs.captures == 0 and all(t == {} for t in _tables(graphed))
+
+
+def test_a_failed_capture_leaves_the_layer_uncaptured(compiled_backend, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(graphs_mod, "EMULATE", True)
+
+    def broken(self, body, pool, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs_mod._Replay, "__init__", broken)
+    plain, graphed = _pair()
+    step_plain, step_graphed = _stepper(plain, "cpu", seed=4), _stepper(graphed, "cpu", seed=4)
+    with caplog.at_level(logging.WARNING, logger="tunelab.model.fast.graphs"):
+        for _ in range(3):
+            loss_p, grads_p = step_plain()
+            loss_g, grads_g = step_graphed()
+            assert loss_g == loss_p and all(torch.equal(a, b) for a, b in zip(grads_g, grads_p))
+    assert graphed._tunelab_layer_graphs.captures == 0
+    assert "could not be captured as a CUDA graph (RuntimeError: operation not permitted" in caplog.text
+
+
 @pytest.mark.parametrize("raw, on", [(None, True), ("0", False), ("1", True)])
 def test_enabled_reads_the_environment(monkeypatch, raw, on):
     if raw is None:

@@ -507,3 +507,46 @@ def test_kept_gate_up_outputs_on_gpu_train_like_the_recompute(compiled):
             else:
                 assert torch.equal(g, gs)
         assert loss == loss_split if not compiled else abs(loss - loss_split) < 1e-3 * loss_split
+
+
+def test_the_graphed_split_backward_brings_both_slots_of_the_layer_below_back():
+    """The split graphs' backward pops a layer's h2, then its input at once (the replay needs both up front), that
+    pop with ahead=2: the layer below's h2 and input both start back then, a whole layer's replay before they are
+    needed; with the default one-slot prefetch a layer's input would start back only at its h2's pop, right before
+    the replay needs it."""
+    from types import SimpleNamespace
+
+    from tunelab.model.fast.offload import HostStash
+
+    started = {}  # slot -> the pop during which its copy back started
+    pops = []
+
+    class Recorded(HostStash):
+        def __init__(self):
+            super().__init__()
+            self.cuda, self.stream, self.big_stream = True, "small", "big"
+
+        def _fetch(self, slot, device, stream):
+            if slot < 0 or slot in self.back or self.host[slot] is None or slot in self.resident:
+                return
+            started[slot] = pops[-1]
+            self.back[slot] = (self.host[slot], None)
+
+        @staticmethod
+        def _arrive(t, ready):
+            pass
+
+    for ahead in (2, 1):
+        started.clear()
+        pops.clear()
+        stash, device = Recorded(), SimpleNamespace(type="cuda")
+        for layer in range(4):  # per layer: its input (slot 2 L), then h2 (2 L + 1)
+            stash.push(torch.full((1,), float(10 * layer))), stash.push(torch.full((1,), float(10 * layer + 1)))
+        for layer in range(3, -1, -1):
+            for part, kw in ((1, {}), (0, {"ahead": ahead})):
+                pops.append(("h2" if part else "x", layer))
+                assert stash.pop(2 * layer + part, device, **kw).item() == 10 * layer + part
+        want = {2 * layer: ("x", layer + 1) if ahead == 2 else ("h2", layer) for layer in range(3)}
+        assert {slot: started[slot] for slot in want} == want, ahead
+        assert all(started[2 * layer + 1] == ("x", layer + 1) for layer in range(3))  # h2: the layer above's x
+        assert stash.host == [] and stash.back == {}

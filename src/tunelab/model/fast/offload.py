@@ -109,7 +109,7 @@ class HostStash:
         torch.cuda.current_stream().wait_event(ready)
         t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
 
-    def pop(self, slot: int, device):
+    def pop(self, slot: int, device, ahead: int | None = None):
         """The tensor of `slot` on `device`; starts bringing back the one before it (and the next big slot below)."""
         if not self.cuda or device.type != "cuda" or slot in self.resident:
             t, self.host[slot] = self.host[slot], None
@@ -121,7 +121,7 @@ class HostStash:
             self.host[slot] = None
             self._arrive(t, ready)
             before = slot
-            for _ in range(self.ahead):
+            for _ in range(self.ahead if ahead is None else ahead):
                 before -= 1  # the next small slot below (a layer below keeping its gate/up output has its big
                 while before in big:  # slot between: run 25-26's form skipped, so h2 came back only when asked for)
                     before -= 1
@@ -180,22 +180,22 @@ def _build():
             from tunelab.model.fast.split import forward_mode, recomputing, split_backward
 
             split = ctx.split
+            back = []  # the layer input, when the split graphs' branch below has already taken it back
             if split is not None and grads[0] is not None:
                 h2 = ctx.stash.pop(ctx.slot_h2, ctx.device)  # starts bringing back this layer's input
 
                 def get_x():
-                    return ctx.stash.pop(ctx.slot, ctx.device)
+                    return back[0] if back else ctx.stash.pop(ctx.slot, ctx.device)
 
                 if ctx.graph is not None and ctx.slot_gu is None:  # graphs.py: the split backward replayed
                     graphs, layer, layer_run = ctx.graph
-                    x = get_x()  # prefetched with h2 (HostStash.ahead 2)
-                    grad = graphs.backward_split(layer, _COMPILED["attn"], _COMPILED["mlp"], layer_run, x, h2,
+                    # the replay takes x with h2, up front: the layer below's two slots come back now (ahead 2),
+                    # so that its x is back with its h2 (the prefetch below a popped slot is one slot otherwise)
+                    back.append(ctx.stash.pop(ctx.slot, ctx.device, ahead=2))
+                    grad = graphs.backward_split(layer, _COMPILED["attn"], _COMPILED["mlp"], layer_run, back[0], h2,
                                                  grads[0], ctx.autocast)
                     if grad is not None:
                         return None, None, grad, None, None, None
-
-                    def get_x():  # noqa: F811 - already back
-                        return x
 
                 # gu (kept layers): popped into the call, not held here (split_backward drops it after the MLP half)
                 grad = split_backward(split.layer, get_x, h2, grads[0], ctx.autocast, split.attn, split.mlp,
@@ -203,20 +203,11 @@ def _build():
                 if grad is not None:
                     return None, None, grad, None, None, None
                 del h2  # o or down left the fused case since the forward: the whole layer is recomputed
-                if ctx.graph is not None and ctx.slot_gu is None:  # x was popped above
-                    hidden = x.detach().requires_grad_(True)
-                    with forward_mode(ctx.autocast), recomputing():
-                        out = ctx.run(hidden)
-                    outs = out if isinstance(out, tuple) else (out,)
-                    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and torch.is_tensor(o)
-                             and o.requires_grad]
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                    return None, None, hidden.grad, None, None, None
             elif split is not None:
                 ctx.stash.pop(ctx.slot_h2, ctx.device)
                 if ctx.slot_gu is not None:
                     ctx.stash.pop(ctx.slot_gu, ctx.device)
-            hidden = ctx.stash.pop(ctx.slot, ctx.device).detach().requires_grad_(True)
+            hidden = (back.pop() if back else ctx.stash.pop(ctx.slot, ctx.device)).detach().requires_grad_(True)
             if ctx.graph is not None and split is None and grads[0] is not None and all(g is None for g in grads[1:]):
                 graphs, layer, layer_run = ctx.graph  # graphs.py: the recompute and backward replayed
                 grad = graphs.backward(layer, _COMPILED["call"], layer_run, hidden, grads[0], ctx.autocast)
@@ -441,8 +432,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
     if split_graphs is None:
         split_graphs = graphs_mod.split_enabled()
     split_graphs = bool(graphs is not None and split and split_graphs)
-    # a replayed split backward takes the layer input with h2, up front: both are brought back ahead
-    stash = HostStash(ahead=2 if split_graphs else 1)
+    stash = HostStash()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
     keep = split_mod.keep_plan(len(layers), keep_every, keep_on_gpu) if split and fused_first else {}
