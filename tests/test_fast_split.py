@@ -414,18 +414,10 @@ def test_kept_gate_up_outputs_give_the_recomputes_gradients_exactly(every, on_gp
     assert kept_layers(model16) == 0  # 16-bit gate and up stay two projections: no pair output to keep
 
 
-def test_the_stash_brings_every_slot_back_ahead_and_at_most_two_kept_outputs():
-    """HostStash's order on CUDA, driven on the CPU with its copies recorded instead of run: the offload's pops of a
-    6-layer backward (per layer h2, then gate/up's output, then the input), layers 1 and 3 keeping their outputs on
-    the host, 4 and 5 on the GPU. Every slot but the first popped was on its way back before it was asked for (the
-    h2 of a layer whose kept output lies between it and the layer above too: the form of runs 25-26 missed that),
-    each kept output from the backward's first pop below the kept layer above it (at most two on the device: the one
-    about to be used and the next), on the big stream, and the small copies never queue behind it."""
-    from types import SimpleNamespace
-
+def _recorded_stash(record):
+    """A HostStash that behaves as on CUDA, driven on the CPU: each copy back is recorded (record(slot, stream))
+    and "arrives" at once instead of running."""
     from tunelab.model.fast.offload import HostStash
-
-    fetched = []  # (slot, stream) in the order the copies back were started
 
     class Recorded(HostStash):
         def __init__(self):
@@ -435,14 +427,28 @@ def test_the_stash_brings_every_slot_back_ahead_and_at_most_two_kept_outputs():
         def _fetch(self, slot, device, stream):
             if slot < 0 or slot in self.back or self.host[slot] is None or slot in self.resident:
                 return
-            fetched.append((slot, stream))
+            record(slot, stream)
             self.back[slot] = (self.host[slot], None)
 
         @staticmethod
         def _arrive(t, ready):
             pass
 
-    stash, device = Recorded(), SimpleNamespace(type="cuda")
+    return Recorded()
+
+
+def test_the_stash_brings_every_slot_back_ahead_and_at_most_two_kept_outputs():
+    """HostStash's order on CUDA, driven on the CPU with its copies recorded instead of run: the offload's pops of a
+    6-layer backward (per layer h2, then gate/up's output, then the input), layers 1 and 3 keeping their outputs on
+    the host, 4 and 5 on the GPU. Every slot but the first popped was on its way back before it was asked for (the
+    h2 of a layer whose kept output lies between it and the layer above too: the form of runs 25-26 missed that),
+    each kept output from the backward's first pop below the kept layer above it (at most two on the device: the one
+    about to be used and the next), on the big stream, and the small copies never queue behind it."""
+    from types import SimpleNamespace
+
+
+    fetched = []  # (slot, stream) in the order the copies back were started
+    stash, device = _recorded_stash(lambda slot, stream: fetched.append((slot, stream))), SimpleNamespace(type="cuda")
     slots = {}
     for layer, keep in enumerate((None, "host", None, "host", "device", "device")):
         slots[layer] = [stash.push(torch.full((1,), float(10 * layer + part))) for part in (0, 1)]
@@ -516,30 +522,15 @@ def test_the_graphed_split_backward_brings_both_slots_of_the_layer_below_back():
     the replay needs it."""
     from types import SimpleNamespace
 
-    from tunelab.model.fast.offload import HostStash
 
     started = {}  # slot -> the pop during which its copy back started
     pops = []
 
-    class Recorded(HostStash):
-        def __init__(self):
-            super().__init__()
-            self.cuda, self.stream, self.big_stream = True, "small", "big"
-
-        def _fetch(self, slot, device, stream):
-            if slot < 0 or slot in self.back or self.host[slot] is None or slot in self.resident:
-                return
-            started[slot] = pops[-1]
-            self.back[slot] = (self.host[slot], None)
-
-        @staticmethod
-        def _arrive(t, ready):
-            pass
-
     for ahead in (2, 1):
         started.clear()
         pops.clear()
-        stash, device = Recorded(), SimpleNamespace(type="cuda")
+        stash = _recorded_stash(lambda slot, stream: started.__setitem__(slot, pops[-1]))
+        device = SimpleNamespace(type="cuda")
         for layer in range(4):  # per layer: its input (slot 2 L), then h2 (2 L + 1)
             stash.push(torch.full((1,), float(10 * layer))), stash.push(torch.full((1,), float(10 * layer + 1)))
         for layer in range(3, -1, -1):
