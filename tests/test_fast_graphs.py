@@ -84,6 +84,19 @@ def test_replayed_steps_equal_the_uncaptured_offload_bit_for_bit(compiled_backen
     assert sorted(key[0] for key in graphs.static) == ["grad_out", "grad_x", "out0", "x"]
 
 
+def _accumulate(model, batches):
+    """Three rounds (the third replays) of one backward per batch into the same .grad, zeroed to None between
+    rounds only; the final gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(3):
+        for p in params:
+            p.grad = None
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(input_ids=batch, labels=batch).loss.backward()
+    return [p.grad.clone() for p in params]
+
+
 def test_gradients_accumulate_across_replays_without_zeroing(compiled_backend, monkeypatch):
     """Two backwards into the same .grad (gradient accumulation, or zero_grad(set_to_none=False)): the first
     replay's .grad aliases the graph's tensor, which the second replay rewrites: it must be kept, then added to."""
@@ -91,19 +104,7 @@ def test_gradients_accumulate_across_replays_without_zeroing(compiled_backend, m
     plain, graphed = _pair()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     other = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
-
-    def accumulate(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(3):  # the third round replays
-            for p in params:
-                p.grad = None
-            for batch in (ids, other):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    model(input_ids=batch, labels=batch).loss.backward()
-        return [p.grad.clone() for p in params]
-
-    want = accumulate(plain)
-    got = accumulate(graphed)
+    want, got = _accumulate(plain, (ids, other)), _accumulate(graphed, (ids, other))
     assert graphed._tunelab_layer_graphs.captures == 4
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
@@ -158,7 +159,7 @@ def _split_pair(min_tokens=0):
 def test_split_calls_replayed_equal_the_uncaptured_split_bit_for_bit(compiled_backend, monkeypatch):
     """TUNELAB_SPLIT_GRAPHS: the split recompute's first pass (out and h2) and its backward (split_backward, whose
     LoRA gradients go to .grad) captured per layer and shape, with new ids and padding each step; the stash brings
-    both of a layer's slots back ahead (HostStash.ahead 2)."""
+    both of a layer's slots back ahead (HostStash.pop with ahead=2)."""
     monkeypatch.setattr(graphs_mod, "EMULATE", True)
     plain, graphed = _split_pair()
     step_plain, step_graphed = _varying_stepper(plain), _varying_stepper(graphed)
@@ -181,18 +182,7 @@ def test_split_graphs_accumulate_and_follow_the_threshold(compiled_backend, monk
     plain, graphed = _split_pair(min_tokens=40)
     long = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     short = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
-
-    def accumulate(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(3):
-            for p in params:
-                p.grad = None
-            for batch in (long, short):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    model(input_ids=batch, labels=batch).loss.backward()
-        return [p.grad.clone() for p in params]
-
-    want, got = accumulate(plain), accumulate(graphed)
+    want, got = _accumulate(plain, (long, short)), _accumulate(graphed, (long, short))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     kinds = sorted(sig[-1][0] for table in _tables(graphed) for sig in table)
     assert kinds == ["backward"] * 2 + ["forward"] * 2 + ["split-backward"] * 2 + ["split-forward"] * 2

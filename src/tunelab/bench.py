@@ -65,7 +65,7 @@ Variants (--path fast,plain is short for tunelab-fast,tunelab-plain):
   +packfull      appended: packed batches padded to the rows' capacity (one static shape for the compiled layers;
                  data/collator.py full_pack_length; TUNELAB_PACK_FULL=1; opt-in; with :alpaca-packed)
   +splitgraphs / +nosplitgraphs  appended: the split recompute's calls replayed as CUDA graphs too, or not
-                 (model/fast/graphs.py split_enabled; TUNELAB_SPLIT_GRAPHS=1 / 0; default off)
+                 (model/fast/graphs.py split_enabled; TUNELAB_SPLIT_GRAPHS=1 / 0; default on, below 4,096 tokens)
   +pad<N>        appended: padded batches' lengths rounded up to a multiple of N, not 8 (data/collator.py
                  pad_multiple; TUNELAB_PAD_MULTIPLE; with :alpaca): fewer distinct shapes for the layer graphs
   +splitmin<N>   appended: the split recompute from N tokens a step, not 2,048, and the layer graphs below N
@@ -369,7 +369,9 @@ def run_tunelab(model_dir: str, samples: list[dict], batch: int, variant: str, m
     from tunelab.model.fast import varlen
 
     # as `tunelab train` builds it (+packfull above: TUNELAB_PACK_FULL, read here)
-    collator = Collator(0, pad_multiple("cuda", cutoff_len, graphs=getattr(model, "_tunelab_layer_graphs", None) is not None), varlen=varlen.active(model), pack_length=full_pack_length(pack_to))
+    graphed = getattr(model, "_tunelab_layer_graphs", None) is not None  # padded lengths bucketed under the graphs
+    collator = Collator(0, pad_multiple("cuda", cutoff_len, graphs=graphed), varlen=varlen.active(model),
+                        pack_length=full_pack_length(pack_to))
     out: dict[str, Any] = {"times": [], "losses": [], "grad_norms": [], "step_peaks": [], "load_s": round(load_s, 1),
                            "fast_path": getattr(model, "tunelab_fast_path", None), "step_cpu_s": [], "step_gc": [],
                            "step_issue_s": [], "step_proc_cpu_s": []}

@@ -320,9 +320,9 @@ def _graphs(shape: ModelShape, tokens: int) -> bool:
 
     if not graphs.enabled() or shape.family not in ARCHITECTURES:
         return False
-    if tokens < split.min_tokens() or not split.enabled():
-        return tokens < split.min_tokens()
-    return graphs.split_enabled() and tokens < graphs.split_max_tokens()
+    if tokens < split.min_tokens():
+        return True
+    return split.enabled() and graphs.split_enabled() and tokens < graphs.split_max_tokens()
 
 
 def estimate(shape: ModelShape, u: Setup, plan: Any = None) -> Estimate:

@@ -31,10 +31,11 @@ How, and what it costs:
   output, keyword tensors that are dense and need no gradient, keyword values that are None / bool / int / float /
   str. Dropout must be 0 (the fast path's own condition: no random state is captured).
 
-On by default for the offload's calls below split.min_tokens() tokens (the host-bound steps, which take the full
-recompute; larger calls are not graphed, the split recompute on or off); TUNELAB_LAYER_GRAPHS=0 turns it off. Measured on the H200 (7B
-QLoRA 1 x 1024, docs/fastpath.md "Runs 28-32"): 8,344-8,602 tok/s against 2,689-3,122 without, at 5.86 GiB with the
-pool counted (4.98 without).
+On by default (TUNELAB_LAYER_GRAPHS=0 turns it off) for the offload's full-recompute calls below split.min_tokens()
+tokens (the host-bound steps; larger full-recompute calls are never graphed) and, split_enabled(), for the split
+recompute's calls below split_max_tokens(). Measured on the H200 (7B QLoRA, docs/fastpath.md "Runs 28-35"):
+1 x 1024 8,344-8,602 tok/s against 2,689-3,122 without, at 5.86 GiB with the pool counted (4.98 without); padded
+alpaca-like batches 0.212 s a median step against 0.409 (run 35).
 """
 from __future__ import annotations
 
@@ -339,10 +340,7 @@ class LayerGraphs:
                 g_x.copy_(grads[0])
                 _store(held, written, grads[1:])
 
-            feed(run)
-            with torch.no_grad():
-                x.copy_(hidden)
-                g_out.copy_(grad_out)
+            _fill(feed, run, (x, g_out), (hidden, grad_out))
             replay = self._capture(layer, body, hidden.device)
             return None if replay is None else (replay, feed, (x, g_out), g_x, held, written)
 
@@ -367,8 +365,6 @@ class LayerGraphs:
         params = [p for p in layer.parameters() if p.requires_grad]
 
         def make():
-            import torch
-
             static, feed, bound = self._static_run(run)
             run_attn, run_mlp = functools.partial(attn, layer, bound), functools.partial(mlp, layer, bound)
             x = self._buffer("x", hidden)
@@ -392,11 +388,7 @@ class LayerGraphs:
                 g_x.copy_(grad)
                 _store(held, written, grads)
 
-            feed(run)
-            with torch.no_grad():
-                x.copy_(hidden)
-                h2_in.copy_(h2)
-                g_out.copy_(grad_out)
+            _fill(feed, run, (x, h2_in, g_out), (hidden, h2, grad_out))
             replay = self._capture(layer, body, hidden.device)
             return None if replay is None else (replay, feed, (x, h2_in, g_out), g_x, held, written)
 
@@ -412,8 +404,8 @@ class LayerGraphs:
 
     def _replay_backward(self, layer, run, sig, make, params, sources):
         """The captured backward for `sig` replayed (None: not captured, the caller runs it): this call's inputs
-        (`sources`) copied into its static buffers, the LoRA gradients from the layer's buffers into .grad (aliased when .grad is None,
-        added otherwise), the input's gradient cloned out."""
+        (`sources`) copied into its static buffers, the LoRA gradients from the layer's buffers into .grad (aliased
+        when .grad is None, added otherwise), the input's gradient cloned out."""
         import torch
 
         entry = self._entry(layer, sig, make)
@@ -423,10 +415,7 @@ class LayerGraphs:
         for p, g in zip(params, held):  # a .grad still aliasing the layer's buffer keeps its value
             if p.grad is g:
                 p.grad = g.clone()
-        feed(run)
-        with torch.no_grad():
-            for buf, src in zip(buffers, sources):
-                buf.copy_(src)
+        _fill(feed, run, buffers, sources)
         replay.replay()
         into, add = [], []
         for p, g, w in zip(params, held, written):
@@ -462,6 +451,16 @@ class LayerGraphs:
             if tuple(seg.get("segment_pool_id", ())) == tuple(self.pool):
                 total += seg["total_size"]
         return total
+
+
+def _fill(feed, run, buffers, sources) -> None:
+    """A call's keyword tensors (feed) and inputs into a graph's static buffers."""
+    import torch
+
+    feed(run)
+    with torch.no_grad():
+        for buf, src in zip(buffers, sources):
+            buf.copy_(src)
 
 
 def _store(held, written, grads) -> None:

@@ -36,10 +36,9 @@ class HostStash:
     in use and the next); a slot pushed with on_device=True stays on the GPU (the last layers': their backward comes
     first)."""
 
-    def __init__(self, ahead: int = 1):
+    def __init__(self):
         import torch
 
-        self.ahead = ahead  # how many small slots below a popped one are brought back
         self.cuda = torch.cuda.is_available()
         self.stream = torch.cuda.Stream() if self.cuda else None
         self.big_stream = torch.cuda.Stream() if self.cuda else None
@@ -109,8 +108,9 @@ class HostStash:
         torch.cuda.current_stream().wait_event(ready)
         t.record_stream(torch.cuda.current_stream())  # allocated on the side stream, used and freed on this one
 
-    def pop(self, slot: int, device, ahead: int | None = None):
-        """The tensor of `slot` on `device`; starts bringing back the one before it (and the next big slot below)."""
+    def pop(self, slot: int, device, ahead: int = 1):
+        """The tensor of `slot` on `device`; starts bringing back the `ahead` small slots before it (and the next
+        big slot below)."""
         if not self.cuda or device.type != "cuda" or slot in self.resident:
             t, self.host[slot] = self.host[slot], None
             self.resident.discard(slot)
@@ -121,7 +121,7 @@ class HostStash:
             self.host[slot] = None
             self._arrive(t, ready)
             before = slot
-            for _ in range(self.ahead if ahead is None else ahead):
+            for _ in range(ahead):
                 before -= 1  # the next small slot below (a layer below keeping its gate/up output has its big
                 while before in big:  # slot between: run 25-26's form skipped, so h2 came back only when asked for)
                     before -= 1
@@ -418,20 +418,15 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         keep_every = split_mod.keep_every()
     if keep_on_gpu is None:
         keep_on_gpu = split_mod.keep_on_gpu()
-    if layer_graphs is None:
-        from tunelab.model.fast import graphs as graphs_mod
-
-        layer_graphs = graphs_mod.enabled()
-    graphs = None
-    if layer_graphs and compiled:
-        from tunelab.model.fast.graphs import LayerGraphs
-
-        graphs = LayerGraphs()
     from tunelab.model.fast import graphs as graphs_mod
 
+    if layer_graphs is None:
+        layer_graphs = graphs_mod.enabled()
+    graphs = graphs_mod.LayerGraphs() if layer_graphs and compiled else None
     if split_graphs is None:
         split_graphs = graphs_mod.split_enabled()
     split_graphs = bool(graphs is not None and split and split_graphs)
+    split_graph_max_tokens = graphs_mod.split_max_tokens() if split_graphs else 0
     stash = HostStash()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
@@ -445,7 +440,7 @@ def offload_checkpoints(model, compiled: bool = False, split: bool | None = None
         module._tunelab_keep_gu = keep[index] if kept else None
         module._gradient_checkpointing_func = offloaded_checkpoint_fn(
             stash, fallback, compiled, module, split_min_tokens if splits else None, fused_first, graphs,
-            split_min_tokens, split_graphs, graphs_mod.split_max_tokens())
+            split_min_tokens, split_graphs, split_graph_max_tokens)
     model._tunelab_layer_graphs = graphs
     return len(layers)
 
